@@ -1,0 +1,158 @@
+"""Configuration: every ``KEEL_*`` environment variable is read here, and only here.
+
+Defaults give the embedded, server-less setup under ``KEEL_HOME``; production backends are
+chosen by URI (PostgreSQL catalog, S3 warehouse, Redis, Kafka, an MLflow server). A bad
+value fails at start with a message naming the variable, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value Keel cannot use."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    help: str
+
+
+VARIABLES = {
+    "home": Variable("KEEL_HOME", "root folder for embedded state (default ./.keel)"),
+    "catalog_uri": Variable(
+        "KEEL_CATALOG_URI",
+        "Iceberg catalog: sqlite:///path.db (default), postgresql+psycopg2://..., or http(s):// for a REST catalog",
+    ),
+    "warehouse": Variable("KEEL_WAREHOUSE", "where table files live: file:///path (default) or s3://bucket/prefix"),
+    "redis_url": Variable("KEEL_REDIS_URL", "online store: redis://host:port/db; unset uses a SQLite file"),
+    "kafka_bootstrap": Variable("KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"),
+    "mlflow_uri": Variable("KEEL_MLFLOW_URI", "MLflow tracking URI (default sqlite under KEEL_HOME)"),
+    "project": Variable("KEEL_PROJECT", "Python module holding the project's declarations (default 'pipelines')"),
+    "landing": Variable("KEEL_LANDING", "folder where files to ingest are dropped, one sub-folder per source"),
+    "code_version": Variable("KEEL_CODE_VERSION", "code version stamped on every snapshot (default: the git sha)"),
+}
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    catalog_uri: str
+    warehouse: str
+    redis_url: str | None
+    kafka_bootstrap: str | None
+    mlflow_uri: str
+    project: str
+    landing: Path
+    code_version: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(key: str) -> str | None:
+            value = env.get(VARIABLES[key].name)
+            return value.strip() if value and value.strip() else None
+
+        home = Path(get("home") or ".keel").expanduser().resolve()
+        if home.exists() and not home.is_dir():
+            _fail("home", str(home), "point it at a folder (it is created if missing)")
+
+        catalog_uri = get("catalog_uri") or f"sqlite:///{home / 'catalog.db'}"
+        _check_catalog_uri(catalog_uri)
+
+        warehouse = get("warehouse") or (home / "warehouse").as_uri()
+        scheme = urlparse(warehouse).scheme
+        if scheme not in ("file", "s3", "s3a", "gs", "abfs", "abfss"):
+            _fail("warehouse", warehouse, "use file:///absolute/path or s3://bucket/prefix")
+
+        redis_url = get("redis_url")
+        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            _fail("redis_url", redis_url, "use redis://host:6379/0, rediss://... or unix:///path.sock")
+
+        kafka = get("kafka_bootstrap")
+        if kafka:
+            for server in kafka.split(","):
+                if not _HOST_PORT.match(server.strip()):
+                    _fail("kafka_bootstrap", kafka, "use host:port, comma-separated for several brokers")
+
+        mlflow_uri = get("mlflow_uri") or f"sqlite:///{home / 'mlflow.db'}"
+        if not re.match(r"^(sqlite|postgresql|mysql|https?|file|databricks)[+:a-z0-9]*:", mlflow_uri):
+            _fail("mlflow_uri", mlflow_uri, "use sqlite:///path.db, postgresql://..., or http://host:5000")
+
+        project = get("project") or "pipelines"
+        if not re.match(r"^[A-Za-z_][\w.]*$", project):
+            _fail("project", project, "give an importable module name such as 'pipelines'")
+
+        landing = Path(get("landing") or home / "landing").expanduser().resolve()
+
+        return cls(
+            home=home,
+            catalog_uri=catalog_uri,
+            warehouse=warehouse,
+            redis_url=redis_url,
+            kafka_bootstrap=kafka,
+            mlflow_uri=mlflow_uri,
+            project=project,
+            landing=landing,
+            code_version=get("code_version") or git_sha(),
+        )
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, e.g. for a child process."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[VARIABLES[f.name].name] = str(value)
+        return out
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+
+def _fail(key: str, value: str, fix: str) -> None:
+    var = VARIABLES[key]
+    raise ConfigError(f"{var.name}={value!r} is not usable: {fix} ({var.help})")
+
+
+def _check_catalog_uri(uri: str) -> None:
+    scheme = urlparse(uri).scheme
+    if scheme.startswith("sqlite"):
+        path = uri.split(":///", 1)[-1] if ":///" in uri else ""
+        if not path:
+            _fail("catalog_uri", uri, "give an absolute file path: sqlite:////abs/path/catalog.db")
+    elif scheme.startswith("postgresql"):
+        if not urlparse(uri).hostname:
+            _fail("catalog_uri", uri, "give a host: postgresql+psycopg2://user:pass@host:5432/db")
+    elif scheme not in ("http", "https"):
+        _fail("catalog_uri", uri, "use sqlite:///..., postgresql+psycopg2://... or http(s):// (REST)")
+
+
+@cache
+def git_sha() -> str:
+    """The checkout's commit, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else "unknown"

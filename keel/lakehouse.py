@@ -1,0 +1,357 @@
+"""The lakehouse: Iceberg tables through pyiceberg, read into Arrow for DuckDB.
+
+Tables holding events are partitioned by the day of their event timestamp. Every write is
+stamped with snapshot properties (run id, partition, code version, source) so any row can
+be traced to the run and code that wrote it. Reads can travel to an older snapshot or
+moment; columns can be added without breaking older snapshots; maintenance expires old
+snapshots and compacts small files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
+from pyiceberg.table import Table
+from pyiceberg.transforms import DayTransform, IdentityTransform
+
+from keel.config import Settings
+
+PROP_RUN_ID = "keel.run_id"
+PROP_PARTITION = "keel.partition"
+PROP_CODE_VERSION = "keel.code_version"
+PROP_SOURCE = "keel.source"
+PROP_BASE_SNAPSHOT = "keel.base_snapshot"
+DAY = dt.timedelta(days=1)
+
+
+class LakehouseError(RuntimeError):
+    """A lakehouse operation cannot go ahead; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: int
+    parent_id: int | None
+    committed_at: dt.datetime
+    operation: str
+    properties: dict[str, str]
+
+
+def day_filter(column: str, days: Iterable[dt.date]) -> BooleanExpression:
+    """An Iceberg filter selecting whole days of ``column``, one range per run of consecutive days."""
+    ordered = sorted(set(days))
+    if not ordered:
+        return AlwaysFalse()
+    ranges: list[tuple[dt.date, dt.date]] = []
+    for day in ordered:
+        if ranges and ranges[-1][1] == day:
+            ranges[-1] = (ranges[-1][0], day + DAY)
+        else:
+            ranges.append((day, day + DAY))
+    exprs = [
+        And(GreaterThanOrEqual(column, _iso(start)), LessThan(column, _iso(end))) for start, end in ranges
+    ]
+    out = exprs[0]
+    for expr in exprs[1:]:
+        out = Or(out, expr)
+    return out
+
+
+def partition_label(days: Sequence[dt.date]) -> str:
+    """How a set of day partitions is written in snapshot properties and run tags."""
+    ordered = sorted(set(days))
+    if not ordered:
+        return ""
+    if len(ordered) == 1:
+        return ordered[0].isoformat()
+    if (ordered[-1] - ordered[0]).days + 1 == len(ordered):
+        return f"{ordered[0].isoformat()}..{ordered[-1].isoformat()}"
+    return ",".join(d.isoformat() for d in ordered)
+
+
+def days_of(data: pa.Table, column: str) -> list[dt.date]:
+    """The distinct UTC days of a timestamp column."""
+    if data.num_rows == 0:
+        return []
+    days = pc.unique(pc.cast(data.column(column), pa.timestamp("us", tz="UTC")).cast(pa.date32()))
+    return sorted(d for d in days.to_pylist() if d is not None)
+
+
+def _iso(day: dt.date) -> str:
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).isoformat()
+
+
+class Lakehouse:
+    """Iceberg tables in one catalog, stamped with the code version that writes them."""
+
+    def __init__(self, catalog: Catalog, code_version: str = "unknown") -> None:
+        self.catalog = catalog
+        self.code_version = code_version
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Lakehouse:
+        return cls(open_catalog(settings), settings.code_version)
+
+    @classmethod
+    def from_env(cls) -> Lakehouse:
+        return cls.from_settings(Settings.from_env())
+
+    # tables
+
+    def ensure_table(
+        self,
+        name: str,
+        schema: pa.Schema,
+        *,
+        day_column: str | None = None,
+        identity_column: str | None = None,
+        properties: dict[str, str] | None = None,
+    ) -> Table:
+        """Create the table, or evolve an existing one by adding the columns it lacks."""
+        namespace = name.split(".")[0]
+        try:
+            self.catalog.create_namespace(namespace)
+        except NamespaceAlreadyExistsError:
+            pass
+        try:
+            table = self.catalog.load_table(name)
+        except NoSuchTableError:
+            table = self.catalog.create_table(name, schema=schema, properties=properties or {})
+            with table.update_spec() as spec:
+                if day_column:
+                    spec.add_field(day_column, DayTransform(), f"{day_column}_day")
+                if identity_column:
+                    spec.add_field(identity_column, IdentityTransform(), identity_column)
+            # Branches can only be cut from a snapshot, so a new table starts with an empty one.
+            table.append(schema.empty_table(), snapshot_properties=self.snapshot_properties("create", [], "create"))
+            return table
+        missing = [f.name for f in schema if f.name not in table.schema().column_names]
+        if missing:
+            for field in schema:
+                if field.name in missing and not field.nullable:
+                    raise LakehouseError(
+                        f"table {name!r}: new column {field.name!r} is required (NOT NULL), but rows "
+                        "already written have no value for it; declare it nullable to add it"
+                    )
+            with table.update_schema() as update:
+                update.union_by_name(schema)
+            table = self.catalog.load_table(name)
+        return table
+
+    def table(self, name: str) -> Table:
+        try:
+            return self.catalog.load_table(name)
+        except NoSuchTableError:
+            raise LakehouseError(
+                f"table {name!r} does not exist yet (ingest data into it first, e.g. "
+                f"'keel ingest FILE --source {name.split('.')[-1]}')"
+            ) from None
+
+    def exists(self, name: str) -> bool:
+        return self.catalog.table_exists(name)
+
+    def tables(self) -> list[str]:
+        names = []
+        for ns in self.catalog.list_namespaces():
+            names += [".".join(ident) for ident in self.catalog.list_tables(ns)]
+        return sorted(names)
+
+    def head(self, name: str, branch: str = "main") -> int | None:
+        """The snapshot id at the head of a branch (None for a table with no data yet)."""
+        ref = self.table(name).refs().get(branch)
+        return ref.snapshot_id if ref else None
+
+    # reads
+
+    def read(
+        self,
+        name: str,
+        *,
+        snapshot_id: int | None = None,
+        as_of: dt.datetime | None = None,
+        branch: str | None = None,
+        row_filter: BooleanExpression | str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """Rows of a table at main's head, a branch's head, a snapshot id, or as of a moment."""
+        table = self.table(name)
+        snapshot_id = self.resolve_snapshot(table, snapshot_id=snapshot_id, as_of=as_of, branch=branch)
+        schema = _schema_at(table, snapshot_id)
+        if snapshot_id is None:
+            return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+        scan = table.scan(
+            snapshot_id=snapshot_id,
+            row_filter=row_filter if row_filter is not None else "true",
+            selected_fields=tuple(columns) if columns else ("*",),
+        )
+        return scan.to_arrow()
+
+    def resolve_snapshot(
+        self,
+        table: Table,
+        *,
+        snapshot_id: int | None = None,
+        as_of: dt.datetime | None = None,
+        branch: str | None = None,
+    ) -> int | None:
+        given = [x is not None for x in (snapshot_id, as_of, branch)]
+        if sum(given) > 1:
+            raise LakehouseError("read: give at most one of snapshot_id, as_of and branch")
+        name = ".".join(table.name())
+        if snapshot_id is not None:
+            if table.snapshot_by_id(snapshot_id) is None:
+                raise LakehouseError(
+                    f"table {name!r} has no snapshot {snapshot_id} (expired or never existed; "
+                    f"see 'keel tables show {name}' for the snapshots kept)"
+                )
+            return snapshot_id
+        if as_of is not None:
+            if as_of.tzinfo is None:
+                raise LakehouseError(f"read {name!r}: as_of={as_of!r} has no time zone; give an aware UTC datetime")
+            snap = table.snapshot_as_of_timestamp(int(as_of.timestamp() * 1000))
+            if snap is None:
+                raise LakehouseError(f"table {name!r} had no snapshot yet at {as_of.isoformat()}")
+            return snap.snapshot_id
+        if branch is not None:
+            ref = table.refs().get(branch)
+            if ref is None:
+                raise LakehouseError(f"table {name!r} has no branch {branch!r} (branches: {sorted(table.refs())})")
+            return ref.snapshot_id
+        snap = table.current_snapshot()
+        return snap.snapshot_id if snap else None
+
+    def partition_rows(self, name: str, *, snapshot_id: int | None = None) -> dict[dt.date | str, int]:
+        """Rows per partition at a snapshot (main's head by default)."""
+        table = self.table(name)
+        snapshot_id = snapshot_id or self.resolve_snapshot(table)
+        if snapshot_id is None:
+            return {}
+        parts = table.inspect.partitions(snapshot_id=snapshot_id)
+        out: dict[dt.date | str, int] = {}
+        for part, rows in zip(parts.column("partition").to_pylist(), parts.column("record_count").to_pylist()):
+            value = next(iter(part.values())) if part else "unpartitioned"
+            out[value] = out.get(value, 0) + rows
+        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+    def snapshots(self, name: str) -> list[SnapshotInfo]:
+        """Main's history, oldest first, with the keel properties of each snapshot."""
+        table = self.table(name)
+        out = []
+        for entry in table.history():
+            snap = table.snapshot_by_id(entry.snapshot_id)
+            if snap is None:
+                continue
+            summary = snap.summary
+            props = dict(summary.additional_properties) if summary else {}
+            out.append(
+                SnapshotInfo(
+                    snapshot_id=snap.snapshot_id,
+                    parent_id=snap.parent_snapshot_id,
+                    committed_at=dt.datetime.fromtimestamp(snap.timestamp_ms / 1000, dt.UTC),
+                    operation=str(summary.operation.value) if summary else "",
+                    properties={k: v for k, v in props.items() if k.startswith("keel.")},
+                )
+            )
+        return out
+
+    def snapshot_properties(self, source: str, partitions: Sequence[dt.date], run_id: str, **extra: str) -> dict[str, str]:
+        return {
+            PROP_RUN_ID: run_id,
+            PROP_PARTITION: partition_label(partitions),
+            PROP_CODE_VERSION: self.code_version,
+            PROP_SOURCE: source,
+            **extra,
+        }
+
+    # maintenance
+
+    def expire_snapshots(self, name: str, older_than: dt.timedelta) -> list[int]:
+        """Drop snapshots older than ``older_than`` that no branch or tag still points at."""
+        table = self.table(name)
+        cutoff = dt.datetime.now(dt.UTC) - older_than
+        protected = {ref.snapshot_id for ref in table.refs().values()}
+        expired = [
+            s.snapshot_id
+            for s in table.snapshots()
+            if s.timestamp_ms < cutoff.timestamp() * 1000 and s.snapshot_id not in protected
+        ]
+        if expired:
+            table.maintenance.expire_snapshots().by_ids(expired).commit()
+        return expired
+
+    def compact(self, name: str, *, day_column: str, run_id: str, min_files: int = 2) -> dict[dt.date, int]:
+        """Rewrite each day partition made of ``min_files`` or more files as one file.
+
+        Content is unchanged; the new snapshot says ``keel.source=compaction``. Returns the
+        number of files each compacted day had.
+        """
+        table = self.table(name)
+        head = self.resolve_snapshot(table)
+        if head is None:
+            return {}
+        files = table.inspect.files(snapshot_id=head)
+        counts: dict[dt.date, int] = {}
+        for part in files.column("partition").to_pylist():
+            day = part.get(f"{day_column}_day") if part else None
+            if isinstance(day, dt.date):
+                counts[day] = counts.get(day, 0) + 1
+        targets = {day: n for day, n in counts.items() if n >= min_files}
+        if not targets:
+            return {}
+        expr = day_filter(day_column, targets)
+        data = table.scan(snapshot_id=head, row_filter=expr).to_arrow()
+        props = self.snapshot_properties("compaction", list(targets), run_id)
+        with table.transaction() as tx:
+            tx.overwrite(data, overwrite_filter=expr, snapshot_properties=props)
+        return dict(sorted(targets.items()))
+
+    def remove_branches(self, name: str, prefix: str, older_than: dt.timedelta) -> list[str]:
+        """Delete branches named ``prefix*`` whose head is older than ``older_than``."""
+        table = self.table(name)
+        cutoff_ms = (dt.datetime.now(dt.UTC) - older_than).timestamp() * 1000
+        stale = []
+        for ref_name, ref in table.refs().items():
+            snap = table.snapshot_by_id(ref.snapshot_id)
+            if ref_name.startswith(prefix) and snap is not None and snap.timestamp_ms < cutoff_ms:
+                stale.append(ref_name)
+        if stale:
+            manage = table.manage_snapshots()
+            for ref_name in stale:
+                manage = manage.remove_branch(ref_name)
+            manage.commit()
+        return stale
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    """The Iceberg catalog named by the settings (SQLite file, PostgreSQL or REST)."""
+    uri = settings.catalog_uri
+    if uri.startswith(("http://", "https://")):
+        from pyiceberg.catalog.rest import RestCatalog
+
+        return RestCatalog("keel", uri=uri, warehouse=settings.warehouse)
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if uri.startswith("sqlite"):
+        Path(uri.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    if settings.warehouse.startswith("file://"):
+        Path(settings.warehouse.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+    return SqlCatalog("keel", uri=uri, warehouse=settings.warehouse)
+
+
+def _schema_at(table: Table, snapshot_id: int | None) -> pa.Schema:
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
+    schema = table.schema()
+    if snapshot_id is not None:
+        snap = table.snapshot_by_id(snapshot_id)
+        if snap is not None and snap.schema_id is not None:
+            schema = next((s for s in table.schemas().values() if s.schema_id == snap.schema_id), schema)
+    return schema_to_pyarrow(schema, include_field_ids=False)

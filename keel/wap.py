@@ -1,0 +1,222 @@
+"""Write-audit-publish on Iceberg branches.
+
+1. ``stage``: new data goes to a branch ``audit_<run id>`` cut from main's head. Each
+   partition written is replaced whole (``replace``) or upserted by key (``merge``), so a
+   rerun of the same input leaves the same content, never a second copy.
+2. The caller audits the branch (``keel.quality``); main is untouched meanwhile.
+3. ``publish``: main moves to the branch head only if that is a fast-forward, i.e. main's
+   head is still an ancestor of the branch head. The catalog commit asserts main's head, so
+   a concurrent writer makes the publish fail instead of losing either write.
+
+A failed audit keeps the branch for inspection; ``discard`` removes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+from pyiceberg.exceptions import CommitFailedException
+
+from keel.lakehouse import PROP_BASE_SNAPSHOT, Lakehouse, LakehouseError, day_filter, days_of, partition_label
+
+BRANCH_PREFIX = "audit_"
+
+
+class PublishConflict(LakehouseError):
+    """Main moved since the branch was staged; the branch cannot be fast-forwarded."""
+
+
+@dataclass(frozen=True)
+class StagedWrite:
+    table: str
+    branch: str
+    run_id: str
+    snapshot_id: int
+    base_snapshot_id: int | None
+    days: tuple[dt.date, ...]
+    rows: int
+
+    @property
+    def partition(self) -> str:
+        return partition_label(self.days)
+
+
+def branch_name(run_id: str) -> str:
+    """The audit branch of a run; Iceberg ref names allow most characters, we keep them tame."""
+    return BRANCH_PREFIX + re.sub(r"[^A-Za-z0-9_\-]", "_", run_id)
+
+
+def stage(
+    lake: Lakehouse,
+    table_name: str,
+    chunks: Iterable[pa.Table],
+    *,
+    run_id: str,
+    source: str,
+    day_column: str,
+    mode: str = "replace",
+    key: str | None = None,
+    days: Iterable[dt.date] = (),
+) -> StagedWrite:
+    """Write ``chunks`` to the run's audit branch, one commit per chunk.
+
+    ``replace`` makes each day present in a chunk (plus any listed in ``days``) hold exactly
+    that chunk's rows for the day; ``merge`` keeps a day's existing rows whose ``key`` is not
+    among the chunk's and adds the chunk's rows. A chunk should hold whole days. Staging the
+    same run again starts the branch afresh, so a retried step never doubles its data.
+    """
+    if mode not in ("replace", "merge"):
+        raise ValueError(f"stage {table_name!r}: mode {mode!r} is not known (use 'replace' or 'merge')")
+    if mode == "merge" and not key:
+        raise ValueError(f"stage {table_name!r}: mode 'merge' needs the key column that identifies a row")
+    table = lake.table(table_name)
+    branch = branch_name(run_id)
+    base = lake.resolve_snapshot(table)
+    manage = table.manage_snapshots()
+    if branch in table.refs():
+        manage = manage.remove_branch(branch)
+    if base is not None:
+        manage = manage.create_branch(base, branch)
+    manage.commit()
+
+    schema = table.schema().as_arrow()
+    written_days: set[dt.date] = set()
+    rows = 0
+
+    def write(data: pa.Table, chunk_days: set[dt.date]) -> None:
+        nonlocal rows
+        if chunk_days & written_days:
+            raise LakehouseError(
+                f"stage {table_name!r}: day(s) {partition_label(sorted(chunk_days & written_days))} appear in two "
+                "chunks; each chunk must hold whole days"
+            )
+        if mode == "merge" and base is not None:
+            existing = lake.read(table_name, snapshot_id=base, row_filter=day_filter(day_column, chunk_days))
+            data = _merge(existing, data, key, schema)
+        extra = {PROP_BASE_SNAPSHOT: str(base)} if base is not None else {}
+        props = lake.snapshot_properties(source, sorted(chunk_days), run_id, **extra)
+        lake.table(table_name).overwrite(
+            data, overwrite_filter=day_filter(day_column, chunk_days), snapshot_properties=props, branch=branch
+        )
+        written_days.update(chunk_days)
+        rows += data.num_rows
+
+    for chunk in chunks:
+        if chunk.num_rows:
+            write(_conform(chunk, schema), set(days_of(chunk, day_column)))
+    emptied = set(days) - written_days
+    if emptied:
+        write(schema.empty_table(), emptied)
+    head = lake.head(table_name, branch)
+    if head is None:
+        raise LakehouseError(f"stage {table_name!r}: nothing was written (the input held no rows and no days)")
+    return StagedWrite(table_name, branch, run_id, head, base, tuple(sorted(written_days)), rows)
+
+
+def find_staged(lake: Lakehouse, table_name: str, run_id: str) -> StagedWrite:
+    """The staged write of a run, read back from its branch (for a publish in another step)."""
+    table = lake.table(table_name)
+    branch = branch_name(run_id)
+    ref = table.refs().get(branch)
+    if ref is None:
+        raise LakehouseError(
+            f"table {table_name!r} has no branch {branch!r}: run {run_id!r} staged nothing "
+            "(or it was published or discarded already)"
+        )
+    days: set[dt.date] = set()
+    base: int | None = None
+    snap = table.snapshot_by_id(ref.snapshot_id)
+    main_ancestors = set(_ancestors(table, lake.head(table_name)))
+    while snap is not None and snap.snapshot_id not in main_ancestors:
+        props = dict(snap.summary.additional_properties) if snap.summary else {}
+        if props.get("keel.run_id") != run_id:
+            break
+        days |= _parse_days(props.get("keel.partition", ""))
+        if PROP_BASE_SNAPSHOT in props:
+            base = int(props[PROP_BASE_SNAPSHOT])
+        snap = table.snapshot_by_id(snap.parent_snapshot_id) if snap.parent_snapshot_id else None
+    rows = sum(v for k, v in lake.partition_rows(table_name, snapshot_id=ref.snapshot_id).items() if k in days)
+    return StagedWrite(table_name, branch, run_id, ref.snapshot_id, base, tuple(sorted(days)), rows)
+
+
+def publish(lake: Lakehouse, staged: StagedWrite) -> int:
+    """Fast-forward main to the staged branch head and drop the branch; returns main's new head."""
+    table = lake.table(staged.table)
+    ref = table.refs().get(staged.branch)
+    if ref is None or ref.snapshot_id != staged.snapshot_id:
+        raise LakehouseError(
+            f"table {staged.table!r}: branch {staged.branch!r} no longer points at the staged snapshot "
+            f"{staged.snapshot_id}; stage the run again"
+        )
+    main = lake.head(staged.table)
+    if main is not None and main not in _ancestors(table, staged.snapshot_id):
+        raise PublishConflict(
+            f"table {staged.table!r}: main moved to snapshot {main} after run {staged.run_id!r} staged "
+            f"on {staged.base_snapshot_id}; publishing would discard that write. Stage the run again "
+            f"on the new head (rerun it); branch {staged.branch!r} is kept for inspection"
+        )
+    try:
+        table.manage_snapshots().set_current_snapshot(snapshot_id=staged.snapshot_id).remove_branch(staged.branch).commit()
+    except CommitFailedException as exc:
+        raise PublishConflict(
+            f"table {staged.table!r}: main changed while run {staged.run_id!r} was publishing ({exc}); "
+            "rerun to stage on the new head"
+        ) from exc
+    return staged.snapshot_id
+
+
+def discard(lake: Lakehouse, table_name: str, run_id: str) -> bool:
+    """Remove a run's audit branch; True if there was one."""
+    table = lake.table(table_name)
+    branch = branch_name(run_id)
+    if branch not in table.refs():
+        return False
+    table.manage_snapshots().remove_branch(branch).commit()
+    return True
+
+
+def _ancestors(table, snapshot_id: int | None) -> list[int]:
+    out = []
+    while snapshot_id is not None:
+        out.append(snapshot_id)
+        snap = table.snapshot_by_id(snapshot_id)
+        snapshot_id = snap.parent_snapshot_id if snap is not None else None
+    return out
+
+
+def _parse_days(label: str) -> set[dt.date]:
+    if not label:
+        return set()
+    if ".." in label:
+        start, end = (dt.date.fromisoformat(p) for p in label.split(".."))
+        return {start + dt.timedelta(days=i) for i in range((end - start).days + 1)}
+    return {dt.date.fromisoformat(p) for p in label.split(",")}
+
+
+def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Order and type ``data``'s columns as the table's, filling columns it lacks with NULL."""
+    columns = []
+    for field in schema:
+        if field.name in data.column_names:
+            columns.append(data.column(field.name).cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(data.num_rows, field.type))
+        else:
+            raise LakehouseError(f"data lacks required column {field.name!r} of the table")
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _merge(existing: pa.Table, new: pa.Table, key: str, schema: pa.Schema) -> pa.Table:
+    """Existing rows whose key is not in ``new``, then ``new``'s rows, typed as ``schema``."""
+    if existing.num_rows == 0:
+        return new
+    con = duckdb.connect()
+    con.register("existing", _conform(existing, schema))
+    con.register("new", new)
+    kept = con.execute(f'SELECT e.* FROM existing e ANTI JOIN new n ON e."{key}" = n."{key}"').to_arrow_table()
+    return pa.concat_tables([_conform(kept, schema), new])
