@@ -180,6 +180,7 @@ class Lakehouse:
         branch: str | None = None,
         row_filter: BooleanExpression | str | None = None,
         columns: Sequence[str] | None = None,
+        limit: int | None = None,
     ) -> pa.Table:
         """Rows of a table at main's head, a branch's head, a snapshot id, or as of a moment."""
         table = self.table(name)
@@ -191,6 +192,7 @@ class Lakehouse:
             snapshot_id=snapshot_id,
             row_filter=row_filter if row_filter is not None else "true",
             selected_fields=tuple(columns) if columns else ("*",),
+            limit=limit,
         )
         return scan.to_arrow()
 

@@ -218,5 +218,5 @@ def _merge(existing: pa.Table, new: pa.Table, key: str, schema: pa.Schema) -> pa
     con = duckdb.connect()
     con.register("existing", _conform(existing, schema))
     con.register("new", new)
-    kept = con.execute(f'SELECT e.* FROM existing e ANTI JOIN new n ON e."{key}" = n."{key}"').to_arrow_table()
+    kept = con.sql(f'SELECT e.* FROM existing e ANTI JOIN new n ON e."{key}" = n."{key}"').to_arrow_table()
     return pa.concat_tables([_conform(kept, schema), new])

@@ -1,0 +1,364 @@
+"""The audit of write-audit-publish: checks a staged batch of one event source's events.
+
+Expectations are derived from the EventSource declaration and run as a Great Expectations suite. Two outcomes
+carry names GX lacks: `expect_column_type_to_match_declaration` is checked on the Arrow schema (exact, where
+pandas dtypes are not), and `expect_daily_row_count_to_be_between` is GX's expect_column_values_to_be_between
+over a small frame of rows per UTC day. GX is imported at the first audit, not with this module: the import
+alone takes seconds, and the Dagster code location imports this module on every load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import date, datetime
+from functools import cache
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from keel.dsl import EventSource
+
+_SAMPLE = 5
+_MIN_HISTORY = 3
+_RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": _SAMPLE}
+# GX's context and validators are shared state, not thread-safe: audits in one process take turns.
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """One expectation's verdict on the batch.
+
+    `sample` holds up to five distinct offending values; it is empty for NULL checks, whose offending value is
+    always NULL.
+    """
+
+    expectation: str
+    column: str | None
+    success: bool
+    unexpected_count: int
+    detail: str
+    sample: list
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Every expectation's outcome for one staged batch; publish only if `success`."""
+
+    table: str
+    row_count: int
+    outcomes: tuple[ExpectationOutcome, ...]
+
+    @property
+    def success(self) -> bool:
+        return all(o.success for o in self.outcomes)
+
+    @property
+    def failures(self) -> tuple[ExpectationOutcome, ...]:
+        return tuple(o for o in self.outcomes if not o.success)
+
+    def summary(self) -> str:
+        if self.success:
+            return f"all {len(self.outcomes)} expectations passed"
+        return "\n".join(f"{o.expectation}({o.column or self.table}): {o.detail}" for o in self.failures)
+
+    def to_metadata(self) -> dict:
+        return {
+            "table": self.table,
+            "success": self.success,
+            "row_count": self.row_count,
+            "failed": len(self.failures),
+            "failures": [asdict(o) for o in self.failures],
+            "results": [asdict(o) for o in self.outcomes],
+        }
+
+
+def audit_events(
+    data: pa.Table,
+    source: EventSource,
+    *,
+    recent_partition_rows: Sequence[int] = (),
+    partition_column: str | None = None,
+    row_count_tolerance: float = 4.0,
+) -> AuditReport:
+    """Audit a staged batch against `source`'s declaration and recent partition sizes.
+
+    `recent_partition_rows` are the row counts of recently published days; each UTC day of `partition_column`
+    (default: the source's timestamp) in the batch must hold between median / tolerance and median * tolerance rows.
+    """
+    if not row_count_tolerance >= 1:
+        raise ValueError(
+            f"audit of {source.table_name!r}: row_count_tolerance {row_count_tolerance!r} must be >= 1 "
+            "(e.g. 4.0 allows a day between a quarter and four times the recent median)"
+        )
+    partition_column = partition_column or source.timestamp
+    if {c.name: c.type for c in source.all_columns()}.get(partition_column) not in ("timestamp", "date"):
+        raise ValueError(
+            f"audit of {source.table_name!r}: partition_column {partition_column!r} is not a timestamp or date "
+            f"column of the source (use e.g. {source.timestamp!r})"
+        )
+
+    # The default conversion (numpy numbers, Arrow-backed `str`) is near zero-copy;
+    # types_mapper=pd.ArrowDtype makes GX's per-batch fingerprint ~20x slower.
+    frame = data.to_pandas()
+    with _LOCK:
+        suite = _suite(source)
+        batch = _engine().events.get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(suite, result_format=_RESULT_FORMAT)
+    # GX returns results in its own order; (type, column) is unique within our suite.
+    by_key = {(r.expectation_config.type, r.expectation_config.kwargs.get("column")): r for r in result.results}
+
+    outcomes = []
+    for expectation in suite.expectations:
+        key = (expectation.expectation_type, getattr(expectation, "column", None))
+        outcomes.append(_outcome(by_key[key], key, data))
+        if key[0] == "expect_table_columns_to_match_ordered_list":
+            outcomes += _type_outcomes(data.schema, source)
+    outcomes.append(_daily_rows_outcome(data, partition_column, recent_partition_rows, row_count_tolerance))
+    return AuditReport(source.table_name, data.num_rows, tuple(outcomes))
+
+
+def combine_reports(reports: Sequence[AuditReport]) -> AuditReport:
+    """One report for a batch audited in parts (e.g. groups of days): counts add up, and an expectation fails if
+    it fails in any part. Uniqueness is only known within each part."""
+    if not reports:
+        raise ValueError("combine_reports: no reports given (audit at least one part of the batch)")
+    if len(reports) == 1:
+        return reports[0]
+    parts: dict[tuple, list[ExpectationOutcome]] = {}
+    for outcome in (o for r in reports for o in r.outcomes):
+        parts.setdefault((outcome.expectation, outcome.column), []).append(outcome)
+    outcomes = []
+    for (kind, column), group in parts.items():
+        failed = [o for o in group if not o.success]
+        count = sum(o.unexpected_count for o in group)
+        counted = [re.fullmatch(r"(\d+) of (\d+) rows (.+)", o.detail) for o in group]
+        if all(counted) and len({m[3] for m in counted}) == 1:
+            detail = f"{count} of {sum(int(m[2]) for m in counted)} rows {counted[0][3]}"
+        elif kind == "expect_table_row_count_to_be_between" and not failed:
+            detail = f"{sum(r.row_count for r in reports)} rows"
+        else:
+            detail = "; ".join(dict.fromkeys(o.detail for o in failed or group))
+        sample: list = []
+        for value in (v for o in failed for v in o.sample):
+            if value not in sample:
+                sample.append(value)
+        outcomes.append(ExpectationOutcome(kind, column, not failed, count, detail, sample[:_SAMPLE]))
+    return AuditReport(reports[0].table, sum(r.row_count for r in reports), tuple(outcomes))
+
+
+@cache
+def _gx() -> Any:
+    # 1.24 has no telemetry client left, but earlier 1.x read this at import; keep it off.
+    os.environ["GX_ANALYTICS_ENABLED"] = "False"
+    # Leaving this block also restores warnings.showwarning, which GX's import replaces process-wide
+    # (logging.captureWarnings(True)), sending every later warning to a logger with only a NullHandler.
+    with warnings.catch_warnings():
+        # GX 1.24's file path connector imports the stdlib's deprecated sre_* modules.
+        warnings.filterwarnings("ignore", "module 'sre_(constants|parse)' is deprecated", DeprecationWarning)
+        import great_expectations
+    return great_expectations
+
+
+class _Engine(NamedTuple):
+    events: Any  # batch definitions taking one whole dataframe
+    day_counts: Any
+    day_suite: Any
+
+
+@cache
+def _engine() -> _Engine:
+    gx = _gx()
+    from great_expectations.data_context.types import base
+
+    context = gx.get_context(
+        mode="ephemeral",
+        project_config=base.DataContextConfig(
+            store_backend_defaults=base.InMemoryStoreBackendDefaults(),
+            analytics_enabled=False,
+            # tqdm bars would otherwise land in every Dagster run's stderr.
+            progress_bars=base.ProgressBarsConfig(globally=False),
+        ),
+    )
+    pandas = context.data_sources.add_pandas("keel")
+    events, day_counts = (
+        pandas.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
+        for name in ("staged_events", "day_counts")
+    )
+    # Bounds are parameters so that one suite serves every history.
+    day_suite = gx.ExpectationSuite(name="keel-daily-row-count")
+    day_suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeBetween(
+            column="rows", min_value={"$PARAMETER": "min_rows"}, max_value={"$PARAMETER": "max_rows"}
+        )
+    )
+    return _Engine(events, day_counts, day_suite)
+
+
+@cache
+def _suite(source: EventSource) -> Any:
+    _engine()  # a suite looks up GX's current context on every add_expectation
+    gx = _gx()
+    ex = gx.expectations
+    suite = gx.ExpectationSuite(name=f"keel-{source.name}")
+    columns = source.all_columns()
+    suite.add_expectation(ex.ExpectTableRowCountToBeBetween(min_value=1))
+    suite.add_expectation(ex.ExpectTableColumnsToMatchOrderedList(column_list=[c.name for c in columns]))
+    # all_columns() declares event id, keys and timestamp nullable=False, so this covers them.
+    for col in columns:
+        if not col.nullable:
+            suite.add_expectation(ex.ExpectColumnValuesToNotBeNull(column=col.name))
+    for col in columns:
+        if col.min is not None or col.max is not None:
+            suite.add_expectation(
+                ex.ExpectColumnValuesToBeBetween(column=col.name, min_value=col.min, max_value=col.max)
+            )
+        if col.allowed is not None:
+            suite.add_expectation(ex.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.allowed)))
+    if source.event_id:
+        suite.add_expectation(ex.ExpectColumnValuesToBeUnique(column=source.event_id))
+    return suite
+
+
+# combine_reports relies on the "{count} of {rows} rows ..." shape.
+_DETAIL = {
+    "expect_column_values_to_not_be_null": "{count} of {rows} rows NULL",
+    "expect_column_values_to_be_between": "{count} of {rows} rows outside {low}..{high}",
+    "expect_column_values_to_be_in_set": "{count} of {rows} rows not in the {n} allowed values",
+    "expect_column_values_to_be_unique": "{count} of {rows} rows have a duplicated value",
+}
+
+
+def _outcome(result: Any, key: tuple[str, str | None], data: pa.Table) -> ExpectationOutcome:
+    kind, column = key
+    if result.exception_info.get("raised_exception") is not False:
+        # A failed metric's info is nested under its metric id.
+        messages = [i.get("exception_message") for i in result.exception_info.values() if isinstance(i, dict)]
+        detail = (
+            f"column {column!r} is missing from the batch"
+            if column is not None and column not in data.column_names
+            else next(filter(None, messages), "GX raised an unknown error")
+        )
+        return ExpectationOutcome(kind, column, False, 0, f"not checked: {detail}", [])
+
+    res, kwargs, rows = result.result, result.expectation_config.kwargs, data.num_rows
+    count = int(res.get("unexpected_count") or 0)
+    sample = list(dict.fromkeys(map(_json_safe, res.get("partial_unexpected_list", []))))
+    if kind == "expect_table_row_count_to_be_between":
+        detail = f"{rows} rows" if result.success else "the batch is empty"
+    elif kind == "expect_table_columns_to_match_ordered_list":
+        declared, found = kwargs["column_list"], res["observed_value"]
+        missing, extra = [c for c in declared if c not in found], [c for c in found if c not in declared]
+        sample = missing + extra
+        count = len(sample) or len(res.get("details", {}).get("mismatched", []))
+        detail = (
+            "columns match the declaration"
+            if result.success
+            else f"missing {missing}, unexpected {extra}"
+            if sample
+            else f"columns in the wrong order: {found} (declared {declared})"
+        )
+    else:
+        detail = _DETAIL[kind].format(
+            count=count,
+            rows=rows,
+            n=len(kwargs.get("value_set") or ()),
+            low=_num(kwargs.get("min_value")),
+            high=_num(kwargs.get("max_value")),
+        )
+        if kind == "expect_column_values_to_not_be_null":
+            sample = []
+    return ExpectationOutcome(kind, column, bool(result.success), count, detail, sample[:_SAMPLE])
+
+
+_TYPE_FITS = {
+    "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t),
+    "int64": lambda t: pa.types.is_signed_integer(t) or (pa.types.is_unsigned_integer(t) and t.bit_width < 64),
+    "float64": pa.types.is_floating,
+    "bool": pa.types.is_boolean,
+    # A naive timestamp could be in any zone; only a zoned one pins the instant.
+    "timestamp": lambda t: pa.types.is_timestamp(t) and t.tz is not None,
+    "date": pa.types.is_date,
+}
+
+
+def _type_outcomes(schema: pa.Schema, source: EventSource) -> list[ExpectationOutcome]:
+    """Whether each present column converts to its declared type without loss or guessing."""
+    outcomes = []
+    for col in source.all_columns():
+        if col.name in schema.names:
+            actual = schema.field(col.name).type
+            ok = _TYPE_FITS[col.type](actual)
+            detail = f"{actual} {'fits' if ok else 'does not fit'} declared {col.type}"
+            outcomes.append(
+                ExpectationOutcome(
+                    "expect_column_type_to_match_declaration", col.name, ok, 0, detail, [] if ok else [str(actual)]
+                )
+            )
+    return outcomes
+
+
+def _daily_rows_outcome(data: pa.Table, column: str, history: Sequence[int], tolerance: float) -> ExpectationOutcome:
+    def outcome(success: bool, count: int, detail: str, sample: list) -> ExpectationOutcome:
+        return ExpectationOutcome("expect_daily_row_count_to_be_between", column, success, count, detail, sample)
+
+    if len(history) < _MIN_HISTORY:
+        return outcome(True, 0, f"not enough history ({len(history)} partitions)", [])
+    values = data.column(column) if column in data.column_names else pa.nulls(0)
+    if not (pa.types.is_timestamp(values.type) or pa.types.is_date(values.type)):
+        return outcome(False, 0, f"not checked: {column!r} is missing or not a timestamp/date", [])
+
+    median = statistics.median(history)
+    low, high = median / tolerance, median * tolerance
+    if pa.types.is_timestamp(values.type):
+        # Dropping the zone keeps the UTC instant; a zoned value cast straight to a date lands on its local day.
+        values = pc.cast(values, pa.timestamp(values.type.unit))
+    per_day = (
+        pa.table({"day": pc.cast(values, pa.date32())})
+        .filter(pc.is_valid(pc.field("day")))
+        .group_by("day")
+        .aggregate([([], "count_all")])
+        .rename_columns(["day", "rows"])
+        .sort_by("day")
+        .to_pandas()
+    )
+    per_day["day"] = per_day["day"].astype(str)
+    with _LOCK:
+        engine = _engine()
+        batch = engine.day_counts.get_batch(batch_parameters={"dataframe": per_day})
+        result = batch.validate(
+            engine.day_suite,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["day"]},
+            expectation_parameters={"min_rows": low, "max_rows": high},
+        ).results[0]
+    allowed = f"allowed {_num(low)}..{_num(high)}"
+    if result.success:
+        return outcome(True, 0, f"{len(per_day)} days within {allowed} (recent median {_num(median)})", [])
+    bad = [{"day": i["day"], "rows": int(i["rows"])} for i in result.result["unexpected_index_list"]]
+    days = "; ".join(f"{b['rows']} rows in {b['day']}" for b in bad[:3])
+    more = f" and {len(bad) - 3} more days" if len(bad) > 3 else ""
+    return outcome(False, len(bad), f"{days}{more} vs recent median {_num(median)} ({allowed})", bad[:_SAMPLE])
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "any"
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
