@@ -1,0 +1,18 @@
+"""The Dagster code location: everything assets/, sensors/ and resources/ build for this project."""
+
+import dagster as dg
+
+from assets.maintenance import maintenance_definitions
+from assets.raw_events import raw_event_definitions
+from pipelines import project
+from resources import resource_definitions
+from sensors.landing import sensor_definitions
+
+raw = raw_event_definitions(project)
+
+defs = dg.Definitions.merge(
+    raw,
+    maintenance_definitions(),
+    sensor_definitions(project, list(raw.jobs)),
+    resource_definitions(),
+)
