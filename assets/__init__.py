@@ -1,0 +1,1 @@
+"""Asset factories: declarations in, Dagster assets and checks out."""

@@ -1,0 +1,71 @@
+"""Lakehouse maintenance as a Dagster asset, run daily by a schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+
+from assets.metadata import markdown_table
+from keel.maintenance import maintain
+from resources import LakehouseResource
+
+
+class MaintenanceConfig(dg.Config):
+    expire_after_days: float = 7.0
+    compact_min_files: int = 4
+    branch_max_age_days: float = 7.0
+
+
+@dg.asset(
+    key=["ops", "lakehouse_maintenance"],
+    group_name="ops",
+    kinds={"iceberg"},
+    description=(
+        "Compacts day partitions made of many small files into one, removes audit branches "
+        "older than the limit, and expires snapshots older than the limit (main's head and "
+        "branch heads are kept). Time travel reaches back as far as the snapshots kept."
+    ),
+)
+def lakehouse_maintenance(context: dg.AssetExecutionContext, config: MaintenanceConfig, lakehouse: LakehouseResource):
+    results = maintain(
+        lakehouse.lakehouse(),
+        run_id=context.run_id,
+        expire_after=dt.timedelta(days=config.expire_after_days),
+        compact_min_files=config.compact_min_files,
+        branch_max_age=dt.timedelta(days=config.branch_max_age_days),
+    )
+    rows = [
+        [r.table, r.expired_snapshots, len(r.compacted_days), len(r.removed_branches), r.files_before, r.files_after]
+        for r in results
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "tables": len(results),
+            "snapshots_expired": sum(r.expired_snapshots for r in results),
+            "days_compacted": sum(len(r.compacted_days) for r in results),
+            "branches_removed": sum(len(r.removed_branches) for r in results),
+            "summary": dg.MetadataValue.md(
+                markdown_table(["table", "expired", "days compacted", "branches removed", "files before", "files after"], rows)
+            ),
+        }
+    )
+
+
+maintenance_job = dg.define_asset_job("lakehouse_maintenance", selection=[lakehouse_maintenance])
+
+
+def maintenance_definitions() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[lakehouse_maintenance],
+        jobs=[maintenance_job],
+        schedules=[
+            dg.ScheduleDefinition(
+                name="daily_lakehouse_maintenance",
+                job=maintenance_job,
+                cron_schedule="0 3 * * *",
+                execution_timezone="UTC",
+                description="Compact and expire snapshots every night at 03:00 UTC.",
+            )
+        ],
+    )

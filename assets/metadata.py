@@ -1,0 +1,45 @@
+"""Dagster metadata built from engine results: previews, audit tables."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pyarrow as pa
+
+from keel.quality import AuditReport
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def table_preview(data: pa.Table, *, rows: int = 10, sort_by: str | None = None) -> dg.MetadataValue:
+    """The first rows of an Arrow table as a Markdown table for the UI."""
+    if sort_by and data.num_rows:
+        data = data.sort_by(sort_by)
+    head = data.slice(0, rows).to_pylist()
+    return dg.MetadataValue.md(markdown_table(data.column_names, [list(r.values()) for r in head]))
+
+
+def audit_metadata(report: AuditReport, branch: str) -> dict:
+    """Check metadata: counts, the failing expectations as a table, and every result as JSON."""
+    failures = [
+        [o.expectation, o.column or "", o.unexpected_count, o.detail, o.sample]
+        for o in report.failures
+    ]
+    return {
+        "branch": branch,
+        "rows_audited": report.row_count,
+        "expectations": len(report.outcomes),
+        "failed_expectations": len(report.failures),
+        "failures": dg.MetadataValue.md(
+            markdown_table(["expectation", "column", "unexpected", "detail", "sample"], failures)
+            if failures
+            else "all expectations passed"
+        ),
+        "results": dg.MetadataValue.json(report.to_metadata()),
+    }

@@ -1,0 +1,1 @@
+"""Sensors and schedules reacting to things outside Dagster."""
