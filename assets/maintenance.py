@@ -1,7 +1,5 @@
 """Lakehouse maintenance as a Dagster asset, run daily by a schedule."""
 
-from __future__ import annotations
-
 import datetime as dt
 
 import dagster as dg
@@ -46,7 +44,9 @@ def lakehouse_maintenance(context: dg.AssetExecutionContext, config: Maintenance
             "days_compacted": sum(len(r.compacted_days) for r in results),
             "branches_removed": sum(len(r.removed_branches) for r in results),
             "summary": dg.MetadataValue.md(
-                markdown_table(["table", "expired", "days compacted", "branches removed", "files before", "files after"], rows)
+                markdown_table(
+                    ["table", "expired", "days compacted", "branches removed", "files before", "files after"], rows
+                )
             ),
         }
     )

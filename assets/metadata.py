@@ -27,10 +27,7 @@ def table_preview(data: pa.Table, *, rows: int = 10, sort_by: str | None = None)
 
 def audit_metadata(report: AuditReport, branch: str) -> dict:
     """Check metadata: counts, the failing expectations as a table, and every result as JSON."""
-    failures = [
-        [o.expectation, o.column or "", o.unexpected_count, o.detail, o.sample]
-        for o in report.failures
-    ]
+    failures = [[o.expectation, o.column or "", o.unexpected_count, o.detail, o.sample] for o in report.failures]
     return {
         "branch": branch,
         "rows_audited": report.row_count,

@@ -6,8 +6,6 @@ Per declared source, three steps in one run, each visible in the UI:
 fast-forwards main. A failed audit stops the run before the publish step.
 """
 
-from __future__ import annotations
-
 import datetime as dt
 from pathlib import Path
 
@@ -38,11 +36,7 @@ def landing_files(landing: Path, source: EventSource) -> list[Path]:
     folder = landing / source.name
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and _known_format(p)
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _known_format(p))
 
 
 def _known_format(path: Path) -> bool:
@@ -50,9 +44,9 @@ def _known_format(path: Path) -> bool:
     return bool(suffixes) and suffixes[-1] in FORMATS
 
 
-def wap_run_id(context: dg.OpExecutionContext) -> str:
+def wap_run_id(context: dg.OpExecutionContext | dg.AssetCheckExecutionContext) -> str:
     # A re-execution of a failed run keeps the branch of the run it retries.
-    return context.run.root_run_id or context.run_id
+    return context.run.root_run_id or context.run.run_id
 
 
 def window_of(context) -> tuple[dt.date, dt.date]:

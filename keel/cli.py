@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keel", description="Keel: feature store, serving and monitoring on a lakehouse.")
+    parser = argparse.ArgumentParser(
+        prog="keel", description="Keel: feature store, serving and monitoring on a lakehouse."
+    )
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("config", help="print the settings in force (from KEEL_* variables)")
@@ -127,8 +129,10 @@ def cmd_tables(args) -> int:
     if not args.table:
         for name in lake.tables():
             rows = lake.partition_rows(name)
-            print(f"{name:<28} {sum(rows.values()):>10,} rows  {len(rows):>4} partitions  "
-                  f"{len(lake.snapshots(name)):>4} snapshots")
+            print(
+                f"{name:<28} {sum(rows.values()):>10,} rows  {len(rows):>4} partitions  "
+                f"{len(lake.snapshots(name)):>4} snapshots"
+            )
         return 0
     from keel.lakehouse import LakehouseError
 
@@ -156,7 +160,9 @@ def cmd_quarantine(args) -> int:
         print("nothing quarantined yet")
         return 0
     row_filter = f"source == '{args.source}'" if args.source else None
-    data = lake.read(QUARANTINE_TABLE, row_filter=row_filter).sort_by([("file", "ascending"), ("row_number", "ascending")])
+    data = lake.read(QUARANTINE_TABLE, row_filter=row_filter).sort_by(
+        [("file", "ascending"), ("row_number", "ascending")]
+    )
     print(f"{data.num_rows} quarantined rows")
     for row in data.slice(0, args.limit).to_pylist():
         print(f"  {row['source']} {Path(row['file']).name}:{row['row_number']}  [{row['reason_code']}] {row['reason']}")

@@ -35,7 +35,9 @@ VARIABLES = {
     ),
     "warehouse": Variable("KEEL_WAREHOUSE", "where table files live: file:///path (default) or s3://bucket/prefix"),
     "redis_url": Variable("KEEL_REDIS_URL", "online store: redis://host:port/db; unset uses a SQLite file"),
-    "kafka_bootstrap": Variable("KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"),
+    "kafka_bootstrap": Variable(
+        "KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"
+    ),
     "mlflow_uri": Variable("KEEL_MLFLOW_URI", "MLflow tracking URI (default sqlite under KEEL_HOME)"),
     "project": Variable("KEEL_PROJECT", "Python module holding the project's declarations (default 'pipelines')"),
     "landing": Variable("KEEL_LANDING", "folder where files to ingest are dropped, one sub-folder per source"),

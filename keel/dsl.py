@@ -52,18 +52,14 @@ class Column:
         _check_name("column", self.name)
         if self.type not in COLUMN_TYPES:
             raise DeclarationError(
-                f"column {self.name!r}: type {self.type!r} is not supported "
-                f"(use one of {', '.join(COLUMN_TYPES)})"
+                f"column {self.name!r}: type {self.type!r} is not supported (use one of {', '.join(COLUMN_TYPES)})"
             )
         if self.allowed is not None and self.type != "string":
             raise DeclarationError(
-                f"column {self.name!r}: 'allowed' values only apply to string columns, "
-                f"not {self.type!r}"
+                f"column {self.name!r}: 'allowed' values only apply to string columns, not {self.type!r}"
             )
         if (self.min is not None or self.max is not None) and self.type not in ("int64", "float64"):
-            raise DeclarationError(
-                f"column {self.name!r}: min/max only apply to numeric columns, not {self.type!r}"
-            )
+            raise DeclarationError(f"column {self.name!r}: min/max only apply to numeric columns, not {self.type!r}")
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -155,9 +151,7 @@ class EventSource:
         return cols
 
     def arrow_schema(self) -> pa.Schema:
-        return pa.schema(
-            [pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.all_columns()]
-        )
+        return pa.schema([pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.all_columns()])
 
     def column(self, name: str) -> Column:
         for col in self.all_columns():

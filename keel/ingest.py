@@ -27,7 +27,7 @@ from pyiceberg.expressions import And, EqualTo, In
 
 from keel import wap
 from keel.dsl import Column, EventSource
-from keel.lakehouse import Lakehouse, day_filter
+from keel.lakehouse import Lakehouse, day_filter, replace_rows
 from keel.quality import AuditReport, audit_events, combine_reports
 from keel.readers import read_batches
 
@@ -234,7 +234,7 @@ def write_quarantine(lake: Lakehouse, prepared: Prepared, run_id: str, now: dt.d
     rows = prepared.quarantine_rows(run_id, now)
     scope = And(EqualTo("source", prepared.source.name), In("file", prepared.files))
     props = lake.snapshot_properties(prepared.source.name, [], run_id)
-    lake.table(QUARANTINE_TABLE).overwrite(rows, overwrite_filter=scope, snapshot_properties=props)
+    replace_rows(lake.table(QUARANTINE_TABLE), rows, scope, props)
     return rows.num_rows
 
 
@@ -267,7 +267,9 @@ def audit_staged(lake: Lakehouse, source: EventSource, staged: wap.StagedWrite) 
     staged_rows = lake.partition_rows(source.table_name, snapshot_id=staged.snapshot_id)
     reports = []
     for group in group_days({d: staged_rows.get(d, 0) for d in staged.days}, CHUNK_ROWS):
-        data = lake.read(source.table_name, snapshot_id=staged.snapshot_id, row_filter=day_filter(source.timestamp, group))
+        data = lake.read(
+            source.table_name, snapshot_id=staged.snapshot_id, row_filter=day_filter(source.timestamp, group)
+        )
         reports.append(audit_events(data, source, recent_partition_rows=recent))
     return combine_reports(reports)
 
@@ -361,7 +363,7 @@ def _validate_into(
             raw = f"NULLIF(trim({raw}), '')"
         conv = _convert(col, raw, batch.schema.field(col.name).type)
         converted.append(f'{conv} AS "{col.name}"')
-        raw_json.append(f"\"{col.name}\" := CAST(\"{col.name}\" AS VARCHAR)")
+        raw_json.append(f'"{col.name}" := CAST("{col.name}" AS VARCHAR)')
         if not col.nullable:
             code = "missing_key" if col.name in keys else "missing_value"
             codes.append(f"CASE WHEN {raw} IS NULL THEN '{code}' END")
@@ -394,13 +396,15 @@ def _validate_into(
         con.unregister("batch")
     names = ", ".join(f'"{c.name}"' for c in source.all_columns())
     con.execute(f"INSERT INTO good SELECT {file_idx}, _row, {names} FROM checked WHERE _code IS NULL")
-    con.execute(f"INSERT INTO bad SELECT {file_idx}, _row, _code, _reason, _record FROM checked WHERE _code IS NOT NULL")
+    con.execute(
+        f"INSERT INTO bad SELECT {file_idx}, _row, _code, _reason, _record FROM checked WHERE _code IS NOT NULL"
+    )
 
 
 def _quarantine_duplicates(con: duckdb.DuckDBPyConnection, source: EventSource) -> None:
     eid = f'"{source.event_id}"'
     names = ", ".join(f'"{c.name}"' for c in source.all_columns())
-    raw_json = ", ".join(f"\"{c.name}\" := CAST(\"{c.name}\" AS VARCHAR)" for c in source.all_columns())
+    raw_json = ", ".join(f'"{c.name}" := CAST("{c.name}" AS VARCHAR)' for c in source.all_columns())
     con.execute(
         "CREATE OR REPLACE TEMP TABLE ranked AS SELECT *, "
         f"row_number() OVER (PARTITION BY {eid} ORDER BY _file, _row) AS _n, "

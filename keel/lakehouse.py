@@ -9,7 +9,9 @@ snapshots and compacts small files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,7 @@ def day_filter(column: str, days: Iterable[dt.date]) -> BooleanExpression:
             ranges[-1] = (ranges[-1][0], day + DAY)
         else:
             ranges.append((day, day + DAY))
-    exprs = [
-        And(GreaterThanOrEqual(column, _iso(start)), LessThan(column, _iso(end))) for start, end in ranges
-    ]
+    exprs = [And(GreaterThanOrEqual(column, _iso(start)), LessThan(column, _iso(end))) for start, end in ranges]
     out = exprs[0]
     for expr in exprs[1:]:
         out = Or(out, expr)
@@ -83,6 +83,18 @@ def days_of(data: pa.Table, column: str) -> list[dt.date]:
         return []
     days = pc.unique(pc.cast(data.column(column), pa.timestamp("us", tz="UTC")).cast(pa.date32()))
     return sorted(d for d in days.to_pylist() if d is not None)
+
+
+def replace_rows(
+    table: Table, data: pa.Table, where: BooleanExpression, properties: dict[str, str], branch: str = "main"
+) -> None:
+    """Replace the rows matching ``where`` with ``data`` in one snapshot on ``branch``.
+
+    pyiceberg warns when ``where`` matches no rows yet; for a first write that is expected.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records", category=UserWarning)
+        table.overwrite(data, overwrite_filter=where, snapshot_properties=properties, branch=branch)
 
 
 def _iso(day: dt.date) -> str:
@@ -117,10 +129,8 @@ class Lakehouse:
     ) -> Table:
         """Create the table, or evolve an existing one by adding the columns it lacks."""
         namespace = name.split(".")[0]
-        try:
+        with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(namespace)
-        except NamespaceAlreadyExistsError:
-            pass
         try:
             table = self.catalog.load_table(name)
         except NoSuchTableError:
@@ -237,8 +247,12 @@ class Lakehouse:
         if snapshot_id is None:
             return {}
         parts = table.inspect.partitions(snapshot_id=snapshot_id)
+        if "partition" not in parts.column_names:  # a snapshot with no manifests (the table's empty first snapshot)
+            return {}
         out: dict[dt.date | str, int] = {}
-        for part, rows in zip(parts.column("partition").to_pylist(), parts.column("record_count").to_pylist()):
+        for part, rows in zip(
+            parts.column("partition").to_pylist(), parts.column("record_count").to_pylist(), strict=True
+        ):
             value = next(iter(part.values())) if part else "unpartitioned"
             out[value] = out.get(value, 0) + rows
         return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
@@ -264,7 +278,9 @@ class Lakehouse:
             )
         return out
 
-    def snapshot_properties(self, source: str, partitions: Sequence[dt.date], run_id: str, **extra: str) -> dict[str, str]:
+    def snapshot_properties(
+        self, source: str, partitions: Sequence[dt.date], run_id: str, **extra: str
+    ) -> dict[str, str]:
         return {
             PROP_RUN_ID: run_id,
             PROP_PARTITION: partition_label(partitions),
@@ -311,8 +327,7 @@ class Lakehouse:
         expr = day_filter(day_column, targets)
         data = table.scan(snapshot_id=head, row_filter=expr).to_arrow()
         props = self.snapshot_properties("compaction", list(targets), run_id)
-        with table.transaction() as tx:
-            tx.overwrite(data, overwrite_filter=expr, snapshot_properties=props)
+        replace_rows(table, data, expr, props)
         return dict(sorted(targets.items()))
 
     def remove_branches(self, name: str, prefix: str, older_than: dt.timedelta) -> list[str]:

@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+FORMATS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
 BATCH_BYTES = 32 << 20
 BATCH_ROWS = 200_000
 
@@ -106,9 +113,7 @@ def _jsonl_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
     # pyarrow's JSON reader rejects a whole block when one line has a value of another type,
     # so lines are parsed by DuckDB's JSON functions, which treat each line on its own.
     con = duckdb.connect()
-    extract = ", ".join(
-        f"CASE WHEN _valid THEN json_extract_string(line, '$.\"{c}\"') END AS \"{c}\"" for c in columns
-    )
+    extract = ", ".join(f'CASE WHEN _valid THEN json_extract_string(line, \'$."{c}"\') END AS "{c}"' for c in columns)
     stream = pa.input_stream(str(path), compression="detect")
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
     line_no = 1

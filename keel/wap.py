@@ -22,7 +22,15 @@ import duckdb
 import pyarrow as pa
 from pyiceberg.exceptions import CommitFailedException
 
-from keel.lakehouse import PROP_BASE_SNAPSHOT, Lakehouse, LakehouseError, day_filter, days_of, partition_label
+from keel.lakehouse import (
+    PROP_BASE_SNAPSHOT,
+    Lakehouse,
+    LakehouseError,
+    day_filter,
+    days_of,
+    partition_label,
+    replace_rows,
+)
 
 BRANCH_PREFIX = "audit_"
 
@@ -100,9 +108,7 @@ def stage(
             data = _merge(existing, data, key, schema)
         extra = {PROP_BASE_SNAPSHOT: str(base)} if base is not None else {}
         props = lake.snapshot_properties(source, sorted(chunk_days), run_id, **extra)
-        lake.table(table_name).overwrite(
-            data, overwrite_filter=day_filter(day_column, chunk_days), snapshot_properties=props, branch=branch
-        )
+        replace_rows(lake.table(table_name), data, day_filter(day_column, chunk_days), props, branch)
         written_days.update(chunk_days)
         rows += data.num_rows
 
@@ -161,7 +167,9 @@ def publish(lake: Lakehouse, staged: StagedWrite) -> int:
             f"on the new head (rerun it); branch {staged.branch!r} is kept for inspection"
         )
     try:
-        table.manage_snapshots().set_current_snapshot(snapshot_id=staged.snapshot_id).remove_branch(staged.branch).commit()
+        table.manage_snapshots().set_current_snapshot(snapshot_id=staged.snapshot_id).remove_branch(
+            staged.branch
+        ).commit()
     except CommitFailedException as exc:
         raise PublishConflict(
             f"table {staged.table!r}: main changed while run {staged.run_id!r} was publishing ({exc}); "

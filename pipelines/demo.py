@@ -78,7 +78,11 @@ def run(settings: Settings | None = None) -> int:
     failed = []
     for i, source in enumerate(project.sources, start=2):
         files = landing_files(settings.landing, source)
-        print(f"[{i}/{steps}] ingesting {source.name}: {len(files)} file(s) -> {source.table_name} ...", end=" ", flush=True)
+        print(
+            f"[{i}/{steps}] ingesting {source.name}: {len(files)} file(s) -> {source.table_name} ...",
+            end=" ",
+            flush=True,
+        )
         t = time.perf_counter()
         job = defs.resolve_job_def(ingest_job_name(source))
         result = job.execute_in_process(
@@ -94,7 +98,9 @@ def run(settings: Settings | None = None) -> int:
 
     print(f"[{steps}/{steps}] summary", flush=True)
     print(summary(lake))
-    print(f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs.")
+    print(
+        f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs."
+    )
     if failed:
         print(f"FAILED: {', '.join(failed)} (see the runs in `make ui`)", file=sys.stderr)
         return 1

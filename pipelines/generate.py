@@ -37,8 +37,9 @@ FORMATS = {"signups": "parquet", "clicks": "jsonl", "transactions": "csv", "chur
 ID_PREFIXES = {"signups": "s-", "clicks": "c-", "transactions": "t-", "churn_labels": "l-"}
 
 COUNTRY_P = (0.30, 0.12, 0.11, 0.08, 0.06, 0.06, 0.04, 0.08, 0.10, 0.05)
-COUNTRY_CURRENCY = np.array([CURRENCIES.index(c) for c in (
-    "USD", "GBP", "EUR", "EUR", "EUR", "EUR", "EUR", "BRL", "INR", "JPY")])
+COUNTRY_CURRENCY = np.array(
+    [CURRENCIES.index(c) for c in ("USD", "GBP", "EUR", "EUR", "EUR", "EUR", "EUR", "BRL", "INR", "JPY")]
+)
 DEVICE_P, DEVICE_P_DRIFT = (0.38, 0.32, 0.30), (0.25, 0.58, 0.17)
 PLAN_P, PLAN_P_DRIFT = (0.76, 0.17, 0.07), (0.52, 0.41, 0.07)
 PLAN_SESSIONS = np.array([1.0, 1.8, 2.6])
@@ -93,8 +94,16 @@ def generate(
     for day in range(days):
         n_sessions, n_buys, refunds = _live_one_day(_rng(seed, 1, day), people, day)
         clicks, txns = _sessions(
-            _rng(seed, 2, day), _rng(seed, 3, day), people, day, day >= drift_day,
-            start_us + day * DAY_US, n_sessions, n_buys, refunds, n_sessions_so_far,
+            _rng(seed, 2, day),
+            _rng(seed, 3, day),
+            people,
+            day,
+            day >= drift_day,
+            start_us + day * DAY_US,
+            n_sessions,
+            n_buys,
+            refunds,
+            n_sessions_so_far,
         )
         n_sessions_so_far += int(n_sessions.sum())
         click_parts.append(clicks)
@@ -106,11 +115,21 @@ def generate(
     )
     labels = _churn_labels(people["signup_us"], clicks, txns, start_us, days)
 
-    strings = {"device": DEVICES, "country": COUNTRIES, "plan": PLANS, "page": PAGES,
-               "currency": CURRENCIES, "merchant_category": MERCHANT_CATEGORIES}
+    strings = {
+        "device": DEVICES,
+        "country": COUNTRIES,
+        "plan": PLANS,
+        "page": PAGES,
+        "currency": CURRENCIES,
+        "merchant_category": MERCHANT_CATEGORIES,
+    }
     columns = {
-        "signups": {**people, "user": np.arange(users), "ts": people["signup_us"],
-                    "age": pa.array(people["age"], mask=~people["age_known"])},
+        "signups": {
+            **people,
+            "user": np.arange(users),
+            "ts": people["signup_us"],
+            "age": pa.array(people["age"], mask=~people["age_known"]),
+        },
         "clicks": {**clicks, "session_id": _ids("sess-", n_sessions_so_far, 8).take(clicks["session"])},
         "transactions": txns,
         "churn_labels": labels,
@@ -171,7 +190,8 @@ def _live_one_day(rng, people, day):
 
     fading = churn_day < NEVER
     hazard = (
-        FADE_HAZARD * PLAN_HAZARD[plan]
+        FADE_HAZARD
+        * PLAN_HAZARD[plan]
         * np.where(people["last_refund_day"] >= day - 30, 3.0, 1.0)
         * np.clip(1 / engagement, 0.25, 4.0) ** 0.8
     )
@@ -224,12 +244,21 @@ def _sessions(rs, rt, people, day, is_drift, day_us, n_sessions, n_buys, refunds
     pay_delay_s = dwell[checkout] * rt.uniform(0.3, 1.0, m)
     pay_ts = view_ts[checkout] + np.round(pay_delay_s * 1e6).astype(np.int64)
     clicks = {
-        "user": user[session], "ts": view_ts, "session": first_session + session, "page": page,
-        "device": session_device[session], "dwell_s": dwell,
+        "user": user[session],
+        "ts": view_ts,
+        "session": first_session + session,
+        "page": page,
+        "device": session_device[session],
+        "dwell_s": dwell,
     }
     txns = {
-        "user": t_user, "ts": pay_ts, "amount": amount, "currency": currency, "country": country,
-        "merchant_category": category, "is_refund": (rank[buys] == 0) & refunds[t_user],
+        "user": t_user,
+        "ts": pay_ts,
+        "amount": amount,
+        "currency": currency,
+        "country": country,
+        "merchant_category": category,
+        "is_refund": (rank[buys] == 0) & refunds[t_user],
     }
     return clicks, txns
 

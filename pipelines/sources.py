@@ -1,7 +1,6 @@
 """Event sources of the demo domain: sign-ups, clicks, transactions and delayed churn labels."""
 
 from keel.dsl import Column, EventSource
-
 from pipelines.entities import user
 
 COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "BR", "IN", "JP")

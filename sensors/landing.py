@@ -1,7 +1,5 @@
 """The landing-folder sensor: a new or changed file starts an ingest run over the days it holds."""
 
-from __future__ import annotations
-
 import datetime as dt
 import json
 import time
