@@ -28,7 +28,7 @@ class MaintenanceConfig(dg.Config):
 def lakehouse_maintenance(context: dg.AssetExecutionContext, config: MaintenanceConfig, lakehouse: LakehouseResource):
     results = maintain(
         lakehouse.lakehouse(),
-        run_id=context.run_id,
+        run_id=context.run.run_id,
         expire_after=dt.timedelta(days=config.expire_after_days),
         compact_min_files=config.compact_min_files,
         branch_max_age=dt.timedelta(days=config.branch_max_age_days),

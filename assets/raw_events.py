@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets import single_run_backfills
 from assets.metadata import audit_metadata, table_preview
 from keel import wap
 from keel.dsl import EventSource
@@ -196,7 +197,8 @@ def raw_event_definitions(project: Project) -> dg.Definitions:
     partitions = daily_partitions(project)
     assets, checks, specs, jobs = [], [], [], []
     for source in project.sources:
-        landing, staged, audit, published = raw_event_assets(source, partitions)
+        with single_run_backfills():
+            landing, staged, audit, published = raw_event_assets(source, partitions)
         specs.append(landing)
         assets += [staged, published]
         checks.append(audit)
@@ -204,7 +206,6 @@ def raw_event_definitions(project: Project) -> dg.Definitions:
             dg.define_asset_job(
                 ingest_job_name(source),
                 selection=dg.AssetSelection.assets(staged, published),
-                partitions_def=partitions,
                 description=f"Validate, stage, audit and publish files of '{source.name}'.",
                 tags={"keel/table": source.table_name},
             )

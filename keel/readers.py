@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -77,23 +78,29 @@ def _with_rows(table: pa.Table, first_row: int) -> pa.Table:
 
 def _csv_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", newline="") as fh:
+    # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte order mark before the first name.
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as fh:
         header = next(csv.reader(fh), [])
     _missing(path, header, columns)
-    reader = pacsv.open_csv(
-        pa.input_stream(str(path), compression="detect"),
-        read_options=pacsv.ReadOptions(block_size=BATCH_BYTES),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header},
-            include_columns=list(columns),
-            strings_can_be_null=True,
-        ),
-    )
-    row = 1
-    for batch in reader:
-        table = pa.Table.from_batches([batch])
-        yield _with_rows(table, row)
-        row += table.num_rows
+    try:
+        reader = pacsv.open_csv(
+            pa.input_stream(str(path), compression="detect"),
+            read_options=pacsv.ReadOptions(block_size=BATCH_BYTES),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in header},
+                include_columns=list(columns),
+                strings_can_be_null=True,
+            ),
+        )
+        row = 1
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            yield _with_rows(table, row)
+            row += table.num_rows
+    except pa.ArrowInvalid as exc:
+        raise FileFormatError(
+            f"file {str(path)!r} is not a readable CSV file: {exc} (fix the file and ingest it again)"
+        ) from None
 
 
 def _parquet_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
@@ -121,13 +128,15 @@ def _jsonl_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
         lines = text.readlines(BATCH_BYTES)
         if not lines:
             break
-        batch = _with_rows(pa.table({"line": pa.array(lines, pa.string())}), line_no)
+        # Line ends and surrounding blanks go, so blank lines are skipped and _raw shows the line itself.
+        text_lines = pc.utf8_trim_whitespace(pa.array(lines, pa.string()))
+        batch = _with_rows(pa.table({"line": text_lines}), line_no)
         line_no += len(lines)
         con.register("batch", batch)
         out = con.sql(
-            f"SELECT {extract}, _row, NOT _valid AS _malformed, CASE WHEN NOT _valid THEN trim(line) END AS _raw FROM "
+            f"SELECT {extract}, _row, NOT _valid AS _malformed, CASE WHEN NOT _valid THEN line END AS _raw FROM "
             "(SELECT line, _row, CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END AS _valid FROM batch "
-            " WHERE trim(line) <> '')"
+            " WHERE line <> '')"
         ).to_arrow_table()
         con.unregister("batch")
         yield out
@@ -142,7 +151,7 @@ def timestamp_range(path: Path, column: str) -> tuple[object, object] | None:
         con.register("batch", batch)
         row = con.execute(
             f'SELECT min(t), max(t) FROM (SELECT TRY_CAST(CAST("{column}" AS VARCHAR) AS TIMESTAMPTZ) AS t FROM batch)'
-        ).fetchone()
+        ).fetchall()[0]  # fetchone would leave the result open and block unregister
         con.unregister("batch")
         if row[0] is not None:
             lo = row[0] if lo is None else min(lo, row[0])

@@ -1,0 +1,88 @@
+"""Shared fixtures: every test gets its own KEEL_HOME, catalog and warehouse under tmp_path."""
+
+import datetime as dt
+import os
+
+import pytest
+
+from keel.config import Settings
+from keel.dsl import Column, Entity, EventSource
+from keel.lakehouse import Lakehouse
+
+# Keep third-party tools quiet and offline for every test, whatever the caller's shell exports.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+KEEL_VARIABLES = (
+    "KEEL_HOME",
+    "KEEL_CATALOG_URI",
+    "KEEL_WAREHOUSE",
+    "KEEL_REDIS_URL",
+    "KEEL_KAFKA_BOOTSTRAP",
+    "KEEL_MLFLOW_URI",
+    "KEEL_PROJECT",
+    "KEEL_LANDING",
+    "KEEL_CODE_VERSION",
+)
+
+
+@pytest.fixture
+def keel_home(tmp_path, monkeypatch):
+    """A private KEEL_HOME set in the environment, with every other KEEL_* variable cleared."""
+    for name in KEEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "keel"
+    home.mkdir()
+    monkeypatch.setenv("KEEL_HOME", str(home))
+    monkeypatch.setenv("KEEL_CODE_VERSION", "test-sha")
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    (home / "dagster").mkdir()
+    return home
+
+
+@pytest.fixture
+def settings(keel_home) -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture
+def lake(settings) -> Lakehouse:
+    return Lakehouse.from_settings(settings)
+
+
+@pytest.fixture
+def buyer() -> Entity:
+    return Entity(name="buyer", join_keys={"user_id": "string"})
+
+
+@pytest.fixture
+def payments(buyer) -> EventSource:
+    """A small source with every column type and constraint the validator knows."""
+    return EventSource(
+        name="payments",
+        entity=buyer,
+        columns=(
+            Column("amount", "float64", nullable=False, min=0, max=10_000),
+            Column("currency", "string", nullable=False, allowed=("EUR", "USD")),
+            Column("items", "int64", min=1, max=100),
+            Column("is_refund", "bool", nullable=False),
+        ),
+    )
+
+
+def payment_rows(day: dt.date, n: int, *, prefix: str = "p", amount: float = 10.0) -> list[dict]:
+    """``n`` valid payment rows spread over ``day``, event ids ``{prefix}-{day}-{i}``."""
+    base = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return [
+        {
+            "event_id": f"{prefix}-{day.isoformat()}-{i}",
+            "user_id": f"u{i % 7}",
+            "event_ts": base + dt.timedelta(minutes=7 * i % 1440),
+            "amount": amount + i,
+            "currency": "EUR" if i % 2 else "USD",
+            "items": 1 + i % 5,
+            "is_refund": i % 11 == 0,
+        }
+        for i in range(n)
+    ]

@@ -1,0 +1,171 @@
+"""The raw event assets run as Dagster runs: stage, blocking audit, publish."""
+
+import csv
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from assets.raw_events import ingest_job_name, raw_event_definitions
+from keel import wap
+from keel.ingest import QUARANTINE_TABLE
+from keel.project import Project
+from resources import resource_definitions
+from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, staged_op_name
+from tests.conftest import payment_rows
+
+START = dt.date(2026, 1, 1)
+
+
+@pytest.fixture
+def project(payments) -> Project:
+    return Project(name="test", sources=(payments,), start_date=START)
+
+
+@pytest.fixture
+def defs(project, settings) -> dg.Definitions:
+    return dg.Definitions.merge(raw_event_definitions(project), resource_definitions(settings))
+
+
+@pytest.fixture
+def instance(keel_home):
+    with dg.instance_for_test(temp_dir=str(keel_home / "dagster")) as inst:
+        yield inst
+
+
+def write_csv(path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()})
+    return str(path)
+
+
+def days(first: dt.date, n: int) -> list[dt.date]:
+    return [first + dt.timedelta(days=i) for i in range(n)]
+
+
+def run_ingest(defs, instance, files: list[str], first: dt.date, last: dt.date, **kwargs) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_job_def(ingest_job_name_for(defs))
+    return job.execute_in_process(
+        instance=instance,
+        run_config={"ops": {staged_op_name("payments"): {"config": {"files": files}}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: first.isoformat(), ASSET_PARTITION_RANGE_END_TAG: last.isoformat()},
+        raise_on_error=False,
+        **kwargs,
+    )
+
+
+def ingest_job_name_for(defs) -> str:
+    names = [job.name for job in defs.jobs if job.name.startswith("ingest_")]
+    assert names == ["ingest_payments"]
+    return names[0]
+
+
+def check_evaluation(result: dg.ExecuteInProcessResult):
+    evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(evaluations) == 1
+    return evaluations[0]
+
+
+def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, instance, lake, keel_home, payments):
+    rows = [r for day in days(START, 3) for r in payment_rows(day, 20)]
+    bad = {**rows[0], "event_id": "bad-1", "amount": "lots"}
+    path = write_csv(keel_home / "landing" / "payments" / "batch.csv", [*rows, bad])
+
+    result = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=2))
+
+    assert result.success
+    assert ingest_job_name(payments) == "ingest_payments"
+    main = lake.read("raw.payments")
+    assert sorted(main.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
+    check = check_evaluation(result)
+    assert check.passed
+    assert check.metadata["failed_expectations"].value == 0
+    staged, published = (
+        result.asset_materializations_for_node(name)[0] for name in ("raw__payments_staged", "raw__payments")
+    )
+    assert staged.metadata["rows_quarantined"].value == 1
+    assert staged.metadata["dagster/row_count"].value == 60
+    assert published.metadata["snapshot_id"].value == str(lake.head("raw.payments"))
+    assert lake.read(QUARANTINE_TABLE).column("reason_code").to_pylist() == ["wrong_type"]
+    # The run's branch is gone once main holds its head.
+    assert [ref for ref in lake.table("raw.payments").refs() if ref.startswith("audit_")] == []
+    # A materialization per partition in the range, so the UI shows all three days filled.
+    partitions = instance.get_materialized_partitions(dg.AssetKey(["raw", "payments"]))
+    assert partitions == {d.isoformat() for d in days(START, 3)}
+
+
+def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(defs, instance, lake, keel_home):
+    history = [r for day in days(START, 5) for r in payment_rows(day, 200)]
+    ok = run_ingest(defs, instance, [write_csv(keel_home / "h.csv", history)], START, START + dt.timedelta(days=4))
+    assert ok.success
+    main_before = lake.head("raw.payments")
+
+    # Every row is valid on its own, but the day holds 3 rows against a median of 200.
+    thin_day = START + dt.timedelta(days=5)
+    thin = write_csv(keel_home / "thin.csv", payment_rows(thin_day, 3))
+    result = run_ingest(defs, instance, [thin], thin_day, thin_day)
+
+    assert not result.success
+    check = check_evaluation(result)
+    assert not check.passed
+    assert check.metadata["failed_expectations"].value == 1
+    assert "expect_daily_row_count_to_be_between" in check.metadata["failures"].value
+    assert "3 rows in 2026-01-06" in check.metadata["failures"].value
+    # The publish step never ran; main is where it was and the branch is kept for inspection.
+    assert result.asset_materializations_for_node("raw__payments") == []
+    assert lake.head("raw.payments") == main_before
+    branch = check.metadata["branch"].value
+    assert branch == wap.branch_name(result.run_id)
+    assert lake.read("raw.payments", branch=branch).num_rows == 1003
+
+
+def test_a_crash_before_publish_then_a_rerun_leaves_one_copy(defs, instance, lake, keel_home, monkeypatch):
+    rows = [r for day in days(START, 2) for r in payment_rows(day, 30)]
+    path = write_csv(keel_home / "two-days.csv", rows)
+
+    def crash(*args, **kwargs):
+        raise SystemError("worker lost between the branch write and the publish")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(wap, "publish", crash)
+        crashed = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=1))
+    assert not crashed.success
+    assert lake.read("raw.payments").num_rows == 0
+    assert lake.read("raw.payments", branch=wap.branch_name(crashed.run_id)).num_rows == 60
+
+    rerun = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=1))
+
+    assert rerun.success
+    main = lake.read("raw.payments")
+    assert main.num_rows == 60
+    assert sorted(main.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
+
+
+def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the_first(defs, instance, lake, keel_home):
+    path = write_csv(keel_home / "day.csv", payment_rows(START, 25))
+    assert run_ingest(defs, instance, [path], START, START).success
+    first_snapshot = lake.head("raw.payments")
+    first = lake.read("raw.payments").sort_by("event_id")
+
+    # The same partition again, this time with one amount corrected.
+    corrected = payment_rows(START, 25)
+    corrected[3]["amount"] = 999.0
+    assert run_ingest(defs, instance, [write_csv(keel_home / "day.csv", corrected)], START, START).success
+
+    second = lake.read("raw.payments").sort_by("event_id")
+    assert second.num_rows == 25
+    assert second.column("event_id") == first.column("event_id")
+    assert 999.0 in second.column("amount").to_pylist()
+    assert lake.read("raw.payments", snapshot_id=first_snapshot).sort_by("event_id") == first
+
+
+def test_no_files_fails_with_a_message_naming_the_folder(defs, instance, keel_home):
+    result = run_ingest(defs, instance, [], START, START)
+    assert not result.success
+    failure = result.failure_data_for_node("raw__payments_staged")
+    assert "no files for source 'payments'" in failure.error.message
+    assert str(keel_home / "landing" / "payments") in failure.error.message
