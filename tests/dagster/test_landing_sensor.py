@@ -31,9 +31,9 @@ def sensor(payments) -> dg.SensorDefinition:
     return landing_sensor(project, list(raw_event_definitions(project).jobs))
 
 
-def tick(sensor, settings, cursor: str | None) -> dg.SensorResult:
+def tick(sensor, settings, cursor: str | None):
     context = dg.build_sensor_context(cursor=cursor, resources={"lakehouse": lakehouse_resource(settings)})
-    return sensor(context)
+    return sensor.evaluate_tick(context)
 
 
 def drop(settings, name: str, rows: list[dict], *, age_s: float = 60) -> str:
@@ -71,7 +71,7 @@ def test_new_files_become_runs_over_their_days_and_the_cursor_remembers_them(sen
     # Nothing changed: the next tick asks for nothing.
     again = tick(sensor, settings, result.cursor)
     assert again.run_requests == []
-    assert again.skip_reason.skip_message == "no new files"
+    assert again.skip_message == "no new files"
 
     # A file replaced in place is ingested again, under a new run key.
     drop(settings, "a.jsonl", payment_rows(START, 6))
@@ -105,11 +105,11 @@ def test_unusable_files_are_skipped_with_a_reason_and_not_retried(sensor, settin
     result = tick(sensor, settings, None)
 
     assert result.run_requests == []
-    reason = result.skip_reason.skip_message
+    reason = result.skip_message
     assert "no-timestamp.parquet" in reason and "event_ts" in reason
     assert f"{old}: events fall outside 2026-01-01.." in reason
     assert sorted(json.loads(result.cursor)) == sorted([str(no_ts), old])
-    assert tick(sensor, settings, result.cursor).skip_reason.skip_message == "no new files"
+    assert tick(sensor, settings, result.cursor).skip_message == "no new files"
 
 
 def test_the_sensor_is_part_of_the_code_location():
