@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
 
 def cmd_ingest(args) -> int:
     from keel.ingest import IngestError, ingest_files
-    from keel.lakehouse import Lakehouse
+    from keel.lakehouse import Lakehouse, LakehouseError
     from keel.readers import FileFormatError
 
     settings = Settings.from_env()
@@ -115,7 +115,7 @@ def cmd_ingest(args) -> int:
     lake = Lakehouse.from_settings(settings)
     try:
         report = ingest_files(lake, source, args.files, run_id=f"cli-{uuid.uuid4().hex[:12]}")
-    except (FileFormatError, IngestError) as exc:
+    except (FileFormatError, IngestError, LakehouseError) as exc:
         print(f"keel ingest: {exc}; nothing was published", file=sys.stderr)
         return 1
     print(report.summary())
@@ -127,7 +127,10 @@ def cmd_tables(args) -> int:
 
     lake = Lakehouse.from_env()
     if not args.table:
-        for name in lake.tables():
+        names = lake.tables()
+        if not names:
+            print("no tables yet (land some: keel ingest FILE --source NAME)")
+        for name in names:
             rows = lake.partition_rows(name)
             print(
                 f"{name:<28} {sum(rows.values()):>10,} rows  {len(rows):>4} partitions  "
@@ -152,6 +155,8 @@ def cmd_tables(args) -> int:
 
 
 def cmd_quarantine(args) -> int:
+    from pyiceberg.expressions import EqualTo
+
     from keel.ingest import QUARANTINE_TABLE
     from keel.lakehouse import Lakehouse
 
@@ -159,7 +164,7 @@ def cmd_quarantine(args) -> int:
     if not lake.exists(QUARANTINE_TABLE):
         print("nothing quarantined yet")
         return 0
-    row_filter = f"source == '{args.source}'" if args.source else None
+    row_filter = EqualTo("source", args.source) if args.source else None
     data = lake.read(QUARANTINE_TABLE, row_filter=row_filter).sort_by(
         [("file", "ascending"), ("row_number", "ascending")]
     )

@@ -91,11 +91,11 @@ class Prepared:
         ).fetchall()
         return dict(rows)
 
-    def chunks(self, max_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-        """The good rows, whole days at a time, about ``max_rows`` per chunk, typed as the source."""
+    def chunks(self, max_rows: int | None = None) -> Iterator[pa.Table]:
+        """The good rows, whole days at a time, about ``max_rows`` (default CHUNK_ROWS) per chunk, typed as the source."""
         schema = self.source.arrow_schema()
         cols = ", ".join(f'"{c}"' for c in schema.names)
-        for group in group_days(self.days(), max_rows):
+        for group in group_days(self.days(), max_rows or CHUNK_ROWS):
             days = ", ".join(f"DATE '{d.isoformat()}'" for d in group)
             table = self.con.sql(
                 f'SELECT {cols} FROM good WHERE CAST("{self.source.timestamp}" AS DATE) IN ({days}) '
@@ -356,7 +356,6 @@ def _validate_into(
     converted, codes, messages, raw_json = [], [], [], []
     if "_malformed" in batch.column_names:
         codes.append("CASE WHEN _malformed THEN 'malformed_record' END")
-        messages.append("CASE WHEN _malformed THEN 'line is not a JSON object' END")
     for col in source.all_columns():
         raw = f'"{col.name}"'
         if col.name in keys and col.type == "string":
@@ -382,13 +381,18 @@ def _validate_into(
         f"CASE WHEN {future} THEN '{source.timestamp}: ' || CAST({ts} AS VARCHAR) || "
         f"' is after the ingest time plus {source.max_future_skew_s}s ({limit.isoformat()})' END"
     )
-    record = "to_json(struct_pack(" + ", ".join(raw_json) + "))"
+    # VARCHAR, not JSON: coalesced with a malformed line's text, JSON would make DuckDB parse that text.
+    record = "CAST(to_json(struct_pack(" + ", ".join(raw_json) + ")) AS VARCHAR)"
+    reason = f"concat_ws('; ', {', '.join(messages)})"
+    if "_malformed" in batch.column_names:
+        # A line that is no object has no fields: every column's "missing" would only repeat that.
+        reason = f"CASE WHEN _malformed THEN 'line is not a JSON object' ELSE {reason} END"
     con.register("batch", batch)
     try:
         con.execute(
             "CREATE OR REPLACE TEMP TABLE checked AS SELECT _row, "
             + ", ".join(converted)
-            + f", coalesce({', '.join(codes)}) AS _code, concat_ws('; ', {', '.join(messages)}) AS _reason, "
+            + f", coalesce({', '.join(codes)}) AS _code, {reason} AS _reason, "
             + (f"coalesce(_raw, {record})" if "_raw" in batch.column_names else record)
             + " AS _record FROM batch"
         )

@@ -89,6 +89,8 @@ def _csv_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in header},
                 include_columns=list(columns),
+                # Only an empty field is missing: "NA" is Namibia and "null" may be a value.
+                null_values=[""],
                 strings_can_be_null=True,
             ),
         )
