@@ -40,8 +40,9 @@ demo: install dagster-home
 test: install
 	$(BIN)/python -m pytest
 
+# Started from DAGSTER_HOME, so Dagster reads the instance's copy of dagster.yaml, not the repo's.
 ui: install dagster-home
-	$(BIN)/dagster dev --host 127.0.0.1 --port 3000 -w workspace.yaml
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev --host 127.0.0.1 --port 3000 -w $(CURDIR)/workspace.yaml
 
 lint: install
 	$(BIN)/ruff check .

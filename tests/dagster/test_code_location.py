@@ -36,6 +36,7 @@ def test_definitions_load_without_warnings_and_hold_the_raw_assets(keel_home):
 
 
 def test_dagster_definitions_validate_passes_with_no_warnings(keel_home):
+    shutil.copy(ROOT / "dagster.yaml", keel_home / "dagster" / "dagster.yaml")  # as `make` does
     env = {**os.environ, "PYTHONWARNINGS": "default"}
     out = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
@@ -49,8 +50,20 @@ def test_dagster_definitions_validate_passes_with_no_warnings(keel_home):
     assert out.returncode == 0, text
     assert "All code locations passed validation" in text
     # The command itself says it is superseded by `dg check defs`; nothing else may warn.
-    lines = [line for line in text.splitlines() if "Warning" in line and "SupersessionWarning" not in line]
+    lines = [line for line in text.splitlines() if "warn" in line.lower() and "SupersessionWarning" not in line]
     assert lines == []
+
+
+def test_a_bad_setting_stops_the_code_location_at_load_naming_the_variable(keel_home, monkeypatch):
+    from keel.config import ConfigError
+
+    monkeypatch.setenv("KEEL_WAREHOUSE", "ftp://files.example/warehouse")
+    sys.modules.pop("pipelines.definitions", None)
+    try:
+        with pytest.raises(ConfigError, match=r"KEEL_WAREHOUSE='ftp://files.example/warehouse' is not usable"):
+            import pipelines.definitions  # noqa: F401
+    finally:
+        sys.modules.pop("pipelines.definitions", None)
 
 
 def test_embedded_profile_is_sqlite_under_dagster_home(keel_home):
