@@ -22,6 +22,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
 from pyiceberg.table import Table
+from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.transforms import DayTransform, IdentityTransform
 
 from keel.config import Settings
@@ -194,12 +195,16 @@ class Lakehouse:
     ) -> pa.Table:
         """Rows of a table at main's head, a branch's head, a snapshot id, or as of a moment."""
         table = self.table(name)
+        at_head = snapshot_id is None and as_of is None and branch is None
         snapshot_id = self.resolve_snapshot(table, snapshot_id=snapshot_id, as_of=as_of, branch=branch)
-        schema = _schema_at(table, snapshot_id)
+        # Main's head is read with the table's current schema, so a column just added shows (as NULL)
+        # before the next write; an older snapshot is read with the schema it was written with.
+        pinned = None if at_head else snapshot_id
+        schema = _schema_at(table, pinned)
         if snapshot_id is None:
             return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
         scan = table.scan(
-            snapshot_id=snapshot_id,
+            snapshot_id=pinned,
             row_filter=row_filter if row_filter is not None else "true",
             selected_fields=tuple(columns) if columns else ("*",),
             limit=limit,
@@ -222,7 +227,7 @@ class Lakehouse:
             if table.snapshot_by_id(snapshot_id) is None:
                 raise LakehouseError(
                     f"table {name!r} has no snapshot {snapshot_id} (expired or never existed; "
-                    f"see 'keel tables show {name}' for the snapshots kept)"
+                    f"see 'keel tables {name}' for the snapshots kept)"
                 )
             return snapshot_id
         if as_of is not None:
@@ -230,7 +235,10 @@ class Lakehouse:
                 raise LakehouseError(f"read {name!r}: as_of={as_of!r} has no time zone; give an aware UTC datetime")
             snap = table.snapshot_as_of_timestamp(int(as_of.timestamp() * 1000))
             if snap is None:
-                raise LakehouseError(f"table {name!r} had no snapshot yet at {as_of.isoformat()}")
+                raise LakehouseError(
+                    f"table {name!r} has no snapshot as of {as_of.isoformat()} (it did not exist yet, or the "
+                    f"snapshots of that time have expired; see 'keel tables {name}' for the snapshots kept)"
+                )
             return snap.snapshot_id
         if branch is not None:
             ref = table.refs().get(branch)
@@ -258,7 +266,11 @@ class Lakehouse:
         return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
     def snapshots(self, name: str) -> list[SnapshotInfo]:
-        """Main's history, oldest first, with the keel properties of each snapshot."""
+        """Main's history, oldest first, with the keel properties of each snapshot.
+
+        ``committed_at`` is when the snapshot became main's head: for a published audit branch,
+        the publish, not the earlier write to the branch; reading ``as_of`` it returns that snapshot.
+        """
         table = self.table(name)
         out = []
         for entry in table.history():
@@ -271,7 +283,7 @@ class Lakehouse:
                 SnapshotInfo(
                     snapshot_id=snap.snapshot_id,
                     parent_id=snap.parent_snapshot_id,
-                    committed_at=dt.datetime.fromtimestamp(snap.timestamp_ms / 1000, dt.UTC),
+                    committed_at=dt.datetime.fromtimestamp(entry.timestamp_ms / 1000, dt.UTC),
                     operation=str(summary.operation.value) if summary else "",
                     properties={k: v for k, v in props.items() if k.startswith("keel.")},
                 )
@@ -292,10 +304,21 @@ class Lakehouse:
     # maintenance
 
     def expire_snapshots(self, name: str, older_than: dt.timedelta) -> list[int]:
-        """Drop snapshots older than ``older_than`` that no branch or tag still points at."""
+        """Drop snapshots older than ``older_than`` that no branch or tag still needs.
+
+        Every branch and tag head is kept, and so is each branch's own line of commits back to
+        main's history: publishing walks that line to prove the branch fast-forwards main.
+        """
         table = self.table(name)
         cutoff = dt.datetime.now(dt.UTC) - older_than
         protected = {ref.snapshot_id for ref in table.refs().values()}
+        on_main = {entry.snapshot_id for entry in table.history()}
+        for ref in table.refs().values():
+            snapshot_id = ref.snapshot_id if ref.snapshot_ref_type == SnapshotRefType.BRANCH else None
+            while snapshot_id is not None and snapshot_id not in on_main:
+                protected.add(snapshot_id)
+                snap = table.snapshot_by_id(snapshot_id)
+                snapshot_id = snap.parent_snapshot_id if snap is not None else None
         expired = [
             s.snapshot_id
             for s in table.snapshots()
@@ -313,7 +336,8 @@ class Lakehouse:
         """
         table = self.table(name)
         head = self.resolve_snapshot(table)
-        if head is None:
+        # A head without manifests (a new table's empty first snapshot) is one inspect.files cannot read.
+        if head is None or not table.snapshot_by_id(head).manifests(table.io):
             return {}
         files = table.inspect.files(snapshot_id=head)
         counts: dict[dt.date, int] = {}

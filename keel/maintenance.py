@@ -67,4 +67,6 @@ def maintain(
 def _file_count(lake: Lakehouse, name: str) -> int:
     table = lake.table(name)
     head = table.current_snapshot()
-    return 0 if head is None else table.inspect.files(snapshot_id=head.snapshot_id).num_rows
+    if head is None or not head.manifests(table.io):  # no data files yet, which inspect.files cannot read
+        return 0
+    return table.inspect.files(snapshot_id=head.snapshot_id).num_rows

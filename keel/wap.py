@@ -118,9 +118,10 @@ def stage(
     emptied = set(days) - written_days
     if emptied:
         write(schema.empty_table(), emptied)
-    head = lake.head(table_name, branch)
-    if head is None:
+    if not written_days:
+        discard(lake, table_name, run_id)
         raise LakehouseError(f"stage {table_name!r}: nothing was written (the input held no rows and no days)")
+    head = lake.head(table_name, branch)
     return StagedWrite(table_name, branch, run_id, head, base, tuple(sorted(written_days)), rows)
 
 

@@ -1,0 +1,235 @@
+"""Configuration: embedded defaults under KEEL_HOME, production URIs, and errors that name the variable."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keel.config import VARIABLES, ConfigError, Settings, git_sha
+
+
+def test_defaults_live_under_keel_home(keel_home):
+    settings = Settings.from_env()
+
+    assert settings.home == keel_home.resolve()
+    assert settings.catalog_uri == f"sqlite:///{keel_home.resolve() / 'catalog.db'}"
+    assert settings.warehouse == (keel_home.resolve() / "warehouse").as_uri()
+    assert settings.warehouse.startswith("file:///")
+    assert settings.mlflow_uri == f"sqlite:///{keel_home.resolve() / 'mlflow.db'}"
+    assert settings.landing == keel_home.resolve() / "landing"
+    assert settings.dagster_home == keel_home.resolve() / "dagster"
+    assert settings.redis_url is None
+    assert settings.kafka_bootstrap is None
+    assert settings.project == "pipelines"
+    assert settings.code_version == "test-sha"
+
+
+def test_keel_home_defaults_to_dot_keel_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    settings = Settings.from_env({})
+
+    assert settings.home == tmp_path.resolve() / ".keel"
+    assert settings.catalog_uri == f"sqlite:///{tmp_path.resolve() / '.keel' / 'catalog.db'}"
+    assert not settings.home.exists(), "reading the settings must not create folders"
+
+
+def test_keel_home_is_expanded_and_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+
+    assert Settings.from_env({"KEEL_HOME": "state/here"}).home == tmp_path.resolve() / "state" / "here"
+    assert Settings.from_env({"KEEL_HOME": "~/keel"}).home == (tmp_path / "user" / "keel").resolve()
+
+
+def test_explicit_mapping_ignores_the_process_environment(keel_home, tmp_path):
+    other = tmp_path / "other"
+
+    settings = Settings.from_env({"KEEL_HOME": str(other), "KEEL_CODE_VERSION": "abc123"})
+
+    assert settings.home == other.resolve()
+    assert settings.code_version == "abc123"
+    assert settings.catalog_uri == f"sqlite:///{other.resolve() / 'catalog.db'}"
+
+
+def test_blank_values_count_as_unset(tmp_path):
+    settings = Settings.from_env(
+        {
+            "KEEL_HOME": str(tmp_path),
+            "KEEL_REDIS_URL": "   ",
+            "KEEL_KAFKA_BOOTSTRAP": "",
+            "KEEL_PROJECT": " ",
+            "KEEL_CODE_VERSION": "v1",
+        }
+    )
+
+    assert settings.redis_url is None
+    assert settings.kafka_bootstrap is None
+    assert settings.project == "pipelines"
+
+
+def test_values_are_stripped(tmp_path):
+    settings = Settings.from_env(
+        {"KEEL_HOME": str(tmp_path), "KEEL_PROJECT": "  myproject.defs ", "KEEL_REDIS_URL": " redis://cache:6379/0\n"}
+    )
+
+    assert settings.project == "myproject.defs"
+    assert settings.redis_url == "redis://cache:6379/0"
+
+
+def test_production_backends_are_accepted(tmp_path):
+    env = {
+        "KEEL_HOME": str(tmp_path),
+        "KEEL_CATALOG_URI": "postgresql+psycopg2://keel:secret@db.internal:5432/catalog",
+        "KEEL_WAREHOUSE": "s3://lake-bucket/keel",
+        "KEEL_REDIS_URL": "rediss://cache.internal:6380/2",
+        "KEEL_KAFKA_BOOTSTRAP": "broker-1:9092, broker-2:9092,10.0.0.3:9093",
+        "KEEL_MLFLOW_URI": "http://mlflow.internal:5000",
+        "KEEL_PROJECT": "acme_features",
+        "KEEL_LANDING": str(tmp_path / "drop"),
+        "KEEL_CODE_VERSION": "0123abcd",
+    }
+
+    settings = Settings.from_env(env)
+
+    assert settings.catalog_uri == env["KEEL_CATALOG_URI"]
+    assert settings.warehouse == "s3://lake-bucket/keel"
+    assert settings.redis_url == "rediss://cache.internal:6380/2"
+    assert settings.kafka_bootstrap == "broker-1:9092, broker-2:9092,10.0.0.3:9093"
+    assert settings.mlflow_uri == "http://mlflow.internal:5000"
+    assert settings.project == "acme_features"
+    assert settings.landing == (tmp_path / "drop").resolve()
+    assert settings.code_version == "0123abcd"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql://keel@localhost/catalog",
+        "postgresql+psycopg://u:p@10.1.2.3:6543/c",
+        "https://rest-catalog.internal/api/catalog",
+        "http://localhost:8181",
+        "sqlite:////abs/path/catalog.db",
+    ],
+)
+def test_other_catalog_uris_are_accepted(tmp_path, uri):
+    assert Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_CATALOG_URI": uri}).catalog_uri == uri
+
+
+@pytest.mark.parametrize("warehouse", ["s3a://bucket/p", "gs://bucket/p", "abfss://c@acct.dfs.core.windows.net/p"])
+def test_other_object_stores_are_accepted(tmp_path, warehouse):
+    assert Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_WAREHOUSE": warehouse}).warehouse == warehouse
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fix"),
+    [
+        ("KEEL_CATALOG_URI", "sqlite://", "give an absolute file path"),
+        ("KEEL_CATALOG_URI", "sqlite:///", "give an absolute file path"),
+        ("KEEL_CATALOG_URI", "postgresql+psycopg2:///catalog", "give a host"),
+        ("KEEL_CATALOG_URI", "postgresql://", "give a host"),
+        ("KEEL_CATALOG_URI", "mysql://db:3306/catalog", "use sqlite:///..., postgresql+psycopg2://"),
+        ("KEEL_CATALOG_URI", "/var/lib/keel/catalog.db", "use sqlite:///..., postgresql+psycopg2://"),
+        ("KEEL_WAREHOUSE", "ftp://files/warehouse", "use file:///absolute/path or s3://bucket/prefix"),
+        ("KEEL_WAREHOUSE", "/data/warehouse", "use file:///absolute/path or s3://bucket/prefix"),
+        ("KEEL_REDIS_URL", "http://cache:6379", "use redis://host:6379/0"),
+        ("KEEL_REDIS_URL", "cache:6379", "use redis://host:6379/0"),
+        ("KEEL_KAFKA_BOOTSTRAP", "broker", "use host:port"),
+        ("KEEL_KAFKA_BOOTSTRAP", "broker:9092,broker-2", "use host:port"),
+        ("KEEL_KAFKA_BOOTSTRAP", "kafka://broker:9092", "use host:port"),
+        ("KEEL_MLFLOW_URI", "ftp://mlflow", "use sqlite:///path.db"),
+        ("KEEL_MLFLOW_URI", "mlruns", "use sqlite:///path.db"),
+        ("KEEL_PROJECT", "my-project", "importable module name"),
+        ("KEEL_PROJECT", "1pipelines", "importable module name"),
+        ("KEEL_PROJECT", "pipelines/defs", "importable module name"),
+    ],
+)
+def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, value, fix):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"KEEL_HOME": str(tmp_path), variable: value})
+
+    message = str(caught.value)
+    assert message.startswith(f"{variable}={value!r} is not usable: ")
+    assert fix in message
+    help_text = next(v.help for v in VARIABLES.values() if v.name == variable)
+    assert message.endswith(f"({help_text})")
+
+
+def test_bad_value_in_the_process_environment_fails_too(keel_home, monkeypatch):
+    monkeypatch.setenv("KEEL_REDIS_URL", "memcached://cache:11211")
+
+    with pytest.raises(ConfigError, match=r"KEEL_REDIS_URL='memcached://cache:11211'"):
+        Settings.from_env()
+
+
+def test_keel_home_pointing_at_a_file_fails(tmp_path):
+    not_a_folder = tmp_path / "keel.txt"
+    not_a_folder.write_text("oops")
+
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"KEEL_HOME": str(not_a_folder)})
+
+    message = str(caught.value)
+    assert message.startswith(f"KEEL_HOME={str(not_a_folder.resolve())!r} is not usable")
+    assert "point it at a folder" in message
+
+
+def test_config_error_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="KEEL_PROJECT"):
+        Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_PROJECT": "no spaces allowed"})
+
+
+def test_as_env_round_trips(tmp_path):
+    original = Settings.from_env(
+        {
+            "KEEL_HOME": str(tmp_path / "home"),
+            "KEEL_CATALOG_URI": "postgresql+psycopg2://keel:pw@db:5432/catalog",
+            "KEEL_WAREHOUSE": "s3://bucket/prefix",
+            "KEEL_REDIS_URL": "redis://cache:6379/1",
+            "KEEL_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+            "KEEL_MLFLOW_URI": "http://mlflow:5000",
+            "KEEL_PROJECT": "acme.features",
+            "KEEL_LANDING": str(tmp_path / "landing"),
+            "KEEL_CODE_VERSION": "deadbeef",
+        }
+    )
+
+    env = original.as_env()
+
+    assert set(env) == {v.name for v in VARIABLES.values()}
+    assert env["KEEL_HOME"] == str((tmp_path / "home").resolve())
+    assert env["KEEL_LANDING"] == str((tmp_path / "landing").resolve())
+    assert Settings.from_env(env) == original
+
+
+def test_as_env_leaves_out_unset_backends_and_round_trips(keel_home):
+    original = Settings.from_env()
+
+    env = original.as_env()
+
+    assert "KEEL_REDIS_URL" not in env and "KEEL_KAFKA_BOOTSTRAP" not in env
+    assert env["KEEL_CATALOG_URI"] == original.catalog_uri
+    assert env["KEEL_CODE_VERSION"] == "test-sha"
+    assert Settings.from_env(env) == original
+
+
+def test_every_settings_field_has_a_documented_variable():
+    assert set(VARIABLES) == {f for f in Settings.__dataclass_fields__}
+    assert all(v.name.startswith("KEEL_") and v.help for v in VARIABLES.values())
+
+
+def test_code_version_defaults_to_the_git_sha(tmp_path):
+    expected = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+    ).stdout.strip()
+
+    settings = Settings.from_env({"KEEL_HOME": str(tmp_path)})
+
+    assert settings.code_version == git_sha() == (expected or "unknown")
+    if expected:
+        assert len(settings.code_version) == 40
