@@ -287,7 +287,7 @@ def test_read_as_of_a_moment_returns_that_moments_content(lake, table, payments)
 
 
 def test_read_as_of_a_published_snapshots_commit_time_returns_it(lake, table, payments):
-    # What `keel tables show` lists as a snapshot's commit time must be a moment main held it.
+    # What `keel tables NAME` lists as a snapshot's commit time must be a moment main held it.
     staged = wap.stage(
         lake, table, [as_table(payments, payment_rows(D1, 6))], run_id="r1", source="test", day_column="event_ts"
     )
@@ -307,7 +307,7 @@ def test_read_as_of_before_the_table_existed_is_a_clear_error(lake, table):
 
     assert str(caught.value) == (
         f"table 'raw.payments' has no snapshot as of {before.isoformat()} (it did not exist yet, or the snapshots "
-        "of that time have expired; see 'keel tables show raw.payments' for the snapshots kept)"
+        "of that time have expired; see 'keel tables raw.payments' for the snapshots kept)"
     )
 
 
