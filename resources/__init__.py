@@ -8,31 +8,34 @@ from keel.config import VARIABLES, Settings
 from keel.lakehouse import Lakehouse
 
 
-def _setting(key: str, default: str) -> str | dg.EnvVar:
-    # An EnvVar when the variable is set, so the UI shows where the value comes from; the
-    # embedded default otherwise (dg.EnvVar fails on an unset variable).
+def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:
+    # An EnvVar when the variable is set, so the UI shows where the value comes from and the
+    # value is read when a run starts; otherwise the default (dg.EnvVar fails on an unset variable).
     var = VARIABLES[key].name
     return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
 
 
 class LakehouseResource(dg.ConfigurableResource):
-    """The Iceberg lakehouse: catalog, warehouse and the code version stamped on snapshots."""
+    """The Iceberg lakehouse: catalog, warehouse and the code version stamped on snapshots.
+
+    A setting left unset is derived from ``home`` when a run starts, as keel.config does.
+    """
 
     home: str
-    catalog_uri: str
-    warehouse: str
-    landing: str
-    code_version: str
+    catalog_uri: str | None = None
+    warehouse: str | None = None
+    landing: str | None = None
+    code_version: str | None = None
 
     def settings(self) -> Settings:
-        env = {
-            VARIABLES["home"].name: self.home,
-            VARIABLES["catalog_uri"].name: self.catalog_uri,
-            VARIABLES["warehouse"].name: self.warehouse,
-            VARIABLES["landing"].name: self.landing,
-            VARIABLES["code_version"].name: self.code_version,
+        values = {
+            "home": self.home,
+            "catalog_uri": self.catalog_uri,
+            "warehouse": self.warehouse,
+            "landing": self.landing,
+            "code_version": self.code_version,
         }
-        return Settings.from_env(env)
+        return Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v})
 
     def lakehouse(self) -> Lakehouse:
         return Lakehouse.from_settings(self.settings())
@@ -41,11 +44,19 @@ class LakehouseResource(dg.ConfigurableResource):
 def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
     """The resource for ``settings`` (the environment's by default; a bad value fails here, at load)."""
     s = settings or Settings.from_env()
+    if settings is not None:  # explicit settings, e.g. a test's: use them as they are
+        return LakehouseResource(
+            home=str(s.home),
+            catalog_uri=s.catalog_uri,
+            warehouse=s.warehouse,
+            landing=str(s.landing),
+            code_version=s.code_version,
+        )
     return LakehouseResource(
         home=_setting("home", str(s.home)),
-        catalog_uri=_setting("catalog_uri", s.catalog_uri),
-        warehouse=_setting("warehouse", s.warehouse),
-        landing=_setting("landing", str(s.landing)),
+        catalog_uri=_setting("catalog_uri"),
+        warehouse=_setting("warehouse"),
+        landing=_setting("landing"),
         code_version=_setting("code_version", s.code_version),
     )
 

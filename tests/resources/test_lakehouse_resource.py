@@ -1,0 +1,34 @@
+"""The lakehouse resource reads KEEL_* variables when a run starts, not when the code loads."""
+
+import dagster as dg
+
+from resources import lakehouse_resource
+
+
+def test_settings_follow_the_environment_of_the_run(keel_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_WAREHOUSE", "file:///somewhere/else")
+    resource = lakehouse_resource()  # built at load, with KEEL_HOME = keel_home
+
+    other = tmp_path / "other-home"
+    monkeypatch.setenv("KEEL_HOME", str(other))
+    monkeypatch.setenv("KEEL_WAREHOUSE", "s3://lake/keel")
+    with dg.build_resources({"lakehouse": resource}) as built:
+        settings = built.lakehouse.settings()
+
+    assert settings.home == other
+    assert settings.catalog_uri == f"sqlite:///{other / 'catalog.db'}"
+    assert settings.landing == other / "landing"
+    assert settings.warehouse == "s3://lake/keel"
+    assert settings.code_version == "test-sha"
+
+
+def test_a_bad_value_at_run_time_names_the_variable(keel_home, monkeypatch):
+    import pytest
+
+    from keel.config import ConfigError
+
+    monkeypatch.setenv("KEEL_CATALOG_URI", "sqlite:///x.db")
+    resource = lakehouse_resource()
+    monkeypatch.setenv("KEEL_CATALOG_URI", "mongodb://catalog")
+    with dg.build_resources({"lakehouse": resource}) as built, pytest.raises(ConfigError, match="KEEL_CATALOG_URI"):
+        built.lakehouse.settings()
