@@ -59,8 +59,14 @@ def raw_event_assets(source: EventSource, partitions: dg.PartitionsDefinition) -
     staged_key = dg.AssetKey(["raw", f"{source.name}_staged"])
     landing_key = dg.AssetKey(["landing", source.name])
     published_key = dg.AssetKey(["raw", source.name])
-    tags = {"keel/source": source.name, **source.tags}
-    owners = [source.owner] if source.owner and "@" in source.owner else None
+    # Both steps are partitioned alike and a range runs as one run: one branch, one audit, one publish.
+    shared = {
+        "partitions_def": partitions,
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+        "group_name": "raw",
+        "tags": {"keel/source": source.name, **source.tags},
+        "owners": [source.owner] if source.owner and "@" in source.owner else None,
+    }
 
     landing = dg.AssetSpec(
         landing_key,
@@ -72,12 +78,8 @@ def raw_event_assets(source: EventSource, partitions: dg.PartitionsDefinition) -
     @dg.asset(
         key=staged_key,
         deps=[landing_key],
-        partitions_def=partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="raw",
         kinds={"iceberg", "duckdb"},
-        tags=tags,
-        owners=owners,
+        **shared,
         description=(
             f"Events of '{source.name}' validated and landed on the run's audit branch "
             f"({source.table_name}@audit_<run id>); bad rows go to keel.quarantine. {source.description}"
@@ -153,12 +155,8 @@ def raw_event_assets(source: EventSource, partitions: dg.PartitionsDefinition) -
     @dg.asset(
         key=published_key,
         deps=[staged_key],
-        partitions_def=partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="raw",
         kinds={"iceberg"},
-        tags=tags,
-        owners=owners,
+        **shared,
         description=(
             f"The raw '{source.name}' events on main ({source.table_name}), partitioned by day of "
             f"{source.timestamp}. Published by fast-forwarding main to the audited branch. {source.description}"

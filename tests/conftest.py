@@ -3,6 +3,7 @@
 import datetime as dt
 import os
 
+import pyarrow as pa
 import pytest
 
 from keel.config import Settings
@@ -86,3 +87,15 @@ def payment_rows(day: dt.date, n: int, *, prefix: str = "p", amount: float = 10.
         }
         for i in range(n)
     ]
+
+
+@pytest.fixture
+def table(lake, payments) -> str:
+    """raw.payments, created empty and partitioned by day of event_ts."""
+    lake.ensure_table(payments.table_name, payments.arrow_schema(), day_column="event_ts")
+    return payments.table_name
+
+
+def as_table(payments: EventSource, rows: list[dict]) -> pa.Table:
+    """Rows as an Arrow table with the source's schema."""
+    return pa.Table.from_pylist(rows, schema=payments.arrow_schema())

@@ -23,21 +23,11 @@ from keel.lakehouse import (
     partition_label,
     replace_rows,
 )
-from tests.conftest import payment_rows
+from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)
 KEEL_PROPS = {PROP_RUN_ID, PROP_PARTITION, PROP_CODE_VERSION, PROP_SOURCE}
-
-
-@pytest.fixture
-def table(lake, payments) -> str:
-    lake.ensure_table(TABLE, payments.arrow_schema(), day_column="event_ts")
-    return TABLE
-
-
-def as_table(payments, rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=payments.arrow_schema())
 
 
 def write(lake: Lakehouse, name: str, data: pa.Table, run_id: str, *, source: str = "test") -> int:

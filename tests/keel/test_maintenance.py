@@ -10,22 +10,12 @@ import pytest
 from keel import wap
 from keel.lakehouse import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
 from keel.maintenance import TableMaintenance, day_column, maintain
-from tests.conftest import payment_rows
+from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)
 HOUR = dt.timedelta(hours=1)
 NOW = dt.timedelta(0)
-
-
-@pytest.fixture
-def table(lake, payments) -> str:
-    lake.ensure_table(TABLE, payments.arrow_schema(), day_column="event_ts")
-    return TABLE
-
-
-def as_table(payments, rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=payments.arrow_schema())
 
 
 def append(lake: Lakehouse, data: pa.Table, run_id: str) -> int:

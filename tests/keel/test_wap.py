@@ -15,20 +15,10 @@ import pytest
 
 from keel import wap
 from keel.lakehouse import PROP_BASE_SNAPSHOT, PROP_RUN_ID, Lakehouse, LakehouseError, day_filter
-from tests.conftest import payment_rows
+from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)
-
-
-@pytest.fixture
-def table(lake, payments) -> str:
-    lake.ensure_table(TABLE, payments.arrow_schema(), day_column="event_ts")
-    return TABLE
-
-
-def as_table(payments, rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=payments.arrow_schema())
 
 
 def stage(lake, chunks, run_id, **kwargs) -> wap.StagedWrite:
