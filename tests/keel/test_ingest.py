@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel import ingest, readers, wap
+from keel import readers, validation, wap
 from keel.ingest import QUARANTINE_TABLE, IngestError, group_days, ingest_files, prepare
 from keel.readers import FileFormatError
 from tests.conftest import payment_rows
@@ -467,7 +467,7 @@ def small_batches(monkeypatch):
     """Read a few hundred bytes or 16 rows at a time, and land one day per chunk."""
     monkeypatch.setattr(readers, "BATCH_BYTES", 600)
     monkeypatch.setattr(readers, "BATCH_ROWS", 16)
-    monkeypatch.setattr(ingest, "CHUNK_ROWS", 50)
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 50)
     sizes: list[int] = []
 
     def counted(path, columns):
@@ -475,7 +475,7 @@ def small_batches(monkeypatch):
             sizes.append(batch.num_rows)
             yield batch
 
-    monkeypatch.setattr(ingest, "read_batches", counted)
+    monkeypatch.setattr(validation, "read_batches", counted)
     return sizes
 
 
