@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel import cli_features
 from keel.config import ConfigError, Settings
 from keel.dsl import DeclarationError
 
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compact-min-files", type=int, default=4)
     p.add_argument("--branch-days", type=float, default=7.0)
     p.set_defaults(func=cmd_maintain)
+
+    cli_features.add_commands(sub)
 
     p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
     p.set_defaults(func=cmd_demo)

@@ -251,7 +251,9 @@ class FeatureGroup:
         if not self.features:
             raise DeclarationError(f"{where}: declares no features")
         if self.ttl is not None and self.upstream:
-            raise DeclarationError(f"{where}: ttl applies to groups with a source; the upstream groups' TTLs apply here")
+            raise DeclarationError(
+                f"{where}: ttl applies to groups with a source; the upstream groups' TTLs apply here"
+            )
         if self.ttl is not None:
             try:
                 if window_seconds(self.ttl) is None:

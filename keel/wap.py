@@ -70,6 +70,7 @@ def stage(
     mode: str = "replace",
     key: str | None = None,
     days: Iterable[dt.date] = (),
+    properties: dict[str, str] | None = None,
 ) -> StagedWrite:
     """Write ``chunks`` to the run's audit branch, one commit per chunk.
 
@@ -77,6 +78,7 @@ def stage(
     that chunk's rows for the day; ``merge`` keeps a day's existing rows whose ``key`` is not
     among the chunk's and adds the chunk's rows. A chunk should hold whole days. Staging the
     same run again starts the branch afresh, so a retried step never doubles its data.
+    ``properties`` are added to every snapshot's keel.* properties (e.g. a definition's version).
     """
     if mode not in ("replace", "merge"):
         raise ValueError(f"stage {table_name!r}: mode {mode!r} is not known (use 'replace' or 'merge')")
@@ -106,7 +108,9 @@ def stage(
         if mode == "merge" and base is not None:
             existing = lake.read(table_name, snapshot_id=base, row_filter=day_filter(day_column, chunk_days))
             data = _merge(existing, data, key, schema)
-        extra = {PROP_BASE_SNAPSHOT: str(base)} if base is not None else {}
+        extra = dict(properties or {})
+        if base is not None:
+            extra[PROP_BASE_SNAPSHOT] = str(base)
         props = lake.snapshot_properties(source, sorted(chunk_days), run_id, **extra)
         replace_rows(lake.table(table_name), data, day_filter(day_column, chunk_days), props, branch)
         written_days.update(chunk_days)
