@@ -59,7 +59,9 @@ def cmd_backfill(args) -> int:
     days = (args.end - args.start).days + 1
     print(f"backfilling {group.name} v{group.version} for {days} day(s) {args.start}..{args.end}", flush=True)
     try:
-        write, snapshot = backfill(store, group, args.start, args.end, run_id=f"cli-backfill-{uuid.uuid4().hex[:8]}")
+        write, report, snapshot = backfill(
+            store, group, args.start, args.end, run_id=f"cli-backfill-{uuid.uuid4().hex[:8]}"
+        )
     except (MaterializeError, RegistryError) as exc:
         print(f"keel backfill: {exc}; nothing was published", file=sys.stderr)
         return 1
@@ -67,7 +69,7 @@ def cmd_backfill(args) -> int:
     print(
         f"  computed {rows:,} rows ({min(write.entities_per_day.values())}..{max(write.entities_per_day.values())} entities a day)"
     )
-    print(f"  audit: {write.audit.summary()}")
+    print(f"  audit: {report.summary()}")
     if snapshot is None:
         print(f"  NOT published: audit failed; branch {write.staged.branch} kept for inspection", file=sys.stderr)
         return 1

@@ -36,11 +36,10 @@ class MaterializeError(RuntimeError):
 
 @dataclass(frozen=True)
 class GroupWrite:
-    """A group's days staged on an audit branch, with their audit."""
+    """A group's days staged on an audit branch."""
 
     group: str
     staged: wap.StagedWrite
-    audit: AuditReport
     entities_per_day: dict[dt.date, int]
 
 
@@ -141,7 +140,7 @@ def _all_upstream(group: FeatureGroup) -> list[FeatureGroup]:
 
 
 def stage_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.date], run_id: str) -> GroupWrite:
-    """Compute ``days`` of the group and stage them on the run's audit branch, audited."""
+    """Compute ``days`` of the group and stage them on the run's audit branch."""
     lake = store.lake
     lake.ensure_table(group.table_name, group.arrow_schema(), day_column="feature_ts")
     data, snapshots = compute_days(store, group, days)
@@ -161,32 +160,37 @@ def stage_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.date]
         days=days,
         properties=props,
     )
+    per_day = {d: 0 for d in sorted(set(days))}
+    for day, rows in lake.partition_rows(group.table_name, snapshot_id=staged.snapshot_id).items():
+        if day in per_day:
+            per_day[day] = rows
+    return GroupWrite(group.name, staged, per_day)
+
+
+def audit_group(lake: Lakehouse, group: FeatureGroup, staged: wap.StagedWrite) -> AuditReport:
+    """The staged days of a group, audited against its declaration and its recent days on main."""
     history = {
         day: rows
         for day, rows in lake.partition_rows(group.table_name).items()
         if isinstance(day, dt.date) and day not in staged.days
     }
     recent = [rows for _, rows in sorted(history.items())[-HISTORY_PARTITIONS:]]
-    audited = lake.read(group.table_name, snapshot_id=staged.snapshot_id, row_filter=day_filter("feature_ts", days))
-    report = audit_events(audited, audit_declaration(group), recent_partition_rows=recent)
-    per_day = {d: 0 for d in sorted(set(days))}
-    for day, rows in lake.partition_rows(group.table_name, snapshot_id=staged.snapshot_id).items():
-        if day in per_day:
-            per_day[day] = rows
-    return GroupWrite(group.name, staged, report, per_day)
+    data = lake.read(group.table_name, snapshot_id=staged.snapshot_id, row_filter=day_filter("feature_ts", staged.days))
+    return audit_events(data, audit_declaration(group), recent_partition_rows=recent)
 
 
 def backfill(
     store: FeatureStore, group: FeatureGroup, start: dt.date, end: dt.date, run_id: str
-) -> tuple[GroupWrite, int | None]:
-    """Compute, audit and publish ``start..end``; returns the write and main's new snapshot (None if not published)."""
+) -> tuple[GroupWrite, AuditReport, int | None]:
+    """Compute, audit and publish ``start..end``: the write, its audit and main's new snapshot (None: not published)."""
     from keel.registry import register
 
     register(store.lake, store.project, group)
     write = stage_days(store, group, days_between(start, end), run_id)
-    if not write.audit.success:
-        return write, None
-    return write, wap.publish(store.lake, write.staged)
+    report = audit_group(store.lake, group, write.staged)
+    if not report.success:
+        return write, report, None
+    return write, report, wap.publish(store.lake, write.staged)
 
 
 def read_version(lake: Lakehouse, group: FeatureGroup, version: int, **read) -> pa.Table:

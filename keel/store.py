@@ -104,15 +104,18 @@ def read_spine(spine, timestamp: str, key_types: Mapping[str, str] | None = None
         table = rel.to_arrow_table()
     elif isinstance(spine, pa.Table):
         table = spine
-    elif hasattr(spine, "to_arrow") and not hasattr(spine, "iloc"):
+    elif hasattr(spine, "iloc"):
+        # DuckDB reads pandas without the zone-dropping conversion pyarrow's from_pandas warns about.
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        table = con.from_df(spine).to_arrow_table()
+        con.close()
+    elif hasattr(spine, "to_arrow"):
         table = spine.to_arrow()
     else:
-        try:
-            table = pa.Table.from_pandas(spine, preserve_index=False)
-        except (TypeError, pa.ArrowException) as exc:
-            raise TrainingSetError(
-                f"spine of type {type(spine).__name__} is not a table (give pandas, Arrow or a file path)"
-            ) from exc
+        raise TrainingSetError(
+            f"spine of type {type(spine).__name__} is not a table (give pandas, Arrow or a file path)"
+        )
     if timestamp not in table.column_names:
         raise TrainingSetError(
             f"spine has no timestamp column {timestamp!r} (columns: {', '.join(table.column_names)}); "
@@ -276,9 +279,7 @@ class FeatureStore:
                 raise TrainingSetError(f"as_of has no snapshot for {table_name!r} (it has: {', '.join(pinned)})")
             row_filter: BooleanExpression = LessThanOrEqual(source.timestamp, last.isoformat())
             if need is not None:
-                row_filter = And(
-                    GreaterThan(source.timestamp, (first - need - dt.timedelta(seconds=1)).isoformat()), row_filter
-                )
+                row_filter = And(GreaterThan(source.timestamp, (first - need).isoformat()), row_filter)
             data = (
                 self.lake.read(table_name, snapshot_id=snapshot, row_filter=row_filter)
                 if snapshot is not None

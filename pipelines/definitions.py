@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.feature_groups import feature_group_definitions
 from assets.maintenance import maintenance_definitions
 from assets.raw_events import raw_event_definitions
 from pipelines import project
@@ -12,6 +13,7 @@ raw = raw_event_definitions(project)
 
 defs = dg.Definitions.merge(
     raw,
+    feature_group_definitions(project),
     maintenance_definitions(),
     sensor_definitions(project, list(raw.jobs)),
     resource_definitions(),

@@ -56,55 +56,63 @@ def write_corrections(folder: Path, good_row: dict) -> Path:
 
 def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USERS) -> int:
     settings = settings or Settings.from_env()
+    from assets.feature_groups import feature_job_name
     from assets.raw_events import ingest_job_name, landing_files
     from pipelines import project
     from pipelines.definitions import defs
     from pipelines.generate import generate, write_files
-    from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, staged_op_name
+    from sensors.landing import staged_op_name
 
     instance = _dagster_instance(settings)
     lake = Lakehouse.from_settings(settings)
-    steps = 2 + len(project.sources)
+    steps = 3 + len(project.sources) + len(project.feature_groups)
+    step = iter(range(1, steps + 1))
     t0 = time.perf_counter()
 
-    print(f"[1/{steps}] generating {days} days of shop data for {users} users into {settings.landing}", flush=True)
+    print(
+        f"[{next(step)}/{steps}] generating {days} days of shop data for {users} users into {settings.landing}",
+        flush=True,
+    )
     tables = generate(days=days, users=users, start=project.start_date)
     write_files(tables, settings.landing)
     first = tables["transactions"].slice(0, 1).to_pylist()[0]
     write_corrections(settings.landing / "transactions", first)
     print("        " + ", ".join(f"{k}: {v.num_rows:,} rows" for k, v in tables.items()), flush=True)
 
-    start, end = project.start_date, project.start_date + dt.timedelta(days=days - 1)
+    span = (project.start_date, project.start_date + dt.timedelta(days=days - 1))
     failed = []
-    for i, source in enumerate(project.sources, start=2):
+    for source in project.sources:
         files = landing_files(settings.landing, source)
         print(
-            f"[{i}/{steps}] ingesting {source.name}: {len(files)} file(s) -> {source.table_name} ...",
+            f"[{next(step)}/{steps}] ingesting {source.name}: {len(files)} file(s) -> {source.table_name} ...",
             end=" ",
             flush=True,
         )
         if not files:
             print("skipped: the generated span holds none of these events yet", flush=True)
             continue
-        t = time.perf_counter()
-        job = defs.resolve_job_def(ingest_job_name(source))
-        result = job.execute_in_process(
-            instance=instance,
-            run_config={
-                "ops": {staged_op_name(source.name): {"config": {"files": [str(f) for f in files]}}},
-                # The full event stream is in the instance for `make ui`; the terminal gets problems only.
-                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
-            },
-            tags={ASSET_PARTITION_RANGE_START_TAG: start.isoformat(), ASSET_PARTITION_RANGE_END_TAG: end.isoformat()},
-            raise_on_error=False,
-        )
-        status = "published" if result.success else "FAILED"
-        print(f"{status} in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
+        config = {"ops": {staged_op_name(source.name): {"config": {"files": [str(f) for f in files]}}}}
+        result = _run_job(defs, ingest_job_name(source), instance, span, config)
         print(f"        {run_summary(result, staged_op_name(source.name))}", flush=True)
         if not result.success:
             failed.append(source.name)
 
-    print(f"[{steps}/{steps}] summary", flush=True)
+    for group in project.feature_groups:
+        print(
+            f"[{next(step)}/{steps}] computing {group.name} v{group.version} for {days} days ...", end=" ", flush=True
+        )
+        result = _run_job(defs, feature_job_name(group), instance, span, {})
+        staged = result.asset_materializations_for_node(f"features__{group.name}_staged")
+        if staged:
+            print(f"        {sum(m.metadata['dagster/row_count'].value for m in staged[:1]):,} rows", flush=True)
+        if not result.success:
+            failed.append(group.name)
+
+    print(f"[{next(step)}/{steps}] training set for the churn label", flush=True)
+    if not failed:
+        print(training_set_summary(settings, project))
+
+    print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
     print(
         f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs."
@@ -113,6 +121,42 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
         print(f"FAILED: {', '.join(failed)} (see the runs in `make ui`)", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_job(defs, name: str, instance, span: tuple[dt.date, dt.date], run_config: dict):
+    """One run over the whole span (a single-run backfill), quiet on the terminal, recorded in the instance."""
+    from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    t = time.perf_counter()
+    result = defs.resolve_job_def(name).execute_in_process(
+        instance=instance,
+        run_config={**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: span[0].isoformat(), ASSET_PARTITION_RANGE_END_TAG: span[1].isoformat()},
+        raise_on_error=False,
+    )
+    status = "published" if result.success else "FAILED"
+    print(f"{status} in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
+    return result
+
+
+def training_set_summary(settings: Settings, project) -> str:
+    """Every feature, point-in-time, for each churn label: the shape and how much of it is filled."""
+    from keel.store import FeatureStore
+
+    store = FeatureStore(Lakehouse.from_settings(settings), project)
+    labels = store.lake.read("raw.churn_labels", columns=["user_id", "event_ts", "churned"])
+    features = [f"{g.name}.{f.name}" for g in project.feature_groups for f in g.features]
+    t = time.perf_counter()
+    result = store.get_training_set(labels, features)
+    lines = [
+        f"        {result.table.num_rows:,} rows x {len(result.features)} features "
+        f"({labels.num_rows:,} labels, {time.perf_counter() - t:.1f}s); coverage:"
+    ]
+    coverage = result.coverage()
+    for name in result.features:
+        lines.append(f"          {name:<26}{coverage[name]:>7.1%}")
+    lines.append("        read " + ", ".join(f"{t}@{s}" for t, s in result.snapshots.items()))
+    return "\n".join(lines)
 
 
 def run_summary(result, staged_op: str) -> str:

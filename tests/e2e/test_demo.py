@@ -10,7 +10,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert demo.run(settings, days=45, users=60) == 0
 
     out = capsys.readouterr().out
-    assert "[6/6] summary" in out
+    assert "] summary" in out and "training set for the churn label" in out
     for table in ("raw.signups", "raw.clicks", "raw.transactions", "raw.churn_labels"):
         assert lake.partition_rows(table), f"{table} is empty"
     # The corrections file's five defects, each quarantined with its reason; its good row landed.
@@ -22,11 +22,19 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     instance = dg.DagsterInstance.get()
     runs = instance.get_runs()
     assert sorted(run.job_name for run in runs) == [
+        "features_user_clicks",
+        "features_user_engagement",
+        "features_user_profile",
+        "features_user_transactions",
         "ingest_churn_labels",
         "ingest_clicks",
         "ingest_signups",
         "ingest_transactions",
     ]
+    for group in ("user_transactions", "user_clicks", "user_profile", "user_engagement"):
+        assert lake.partition_rows(f"features.{group}"), f"features.{group} is empty"
+    labels = lake.read("raw.churn_labels").num_rows
+    assert f"{labels:,} rows x " in out
     assert all(run.is_success for run in runs)
     assert (settings.dagster_home / "dagster.yaml").exists()
 
