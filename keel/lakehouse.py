@@ -255,8 +255,10 @@ class Lakehouse:
         if snapshot_id is None:
             return {}
         parts = table.inspect.partitions(snapshot_id=snapshot_id)
-        if "partition" not in parts.column_names:  # a snapshot with no manifests (the table's empty first snapshot)
-            return {}
+        if "partition" not in parts.column_names:
+            # An unpartitioned table, or a snapshot with no manifests (a table's empty first snapshot).
+            rows = sum(parts.column("record_count").to_pylist())
+            return {"unpartitioned": rows} if rows else {}
         out: dict[dt.date | str, int] = {}
         for part, rows in zip(
             parts.column("partition").to_pylist(), parts.column("record_count").to_pylist(), strict=True
