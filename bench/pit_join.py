@@ -76,7 +76,9 @@ def make_data(n_events: int, n_entities: int, n_spine: int, days: int, seed: int
         schema=transactions.arrow_schema(),
     )
     by_activity = rng.random(n_spine) < 0.5
-    spine_who = np.where(by_activity, rng.choice(n_entities, size=n_spine, p=weight), rng.integers(0, n_entities, n_spine))
+    spine_who = np.where(
+        by_activity, rng.choice(n_entities, size=n_spine, p=weight), rng.integers(0, n_entities, n_spine)
+    )
     spine_when = int(START.timestamp() * 1_000_000) + rng.integers(0, (days + 7) * MS_PER_DAY * 1000, n_spine)
     spine = pa.table(
         {
@@ -88,13 +90,16 @@ def make_data(n_events: int, n_entities: int, n_spine: int, days: int, seed: int
     return events, spine
 
 
-def best_of(repeat: int, run) -> tuple[float, pa.Table]:
-    times, out = [], None
+def best_of(repeat: int, runs: dict, rows: int) -> dict[str, float]:
+    """Each run's best time over ``repeat`` rounds, the runs interleaved so a slow spell hits them all."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            table = run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            assert table.num_rows == rows, f"{name}: {table.num_rows} rows for {rows} spine rows"
+    return best
 
 
 def main() -> None:
@@ -116,23 +121,23 @@ def main() -> None:
     con.register("events", events)
     con.register("spine", spine)
 
-    floor, asof = best_of(
-        args.repeat,
-        lambda: con.sql(
+    groups = (asof_friendly, user_transactions)
+    runs = {
+        "floor": lambda: con.sql(
             "SELECT s._probe, e.amount FROM spine s ASOF LEFT JOIN events e "
             "ON s.user_id = e.user_id AND s._t >= e.event_ts"
-        ).to_arrow_table(),
-    )
-    assert asof.num_rows == spine.num_rows
+        ).to_arrow_table()
+    }
+    for group in groups:
+        runs[group.name] = lambda g=group: point_in_time(con, g, {"transactions": "events"}, "spine").to_arrow_table()
+    best = best_of(args.repeat, runs, spine.num_rows)
+    floor = best["floor"]
     print(f"floor  bare ASOF LEFT JOIN, one value column: {floor:7.2f}s")
-    for group in (asof_friendly, user_transactions):
-        ours, table = best_of(
-            args.repeat,
-            lambda g=group: point_in_time(con, g, {"transactions": "events"}, "spine").to_arrow_table(),
+    for group in groups:
+        ours = best[group.name]
+        print(
+            f"ours   {group.name:<18} ({len(group.features):2d} features):     {ours:7.2f}s   ratio {ours / floor:4.2f}x"
         )
-        assert table.num_rows == spine.num_rows
-        n = sum(1 for _ in group.features)
-        print(f"ours   {group.name:<18} ({n:2d} features):     {ours:7.2f}s   ratio {ours / floor:4.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"peak memory: {peak:.1f} GB")
 

@@ -1,6 +1,6 @@
 """Point-in-time feature values: every feature of a group as it stood at each probe time.
 
-The contract (the online store keeps the same one, so a value is the same offline and online):
+The contract (DESIGN.md's point-in-time rule, in full):
 
 - A probe is an entity (its join keys) and a time ``t``. A ``Feature`` at ``t`` sees the
   source events of that entity with ``event_ts <= t`` and, when windowed, ``event_ts > t - w``:
@@ -22,19 +22,21 @@ The contract (the online store keeps the same one, so a value is the same offlin
 - A probe whose key or time is NULL matches no events.
 
 How, with no Python loop per row, event or entity: the source's events are read once, the
-entity keys dictionary-encoded, and the events sorted by one int64 composite of (entity code,
-time in microseconds) -- or (entity code, rank of the time among all the times involved)
-when microseconds would not fit in 63 bits, so the composite is always exact. Each probe
-bound (``t``; ``t - w`` for each window; the entity's first event) then becomes a position in
-that sorted array by one binary search, the probes sorted first so the searches stream.
-Between two positions:
+entity keys dictionary-encoded, and the events sorted (an LSD radix sort built on np.sort,
+split across threads) by one int64 composite of (entity code, time in microseconds) -- or
+(entity code, rank of the time among all the times involved) when microseconds would not
+fit, so the composite is always exact. Each probe bound (``t``; ``t - w`` for each window; the
+entity's first event) then becomes a position in that sorted array by one binary search, the
+probes sorted first so the searches stream. Between two positions:
 
 - ``count``, ``sum``, ``avg`` are differences of prefix sums. Float prefix sums carry the
-  rounding error of every addition (TwoSum) in a second prefix array, so a window's sum is
-  accurate to the window's own magnitude however long and large the entity's history; int64
-  sums wrap and come out exact. ``stddev`` uses the same prefix sums of values and of their
-  squares in double-double arithmetic (Dekker products), which removes the cancellation that
-  makes sums of squares unusable for variance.
+  exact rounding error of every addition (TwoSum) in a second prefix array, so a window's sum
+  keeps its own precision unless everything summed before it (all entities) is some 1e16
+  times larger (its last bit can depend on those other events); int64 sums wrap and come
+  out exact. ``stddev`` uses prefix sums of values and
+  of their exact squares (Dekker) in double-double arithmetic, each entity scaled by a power
+  of two, so neither another entity's values nor sums of squares cancel its precision away,
+  and a window of one repeated value gives exactly 0.
 - ``last`` / ``first``: the latest / earliest qualifying position inside the window, from a
   running maximum / minimum of positions.
 - ``min`` / ``max``: a sparse table, built one level at a time (O(n log n) work, O(n) memory).
@@ -42,6 +44,9 @@ Between two positions:
   exactly when ``t`` lies in ``[max(ts, ts_prev + w), ts + w)``, ``ts_prev`` being the previous
   occurrence of the same value; so the count is the number of those intervals holding ``t``:
   two sorted arrays of interval ends and two binary searches.
+
+Features are computed in parallel threads (NumPy releases the GIL). ``bench/pit_join.py``
+measures all this against a bare DuckDB ASOF join of the same data.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import pyarrow.compute as pc
 
 from keel.dsl import COLUMN_TYPES, Derived, Feature, FeatureGroup, window_seconds
 
-US = 1_000_000
+_US = 1_000_000
 # Composite sort keys stay below this; a test lowers it to exercise the rank-of-time path.
 COMPOSITE_LIMIT = 1 << 62
 DUCK_TYPES = {
@@ -83,8 +88,8 @@ def point_in_time(
 
     ``events`` maps each source name the group reads (through upstream groups too) to a table
     or view on ``con`` with that source's rows; ``probes`` names a table or view with the
-    entity's join keys, ``_t`` (TIMESTAMPTZ) and a unique ``_probe`` (BIGINT). The rows come
-    in no particular order; join on ``_probe``.
+    entity's join keys, ``_t`` (TIMESTAMPTZ) and a unique ``_probe`` (BIGINT). Rows come in
+    ``_probe`` order. NumPy work uses as many threads as DuckDB may use on ``con`` (at most 4).
     """
     return _group_values(con, group, events, probes, {})
 
@@ -104,7 +109,9 @@ def _group_values(con, group: FeatureGroup, events, probes: str, done: dict) -> 
         rel = con.from_arrow(_source_values(con, group, view, probes))
         for feat in group.features:
             if isinstance(feat, Derived):
-                rel = _project(rel, group, feat, f'*, CAST(({feat.expr}) AS {DUCK_TYPES[feat.type]}) AS "{feat.name}"')
+                # Aliased as the group, so expressions may also say group.feature (as the DSL's check allows).
+                expr = f'*, CAST(({feat.expr}) AS {DUCK_TYPES[feat.type]}) AS "{feat.name}"'
+                rel = _project(rel.set_alias(group.name), group, feat, expr)
         rel = rel.project(", ".join(["_probe"] + [f'"{f.name}"' for f in group.features]))
     done[group.name] = rel
     return rel
@@ -121,7 +128,7 @@ def _from_upstream(con, group: FeatureGroup, events, probes: str, done: dict) ->
         part = _group_values(con, up, events, probes, done).set_alias(up.name)
         joined = part if joined is None else joined.join(part, "_probe")
     exprs = [f'CAST(({f.expr}) AS {DUCK_TYPES[f.type]}) AS "{f.name}"' for f in group.features]
-    return _project(joined, group, None, ", ".join(["_probe", *exprs]))
+    return _project(joined, group, None, ", ".join(["_probe", *exprs])).order("_probe")
 
 
 def _project(rel, group: FeatureGroup, feat: Derived | None, exprs: str) -> duckdb.DuckDBPyRelation:
@@ -139,7 +146,7 @@ def _project(rel, group: FeatureGroup, feat: Derived | None, exprs: str) -> duck
 
 
 def _source_values(con, group: FeatureGroup, view: str, probes: str) -> pa.Table:
-    """The group's aggregations (no derived features yet) as Arrow, in sorted-probe order."""
+    """``_probe`` and the group's aggregations (not its derived features) as Arrow, in ``_probe`` order."""
     source = group.source
     feats = [f for f in group.features if isinstance(f, Feature)]
     keys = [f'"{k}"' for k in group.key_columns]
@@ -168,7 +175,7 @@ def _source_values(con, group: FeatureGroup, view: str, probes: str) -> pa.Table
             [pa.array([], pa.int64())] + [pa.array([], COLUMN_TYPES[group.feature_type(f)]) for f in feats],
             names=["_probe"] + [f.name for f in feats],
         )
-    e = _Events(ev, pr, len(keys), feats)
+    e = _Events(ev, pr, len(keys), feats, _threads(con))
     ids = _numpy(pr.column("_probe"))[e.probe_order]
     by_id = np.argsort(ids, kind="stable")  # rows leave in _probe order
     out = {"_probe": pa.array(ids[by_id], pa.int64())}
@@ -179,15 +186,16 @@ def _source_values(con, group: FeatureGroup, view: str, probes: str) -> pa.Table
     def value(feat: Feature) -> pa.Array:
         values = e.feature(feat, col.get(feat.column), whr.get(feat.where), group.feature_type(feat))
         if alive is not None:
-            values = _mask(values, alive, feat.agg in ("count", "count_distinct"))
+            values = _expire(values, alive, feat.agg in ("count", "count_distinct"))
         return values.take(pa.array(by_id))
 
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(e.threads) as pool:
         out.update(zip([f.name for f in feats], pool.map(value, feats), strict=True))
     return pa.table(out)
 
 
-def _mask(values: pa.Array, alive: np.ndarray, count: bool) -> pa.Array:
+def _expire(values: pa.Array, alive: np.ndarray, count: bool) -> pa.Array:
+    """TTL: values of probes whose entity is not alive become NULL (counts 0)."""
     if count:
         return pa.array(np.where(alive, values.to_numpy(), 0), pa.int64())
     return pc.if_else(pa.array(alive), values, pa.nulls(len(values), values.type))
@@ -200,19 +208,20 @@ class _Events:
     every per-probe array is in sorted-probe order.
     """
 
-    def __init__(self, ev: pa.Table, pr: pa.Table, n_keys: int, feats: list[Feature]):
+    def __init__(self, ev: pa.Table, pr: pa.Table, n_keys: int, feats: list[Feature], threads: int):
         self.ev = ev
         self.n = ev.num_rows
+        self.threads = threads
         codes, n_codes = _entity_codes(ev, pr, n_keys)
         ev_codes, pr_codes = codes[: self.n], codes[self.n :]
         ts = _numpy(ev.column("_ts"))
         ok = (pr_codes >= 0) & pr.column("_t").is_valid().to_numpy(zero_copy_only=False)
         t = _numpy(pr.column("_t"), fill=int(ts.min()) if self.n else 0)
-        back = {f.window_s * US for f in feats if f.window_s is not None}
-        forward = {f.window_s * US for f in feats if f.window_s is not None and f.agg == "count_distinct"}
+        back = {f.window_s * _US for f in feats if f.window_s is not None}
+        forward = {f.window_s * _US for f in feats if f.window_s is not None and f.agg == "count_distinct"}
         self.axis = _Axis(ts, t, sorted(back | {0}), sorted(forward), n_codes)
         composite = self.axis.compose(ev_codes, ts)
-        self.order = _argsort(composite)
+        self.order = _argsort(composite, threads)
         self.composite = composite[self.order]
         self.codes, self.ts = self.axis.split(self.composite, lambda: ts[self.order])
         entity_changes = np.ones(self.n, bool)
@@ -222,7 +231,7 @@ class _Events:
         # Probes with no key or time go to a block no event shares (code -1).
         pr_codes = np.where(ok, pr_codes, -1)
         probe_composite = self.axis.compose(pr_codes, t)
-        self.probe_order = _argsort(probe_composite)
+        self.probe_order = _argsort(probe_composite, threads)
         self.t = t[self.probe_order]
         self.probe_codes = pr_codes[self.probe_order]
         self.upper = np.searchsorted(self.composite, probe_composite[self.probe_order], "right")
@@ -247,7 +256,7 @@ class _Events:
         if not self.n:
             return np.zeros(len(self.upper), bool)
         latest = self.ts[np.maximum(self.upper - 1, 0)]
-        return (self.upper > self.start) & (latest >= self.t - window_seconds(ttl) * US)
+        return (self.upper > self.start) & (latest >= self.t - window_seconds(ttl) * _US)
 
     def _cached(self, key, compute):
         """Each shared input computed once, also when features are computed in parallel."""
@@ -304,7 +313,7 @@ class _Events:
     # Aggregations ------------------------------------------------------------------------
 
     def feature(self, feat: Feature, column: str | None, where: str | None, typ: str) -> pa.Array:
-        w = None if feat.window_s is None else feat.window_s * US
+        w = None if feat.window_s is None else feat.window_s * _US
         agg = feat.agg
         if agg == "count":
             return pa.array(self.counts(column, where, w), pa.int64())
@@ -348,15 +357,16 @@ class _Events:
             s, e = self._cached(("dd", column, where), lambda: _dd_prefix(x))
             hi, lo_part = _dd_window(s, e, lo, up)
             return hi + lo_part
-        # IEEE semantics for inf and NaN, from counts; the finite rest as above.
+        # IEEE semantics for inf and NaN, from counts of each; the finite rest as above.
         s, e = self._cached(("dd", column, where), lambda: _dd_prefix(np.where(finite, x, 0.0)))
         hi, lo_part = _dd_window(s, e, lo, up)
-        nan, pos, neg = (
-            (p := self.prefix(("nonfinite", kind.__name__, column, where), lambda k=kind: k(x)))[up] - p[lo]
-            for kind in (np.isnan, np.isposinf, np.isneginf)
-        )
-        total = np.where(pos > 0, np.inf, np.where(neg > 0, -np.inf, hi + lo_part))
-        return np.where((nan > 0) | ((pos > 0) & (neg > 0)), np.nan, total)
+        within = {}
+        for kind in (np.isnan, np.isposinf, np.isneginf):
+            prefix = self.prefix(("nonfinite", kind.__name__, column, where), lambda k=kind: k(x))
+            within[kind] = prefix[up] - prefix[lo]
+        nan, pos, neg = within[np.isnan] > 0, within[np.isposinf] > 0, within[np.isneginf] > 0
+        total = np.where(pos, np.inf, np.where(neg, -np.inf, hi + lo_part))
+        return np.where(nan | (pos & neg), np.nan, total)
 
     def stddev(self, column: str, where: str | None, w: int | None, n: np.ndarray) -> np.ndarray:
         (s1, e1), (s2, e2), exponents, changes, nxt, nonfinite = self._cached(
@@ -496,7 +506,7 @@ class _Events:
         seen = np.arange(self.n) if m is None else np.flatnonzero(m)
         n_values = max(len(enc.dictionary), 1)
         pair, _ = _combine(self.codes[seen], int(self.codes.max(initial=0)) + 1, codes[seen], n_values)
-        by_pair = _argsort(pair)  # stable: keeps time order within a pair
+        by_pair = _argsort(pair, self.threads)  # stable: keeps time order within a pair
         pair = pair[by_pair]
         first = np.ones(len(pair), bool)
         first[1:] = pair[1:] != pair[:-1]
@@ -556,7 +566,13 @@ def _entity_codes(ev: pa.Table, pr: pa.Table, n_keys: int) -> tuple[np.ndarray, 
     for i in range(n_keys):
         e, p = ev.column(f"_k{i}"), pr.column(f"_k{i}")
         if p.type != e.type:
-            p = p.cast(e.type)
+            try:
+                p = p.cast(e.type)
+            except pa.ArrowInvalid as exc:
+                raise PointInTimeError(
+                    f"probe key {i + 1} has type {p.type} but the events' has {e.type} ({exc}); "
+                    "cast the probes' keys to the entity's declared types"
+                ) from None
         enc = pa.chunked_array(e.chunks + p.chunks, type=e.type).dictionary_encode()
         idx = _numpy(pa.chunked_array([c.indices for c in enc.chunks], type=enc.chunks[0].indices.type), fill=-1)
         idx = idx.astype(np.int64)
@@ -579,14 +595,16 @@ def _combine(a: np.ndarray, na: int, b: np.ndarray, nb: int) -> tuple[np.ndarray
     return a * nb + b, na * nb
 
 
-def _threads() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+def _threads(con: duckdb.DuckDBPyConnection) -> int:
+    """Threads for numpy work: as many as DuckDB may use on ``con``, within the CPUs we have, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allowed = int(con.sql("SELECT current_setting('threads')").fetchall()[0][0])
+    return max(1, min(cpus, allowed, 4))
 
 
-def _argsort(x: np.ndarray) -> np.ndarray:
-    """A stable argsort of int64 keys: split by value range across threads (numpy sorts without the GIL)."""
+def _argsort(x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """A stable argsort of int64 keys, split by value range across threads (numpy sorts without the GIL)."""
     x = x - x.min(initial=0) if len(x) and x.min() < 0 else x
-    threads = _threads()
     if threads < 2 or len(x) < 1 << 20:
         return _radix_argsort(x)
     pivots = np.unique(np.quantile(x[:: max(len(x) // 10_000, 1)], np.linspace(0, 1, threads + 1)[1:-1]))
@@ -722,7 +740,9 @@ def _ordered(col: pa.ChunkedArray, typ: str):
         ranks = rank[idx] if len(rank) else idx
 
         def decode(found, empty):
-            return enc.dictionary.take(pa.array(by_value[np.where(empty, 0, found)] if len(by_value) else found, mask=empty))
+            return enc.dictionary.take(
+                pa.array(by_value[np.where(empty, 0, found)] if len(by_value) else found, mask=empty)
+            )
 
         return ranks, decode
     if typ in ("timestamp", "date"):
