@@ -102,7 +102,8 @@ def compute_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.dat
     active = []
     for name, (source, need) in sources_of([group]).items():
         span = _activity_span(group, source, need)
-        lower = f"AND e.\"{source.timestamp}\" > d._t - INTERVAL '{span} seconds'" if span is not None else ""
+        # >=: an entity whose last event is exactly ttl old is still alive (its values are not NULL).
+        lower = f"AND e.\"{source.timestamp}\" >= d._t - INTERVAL '{span} seconds'" if span is not None else ""
         active.append(
             f"SELECT DISTINCT {e_keys}, d._t FROM events_{name} e "
             f'JOIN day_ends d ON e."{source.timestamp}" <= d._t {lower}'
