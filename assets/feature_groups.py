@@ -9,7 +9,7 @@ fast-forwards main. The graph reads source -> group -> downstream groups.
 import dagster as dg
 
 from assets import single_run_backfills
-from assets.metadata import audit_metadata, markdown_table, table_preview
+from assets.metadata import audit_check_result, markdown_table, table_preview
 from assets.raw_events import daily_partitions, wap_run_id, window_of
 from keel import wap
 from keel.dsl import FeatureGroup
@@ -101,13 +101,7 @@ def feature_group_assets(project: Project, group: FeatureGroup, partitions: dg.P
     def audit(context: dg.AssetCheckExecutionContext, lakehouse: LakehouseResource) -> dg.AssetCheckResult:
         lake = lakehouse.lakehouse()
         stage = wap.find_staged(lake, group.table_name, wap_run_id(context))
-        report = audit_group(lake, group, stage)
-        return dg.AssetCheckResult(
-            passed=report.success,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=report.summary(),
-            metadata=audit_metadata(report, stage.branch),
-        )
+        return audit_check_result(audit_group(lake, group, stage), stage.branch)
 
     @dg.asset(
         key=published_key,

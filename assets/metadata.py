@@ -40,3 +40,13 @@ def audit_metadata(report: AuditReport, branch: str) -> dict:
         ),
         "results": dg.MetadataValue.json(report.to_metadata()),
     }
+
+
+def audit_check_result(report: AuditReport, branch: str) -> dg.AssetCheckResult:
+    """The blocking audit check's verdict: failing expectations and counts in its metadata."""
+    return dg.AssetCheckResult(
+        passed=report.success,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=report.summary(),
+        metadata=audit_metadata(report, branch),
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets import single_run_backfills
-from assets.metadata import audit_metadata, table_preview
+from assets.metadata import audit_check_result, table_preview
 from keel import wap
 from keel.dsl import EventSource
 from keel.ingest import audit_staged, prepare, stage_prepared, write_quarantine
@@ -144,13 +144,7 @@ def raw_event_assets(source: EventSource, partitions: dg.PartitionsDefinition) -
     def audit(context: dg.AssetCheckExecutionContext, lakehouse: LakehouseResource) -> dg.AssetCheckResult:
         lake = lakehouse.lakehouse()
         stage = wap.find_staged(lake, source.table_name, wap_run_id(context))
-        report = audit_staged(lake, source, stage)
-        return dg.AssetCheckResult(
-            passed=report.success,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=report.summary(),
-            metadata=audit_metadata(report, stage.branch),
-        )
+        return audit_check_result(audit_staged(lake, source, stage), stage.branch)
 
     @dg.asset(
         key=published_key,

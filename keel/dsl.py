@@ -382,7 +382,7 @@ class FeatureGroup:
         return hash(self.name)
 
 
-_DUCK_TYPES = {
+DUCKDB_TYPES = {
     "string": "VARCHAR",
     "int64": "BIGINT",
     "float64": "DOUBLE",
@@ -402,10 +402,10 @@ def _check_expressions(group: FeatureGroup) -> None:
     con = duckdb.connect()
     try:
         if group.source is not None:
-            cols = ", ".join(f'"{c.name}" {_DUCK_TYPES[c.type]}' for c in group.source.all_columns())
+            cols = ", ".join(f'"{c.name}" {DUCKDB_TYPES[c.type]}' for c in group.source.all_columns())
             con.execute(f"CREATE TABLE src ({cols})")
             own = [f for f in group.features if isinstance(f, Feature)]
-            feats = ", ".join(f'"{f.name}" {_DUCK_TYPES[group.feature_type(f)]}' for f in own)
+            feats = ", ".join(f'"{f.name}" {DUCKDB_TYPES[group.feature_type(f)]}' for f in own)
             con.execute(f"CREATE TABLE {group.name} ({feats})")
             for feat in own:
                 if feat.where:
@@ -415,17 +415,17 @@ def _check_expressions(group: FeatureGroup) -> None:
             for up in group.upstream:
                 if not isinstance(up, FeatureGroup):
                     return  # named upstream groups are checked when the project resolves them
-                feats = ", ".join(f'"{f.name}" {_DUCK_TYPES[up.feature_type(f)]}' for f in up.features)
+                feats = ", ".join(f'"{f.name}" {DUCKDB_TYPES[up.feature_type(f)]}' for f in up.features)
                 con.execute(f"CREATE TABLE {up.name} ({feats})")
             frm = ", ".join(u.name for u in group.upstream)
         for feat in group.features:
             if isinstance(feat, Derived):
                 _bind(
-                    con, group, feat.name, f"SELECT CAST(({feat.expr}) AS {_DUCK_TYPES[feat.type]}) FROM {frm}", "expr"
+                    con, group, feat.name, f"SELECT CAST(({feat.expr}) AS {DUCKDB_TYPES[feat.type]}) FROM {frm}", "expr"
                 )
                 if group.source is not None:
                     # Later derived features may use earlier ones.
-                    con.execute(f'ALTER TABLE {group.name} ADD COLUMN "{feat.name}" {_DUCK_TYPES[feat.type]}')
+                    con.execute(f'ALTER TABLE {group.name} ADD COLUMN "{feat.name}" {DUCKDB_TYPES[feat.type]}')
     finally:
         con.close()
 

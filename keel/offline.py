@@ -61,19 +61,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from keel.dsl import COLUMN_TYPES, Derived, Feature, FeatureGroup, window_seconds
+from keel.dsl import COLUMN_TYPES, DUCKDB_TYPES, Derived, Feature, FeatureGroup, window_seconds
 
 _US = 1_000_000
 # Composite sort keys stay below this; a test lowers it to exercise the rank-of-time path.
 COMPOSITE_LIMIT = 1 << 62
-DUCK_TYPES = {
-    "string": "VARCHAR",
-    "int64": "BIGINT",
-    "float64": "DOUBLE",
-    "bool": "BOOLEAN",
-    "timestamp": "TIMESTAMPTZ",
-    "date": "DATE",
-}
 _SPLIT = 134217729.0  # 2**27 + 1, Dekker's splitter for exact float64 products
 
 
@@ -110,7 +102,7 @@ def _group_values(con, group: FeatureGroup, events, probes: str, done: dict) -> 
         for feat in group.features:
             if isinstance(feat, Derived):
                 # Aliased as the group, so expressions may also say group.feature (as the DSL's check allows).
-                expr = f'*, CAST(({feat.expr}) AS {DUCK_TYPES[feat.type]}) AS "{feat.name}"'
+                expr = f'*, CAST(({feat.expr}) AS {DUCKDB_TYPES[feat.type]}) AS "{feat.name}"'
                 rel = _project(rel.set_alias(group.name), group, feat, expr)
         rel = rel.project(", ".join(["_probe"] + [f'"{f.name}"' for f in group.features]))
     done[group.name] = rel
@@ -127,7 +119,7 @@ def _from_upstream(con, group: FeatureGroup, events, probes: str, done: dict) ->
             )
         part = _group_values(con, up, events, probes, done).set_alias(up.name)
         joined = part if joined is None else joined.join(part, "_probe")
-    exprs = [f'CAST(({f.expr}) AS {DUCK_TYPES[f.type]}) AS "{f.name}"' for f in group.features]
+    exprs = [f'CAST(({f.expr}) AS {DUCKDB_TYPES[f.type]}) AS "{f.name}"' for f in group.features]
     return _project(joined, group, None, ", ".join(["_probe", *exprs])).order("_probe")
 
 

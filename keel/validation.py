@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from keel.dsl import Column, EventSource
+from keel.dsl import DUCKDB_TYPES, Column, EventSource
 from keel.readers import read_batches
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -42,14 +42,6 @@ class IngestError(RuntimeError):
     """Nothing was published; the message says why."""
 
 
-_SQL_TYPES = {
-    "string": "VARCHAR",
-    "int64": "BIGINT",
-    "float64": "DOUBLE",
-    "bool": "BOOLEAN",
-    "timestamp": "TIMESTAMPTZ",
-    "date": "DATE",
-}
 _TYPE_WORDS = {
     "int64": "an integer",
     "float64": "a number",
@@ -180,7 +172,7 @@ def prepare(
 
 
 def _create_staging(con: duckdb.DuckDBPyConnection, source: EventSource, files: list[str]) -> None:
-    cols = ", ".join(f'"{c.name}" {_SQL_TYPES[c.type]}' for c in source.all_columns())
+    cols = ", ".join(f'"{c.name}" {DUCKDB_TYPES[c.type]}' for c in source.all_columns())
     con.execute(f"CREATE TABLE good (_file INTEGER, _row BIGINT, {cols})")
     con.execute("CREATE TABLE bad (_file INTEGER, _row BIGINT, reason_code VARCHAR, reason VARCHAR, record VARCHAR)")
     con.execute("CREATE TABLE files (idx INTEGER, name VARCHAR)")
@@ -197,7 +189,7 @@ def _convert(col: Column, raw: str, batch_type: pa.DataType) -> str:
         return f"CASE WHEN regexp_full_match({text}, '[+-]?[0-9]+') THEN TRY_CAST({text} AS BIGINT) END"
     if col.type == "string":
         return f"CAST({raw} AS VARCHAR)"
-    return f"TRY_CAST({text} AS {_SQL_TYPES[col.type]})"
+    return f"TRY_CAST({text} AS {DUCKDB_TYPES[col.type]})"
 
 
 def _validate_into(

@@ -202,7 +202,7 @@ def compute(group: FeatureGroup, events: dict[str, list[dict]], probes: list[tup
         rel = point_in_time(con, group, {name: f"ev_{name}" for name in sources_of(group)}, "probes")
         assert rel.columns == ["_probe", *(f.name for f in group.features)]
         assert rel.types == [duckdb.sqltype("BIGINT")] + [
-            duckdb.sqltype(offline.DUCK_TYPES[group.feature_type(f)]) for f in group.features
+            duckdb.sqltype(offline.DUCKDB_TYPES[group.feature_type(f)]) for f in group.features
         ]
         rows = rel.to_arrow_table().to_pylist()
     finally:
