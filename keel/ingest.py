@@ -111,12 +111,7 @@ def stage_prepared(lake: Lakehouse, prepared: Prepared, run_id: str) -> wap.Stag
 
 def audit_staged(lake: Lakehouse, source: EventSource, staged: wap.StagedWrite) -> AuditReport:
     """Audit what main would hold for the staged days, against main's recent partitions."""
-    history = {
-        day: rows
-        for day, rows in lake.partition_rows(source.table_name).items()
-        if isinstance(day, dt.date) and day not in staged.days
-    }
-    recent = [rows for _, rows in sorted(history.items())[-HISTORY_PARTITIONS:]]
+    recent = wap.recent_partition_rows(lake, source.table_name, staged.days, HISTORY_PARTITIONS)
     staged_rows = lake.partition_rows(source.table_name, snapshot_id=staged.snapshot_id)
     reports = []
     for group in group_days({d: staged_rows.get(d, 0) for d in staged.days}, validation.CHUNK_ROWS):

@@ -170,12 +170,7 @@ def stage_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.date]
 
 def audit_group(lake: Lakehouse, group: FeatureGroup, staged: wap.StagedWrite) -> AuditReport:
     """The staged days of a group, audited against its declaration and its recent days on main."""
-    history = {
-        day: rows
-        for day, rows in lake.partition_rows(group.table_name).items()
-        if isinstance(day, dt.date) and day not in staged.days
-    }
-    recent = [rows for _, rows in sorted(history.items())[-HISTORY_PARTITIONS:]]
+    recent = wap.recent_partition_rows(lake, group.table_name, staged.days, HISTORY_PARTITIONS)
     data = lake.read(group.table_name, snapshot_id=staged.snapshot_id, row_filter=day_filter("feature_ts", staged.days))
     return audit_events(data, audit_declaration(group), recent_partition_rows=recent)
 

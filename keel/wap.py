@@ -129,6 +129,17 @@ def stage(
     return StagedWrite(table_name, branch, run_id, head, base, tuple(sorted(written_days)), rows)
 
 
+def recent_partition_rows(lake: Lakehouse, table_name: str, exclude: Iterable[dt.date], count: int) -> list[int]:
+    """Row counts of main's latest ``count`` day partitions outside ``exclude``: the audit's history."""
+    skip = set(exclude)
+    history = sorted(
+        (day, rows)
+        for day, rows in lake.partition_rows(table_name).items()
+        if isinstance(day, dt.date) and day not in skip
+    )
+    return [rows for _, rows in history[-count:]]
+
+
 def find_staged(lake: Lakehouse, table_name: str, run_id: str) -> StagedWrite:
     """The staged write of a run, read back from its branch (for a publish in another step)."""
     table = lake.table(table_name)

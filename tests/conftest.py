@@ -57,8 +57,7 @@ def buyer() -> Entity:
     return Entity(name="buyer", join_keys={"user_id": "string"})
 
 
-@pytest.fixture
-def payments(buyer) -> EventSource:
+def payments_source(buyer: Entity) -> EventSource:
     """A small source with every column type and constraint the validator knows."""
     return EventSource(
         name="payments",
@@ -70,6 +69,11 @@ def payments(buyer) -> EventSource:
             Column("is_refund", "bool", nullable=False),
         ),
     )
+
+
+@pytest.fixture
+def payments(buyer) -> EventSource:
+    return payments_source(buyer)
 
 
 def payment_rows(day: dt.date, n: int, *, prefix: str = "p", amount: float = 10.0) -> list[dict]:
