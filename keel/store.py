@@ -22,6 +22,7 @@ from keel.config import Settings
 from keel.dsl import COLUMN_TYPES, DeclarationError, EventSource, FeatureGroup, window_seconds
 from keel.lakehouse import Lakehouse
 from keel.offline import point_in_time
+from keel.online import LookupPlan, OnlineFeatures, OnlineStore, OnlineStoreError, lookup, plan_lookup
 from keel.project import Project, load_project
 
 SPINE_FORMATS = (".parquet", ".csv", ".jsonl", ".json")
@@ -148,14 +149,41 @@ def _duck_types(key_types: Mapping[str, str] | None) -> str:
 class FeatureStore:
     """Training sets and feature tables of one project over one lakehouse."""
 
-    def __init__(self, lake: Lakehouse, project: Project) -> None:
+    def __init__(self, lake: Lakehouse, project: Project, online: OnlineStore | None = None) -> None:
         self.lake = lake
         self.project = project
+        self._online = online
+        self._plans: dict[tuple[str, ...], LookupPlan] = {}
 
     @classmethod
     def from_env(cls) -> FeatureStore:
         settings = Settings.from_env()
         return cls(Lakehouse.from_settings(settings), load_project(settings.project))
+
+    @property
+    def online(self) -> OnlineStore:
+        """The online store (from the environment's settings unless one was given)."""
+        if self._online is None:
+            self._online = OnlineStore.from_settings(Settings.from_env())
+        return self._online
+
+    def get_online_features(
+        self, entity_ids: Sequence, features: Sequence[str], *, now: dt.datetime | None = None
+    ) -> OnlineFeatures:
+        """Each entity's latest online values of ``features`` (in that order), with age and status.
+
+        ``features`` as for training sets (``group.feature`` or an unambiguous bare name), all
+        of one entity and all from groups declared ``online=True``.
+        """
+        ask = tuple(features) if not isinstance(features, str) else (features,)
+        plan = self._plans.get(ask)
+        if plan is None:
+            try:
+                resolved = self.resolve(features)
+            except TrainingSetError as exc:
+                raise OnlineStoreError(str(exc)) from None
+            plan = self._plans[ask] = plan_lookup(resolved)
+        return lookup(self.online, plan, entity_ids, now=now)
 
     # Feature names -------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets.feature_groups import feature_group_definitions
 from assets.maintenance import maintenance_definitions
+from assets.online import online_definitions
 from assets.raw_events import raw_event_definitions
 from pipelines import project
 from resources import resource_definitions
@@ -14,6 +15,7 @@ raw = raw_event_definitions(project)
 defs = dg.Definitions.merge(
     raw,
     feature_group_definitions(project),
+    online_definitions(project),
     maintenance_definitions(),
     sensor_definitions(project, list(raw.jobs)),
     resource_definitions(),

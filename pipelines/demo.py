@@ -57,6 +57,7 @@ def write_corrections(folder: Path, good_row: dict) -> Path:
 def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USERS) -> int:
     settings = settings or Settings.from_env()
     from assets.feature_groups import feature_job_name
+    from assets.online import ONLINE_SYNC_JOB
     from assets.raw_events import ingest_job_name, landing_files
     from pipelines import project
     from pipelines.definitions import defs
@@ -65,7 +66,9 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
 
     instance = _dagster_instance(settings)
     lake = Lakehouse.from_settings(settings)
-    steps = 3 + len(project.sources) + len(project.feature_groups)
+    steps = 4 + len(project.sources) + len(project.feature_groups)
+    # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
+    start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     step = iter(range(1, steps + 1))
     t0 = time.perf_counter()
 
@@ -73,13 +76,13 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
         f"[{next(step)}/{steps}] generating {days} days of shop data for {users} users into {settings.landing}",
         flush=True,
     )
-    tables = generate(days=days, users=users, start=project.start_date)
+    tables = generate(days=days, users=users, start=start)
     write_files(tables, settings.landing)
     first = tables["transactions"].slice(0, 1).to_pylist()[0]
     write_corrections(settings.landing / "transactions", first)
     print("        " + ", ".join(f"{k}: {v.num_rows:,} rows" for k, v in tables.items()), flush=True)
 
-    span = (project.start_date, project.start_date + dt.timedelta(days=days - 1))
+    span = (start, start + dt.timedelta(days=days - 1))
     failed = []
     for source in project.sources:
         files = landing_files(settings.landing, source)
@@ -112,6 +115,16 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     if not failed:
         print(training_set_summary(settings, project))
 
+    print(f"[{next(step)}/{steps}] syncing the online store and checking it against offline ...", end=" ", flush=True)
+    if not failed:
+        result = _run_job(defs, ONLINE_SYNC_JOB, instance, None, {})
+        if result.success:
+            print(online_summary(result, settings, project), flush=True)
+        else:
+            failed.append(ONLINE_SYNC_JOB)
+    else:
+        print("skipped: an earlier step failed", flush=True)
+
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
     print(
@@ -123,15 +136,20 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     return 0
 
 
-def _run_job(defs, name: str, instance, span: tuple[dt.date, dt.date], run_config: dict):
-    """One run over the whole span (a single-run backfill), quiet on the terminal, recorded in the instance."""
+def _run_job(defs, name: str, instance, span: tuple[dt.date, dt.date] | None, run_config: dict):
+    """One run (over the whole span, as a single-run backfill, when given), quiet on the terminal, recorded in the instance."""
     from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     t = time.perf_counter()
+    tags = (
+        {ASSET_PARTITION_RANGE_START_TAG: span[0].isoformat(), ASSET_PARTITION_RANGE_END_TAG: span[1].isoformat()}
+        if span
+        else {}
+    )
     result = defs.resolve_job_def(name).execute_in_process(
         instance=instance,
         run_config={**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        tags={ASSET_PARTITION_RANGE_START_TAG: span[0].isoformat(), ASSET_PARTITION_RANGE_END_TAG: span[1].isoformat()},
+        tags=tags,
         raise_on_error=False,
     )
     status = "published" if result.success else "FAILED"
@@ -157,6 +175,54 @@ def training_set_summary(settings: Settings, project) -> str:
         lines.append(f"          {name:<26}{coverage[name]:>7.1%}")
     lines.append("        read " + ", ".join(f"{t}@{s}" for t, s in result.snapshots.items()))
     return "\n".join(lines)
+
+
+def online_summary(result, settings: Settings, project) -> str:
+    """Keys written per group, the consistency checks' verdicts, and one lookup as a table."""
+    from keel.online import OnlineStore
+    from keel.store import FeatureStore
+
+    lines = []
+    for group in [g for g in project.feature_groups if g.online]:
+        meta = result.asset_materializations_for_node(f"online__{group.name}")[0].metadata
+        lines.append(
+            f"        {group.name:<20}{meta['keys_written'].value:>6,} keys written ({meta['mode'].value}, "
+            f"{meta['duration_s'].value:.2f}s) to {meta['store'].value}"
+        )
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            check = event.event_specific_data
+            lines.append(
+                f"        consistency {check.asset_key.path[-1]:<20}{check.metadata['match_rate'].value:.2%} of "
+                f"{check.metadata['values_compared'].value:,} values equal offline"
+            )
+    with OnlineStore.from_settings(settings) as online:
+        store = FeatureStore(Lakehouse.from_settings(settings), project, online)
+        users = sorted(online.sample(project.group("user_engagement"), 3, seed=1))
+        features = [
+            "user_transactions.txn_count_7d",
+            "user_transactions.amount_sum_7d",
+            "user_clicks.click_count_7d",
+            "user_clicks.last_page",
+            "user_engagement.conversion_7d",
+        ]
+        t = time.perf_counter()
+        found = store.get_online_features(users, features)
+        took = (time.perf_counter() - t) * 1000
+    lines.append(f"        lookup of {len(features)} features for {len(users)} users in {took:.1f} ms:")
+    names = [f.split(".")[1] for f in features]
+    lines.append("          " + f"{'user_id':<10}" + "".join(f"{n:>16}" for n in names) + f"{'age':>9}")
+    for i, user in enumerate(users):
+        cells = "".join(f"{_cell(found.values[n][i], found.status[n][i]):>16}" for n in names)
+        age = found.age_s[names[0]][i]
+        lines.append(f"          {user:<10}{cells}{'' if age is None else f'{age / 3600:.1f}h':>9}")
+    return "\n" + "\n".join(lines)
+
+
+def _cell(value, status: str) -> str:
+    if status != "present":
+        return status
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def run_summary(result, staged_op: str) -> str:

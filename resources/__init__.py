@@ -6,6 +6,7 @@ import dagster as dg
 
 from keel.config import VARIABLES, Settings
 from keel.lakehouse import Lakehouse
+from keel.online import OnlineStore
 
 
 def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:
@@ -61,5 +62,23 @@ def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
     )
 
 
+class OnlineStoreResource(dg.ConfigurableResource):
+    """The online store: Redis when ``redis_url`` is set, else SQLite under ``home``."""
+
+    home: str
+    redis_url: str | None = None
+
+    def store(self) -> OnlineStore:
+        values = {"home": self.home, "redis_url": self.redis_url}
+        return OnlineStore.from_settings(Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v}))
+
+
+def online_resource(settings: Settings | None = None) -> OnlineStoreResource:
+    s = settings or Settings.from_env()
+    if settings is not None:
+        return OnlineStoreResource(home=str(s.home), redis_url=s.redis_url)
+    return OnlineStoreResource(home=_setting("home", str(s.home)), redis_url=_setting("redis_url"))
+
+
 def resource_definitions(settings: Settings | None = None) -> dg.Definitions:
-    return dg.Definitions(resources={"lakehouse": lakehouse_resource(settings)})
+    return dg.Definitions(resources={"lakehouse": lakehouse_resource(settings), "online": online_resource(settings)})

@@ -1,0 +1,644 @@
+"""The online store: each entity's latest feature values, read in one round trip.
+
+One record per (feature group, group version, entity) holds the group's features and the
+value's timestamp ``feature_ts``: the moment the values are as of (a day's end for a synced
+table row, the event time for a value the stream worker wrote). Two backends, one contract:
+
+- **Redis** (``KEEL_REDIS_URL``, production): a hash at ``keel:<group>:v<version>:<entity key>``
+  with one field per non-NULL feature and ``_ts`` (epoch microseconds); a NULL feature is an
+  absent field. Writes run a Lua script that compares ``_ts`` inside Redis, so an older value
+  never overwrites a newer one whoever writes (the sync, stream workers, both at once). Reads
+  are one pipelined ``HMGET`` per (group, entity): a single round trip for many groups and
+  many entities. Connections come from one pool per store.
+- **SQLite** (embedded default, ``KEEL_HOME/online.db``, WAL mode): one row per record, the
+  values as JSON, written by an upsert guarded by the same rule.
+
+A value is *expired* once ``feature_ts + ttl`` (the group's TTL) has passed: it is read as
+NULL with the status ``expired`` and its age. The record itself is dropped ``retention`` after
+that (Redis key expiry; default one more TTL), after which the entity reads as ``missing``.
+
+Values are stored as text: integers and timestamps (microseconds) in decimal, floats by
+``repr`` (round-trips exactly), booleans as ``1``/``0``, dates as days since 1970-01-01.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from keel.config import Settings
+from keel.dsl import FeatureGroup, window_seconds
+
+TS_FIELD = "_ts"
+KEY_SEPARATOR = "\x1f"
+WRITE_BATCH = 200
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EPOCH_DATE = dt.date(1970, 1, 1)
+
+PRESENT, NULL, MISSING, EXPIRED = "present", "null", "missing", "expired"
+
+
+class OnlineStoreError(RuntimeError):
+    """The online store cannot do what was asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One group's stored values for one entity: ``ts`` in epoch microseconds, values in the order asked."""
+
+    ts: int
+    values: list
+
+
+def entity_key(keys: Sequence) -> str:
+    """The text form of an entity's join key values (one value, or several joined)."""
+    return keys[0] if len(keys) == 1 and isinstance(keys[0], str) else KEY_SEPARATOR.join(map(str, keys))
+
+
+def record_name(group: FeatureGroup) -> str:
+    """What the group's records are filed under: its name and version, so versions never mix."""
+    return f"{group.name}:v{group.version}"
+
+
+def ttl_us(group: FeatureGroup) -> int | None:
+    seconds = window_seconds(group.ttl) if group.ttl else None
+    return None if seconds is None else seconds * 1_000_000
+
+
+def to_us(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        raise OnlineStoreError(f"timestamp {value!r} has no time zone; give an aware datetime (UTC)")
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+# Encoding ----------------------------------------------------------------------------------
+
+
+def _encode(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dt.datetime):
+        return str(to_us(value))
+    if isinstance(value, dt.date):
+        return str((value - _EPOCH_DATE).days)
+    return str(value)
+
+
+def _decode_bool(raw) -> bool:
+    return raw in (b"1", "1")
+
+
+def _decode_str(raw) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _decode_ts(raw) -> dt.datetime:
+    return from_us(int(raw))
+
+
+def _decode_date(raw) -> dt.date:
+    return _EPOCH_DATE + dt.timedelta(days=int(raw))
+
+
+DECODERS = {
+    "int64": int,
+    "float64": float,
+    "bool": _decode_bool,
+    "string": _decode_str,
+    "timestamp": _decode_ts,
+    "date": _decode_date,
+}
+
+
+def decoders(group: FeatureGroup, features: Sequence[str]) -> list:
+    return [DECODERS[group.feature_type(group.feature(name))] for name in features]
+
+
+# The store ---------------------------------------------------------------------------------
+
+
+class OnlineStore(ABC):
+    """Latest feature values per (group, entity); ``from_settings`` picks the backend."""
+
+    def __init__(self, retention: dt.timedelta | None = None) -> None:
+        # How long a record outlives its expiry, so a read can still say "expired"; None: one TTL.
+        self.retention = retention
+
+    @staticmethod
+    def from_settings(settings: Settings, **kwargs) -> OnlineStore:
+        if settings.redis_url:
+            return RedisOnlineStore(settings.redis_url, **kwargs)
+        return SqliteOnlineStore(settings.home / "online.db", **kwargs)
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the values live, for messages (no password)."""
+
+    # writes
+
+    def write(self, group: FeatureGroup, rows: pa.Table, *, now: dt.datetime | None = None) -> int:
+        """Store each row's values unless a newer value is stored; returns the records written.
+
+        ``rows`` has the group's key columns, ``feature_ts`` and its features (``group.arrow_schema()``;
+        other columns are ignored). A row already expired for longer than the retention is skipped.
+        """
+        missing = [c for c in [*group.key_columns, "feature_ts"] if c not in rows.column_names]
+        if missing:
+            raise OnlineStoreError(
+                f"rows for feature group {group.name!r} lack column(s) {', '.join(missing)} "
+                f"(has: {', '.join(rows.column_names)}); give the group's table rows (keys, feature_ts, features)"
+            )
+        if rows.num_rows == 0:
+            return 0
+        features = [f.name for f in group.features if f.name in rows.column_names]
+        keys = list(zip(*(rows.column(k).to_pylist() for k in group.key_columns), strict=True))
+        stamps = rows.column("feature_ts").to_pylist()
+        columns = [rows.column(f).to_pylist() for f in features]
+        ttl = ttl_us(group)
+        keep_us = (
+            None
+            if ttl is None
+            else ttl + (ttl if self.retention is None else int(self.retention.total_seconds() * 1e6))
+        )
+        now_us = to_us(now or dt.datetime.now(dt.UTC))
+        records = []
+        for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True)):
+            if stamp is None or any(k is None for k in key):
+                raise OnlineStoreError(
+                    f"feature group {group.name!r}: row {i} has a NULL key or feature_ts ({key}, {stamp}); "
+                    "every row needs its entity keys and feature_ts"
+                )
+            ts = to_us(stamp)
+            drop_at = None if keep_us is None else ts + keep_us
+            if drop_at is not None and drop_at <= now_us:
+                continue
+            values = [None if col[i] is None else _encode(col[i]) for col in columns]
+            records.append((entity_key(key), ts, drop_at, values))
+        written = 0
+        for start in range(0, len(records), WRITE_BATCH):
+            written += self._write(group, features, records[start : start + WRITE_BATCH])
+        return written
+
+    @abstractmethod
+    def _write(self, group: FeatureGroup, features: list[str], records: list) -> int:
+        """Write (entity key, ts us, drop-at us or None, encoded values) where ts >= the stored ts."""
+
+    # reads
+
+    def read(
+        self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]], keys: Sequence[str]
+    ) -> list[list[Record | None]]:
+        """For each (group, features) request, each entity's record (None: not stored), one round trip."""
+        raw = self._read([(record_name(g), list(f)) for g, f in requests], keys)
+        out = []
+        for (group, features), records in zip(requests, raw, strict=True):
+            decode = decoders(group, features)
+            out.append(
+                [
+                    None
+                    if rec is None
+                    else Record(rec[0], [None if v is None else d(v) for d, v in zip(decode, rec[1], strict=True)])
+                    for rec in records
+                ]
+            )
+        return out
+
+    @abstractmethod
+    def _read(self, requests: list[tuple[str, list[str]]], keys: Sequence[str]) -> list[list]:
+        """Per request, per key: (ts us, [raw values]) or None."""
+
+    @abstractmethod
+    def sample(self, group: FeatureGroup, n: int, seed: int = 0) -> list[str]:
+        """Up to ``n`` entity keys with a record of the group, drawn at random."""
+
+    # sync watermark
+
+    @abstractmethod
+    def sync_state(self, group: FeatureGroup) -> dict | None:
+        """What the last sync of the group's table recorded: snapshot_id and synced_at."""
+
+    @abstractmethod
+    def set_sync_state(self, group: FeatureGroup, snapshot_id: int) -> None: ...
+
+    @abstractmethod
+    def clear(self, group: FeatureGroup) -> int:
+        """Delete the group's records (this version) and its sync watermark; returns records deleted."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        pass
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Redis -------------------------------------------------------------------------------------
+
+# KEYS: records. ARGV: n features, their names, then per key: ts, drop-at ms (0: never), a
+# NULL mask ('1' = NULL) and the n encoded values. Returns how many keys were written.
+_WRITE_SCRIPT = """
+local n = tonumber(ARGV[1])
+local pos = n + 2
+local written = 0
+for i, key in ipairs(KEYS) do
+  local ts = ARGV[pos]
+  local drop_at = tonumber(ARGV[pos + 1])
+  local nulls = ARGV[pos + 2]
+  local old = redis.call('HGET', key, '_ts')
+  if (not old) or tonumber(old) <= tonumber(ts) then
+    local set = {'_ts', ts}
+    local del = {}
+    for j = 1, n do
+      if string.sub(nulls, j, j) == '1' then
+        del[#del + 1] = ARGV[1 + j]
+      else
+        set[#set + 1] = ARGV[1 + j]
+        set[#set + 1] = ARGV[pos + 2 + j]
+      end
+    end
+    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+    redis.call('HSET', key, unpack(set))
+    if drop_at > 0 then redis.call('PEXPIREAT', key, drop_at) else redis.call('PERSIST', key) end
+    written = written + 1
+  end
+  pos = pos + 3 + n
+end
+return written
+"""
+
+
+class RedisOnlineStore(OnlineStore):
+    def __init__(self, url: str, *, prefix: str = "keel", retention: dt.timedelta | None = None, **pool) -> None:
+        import redis
+
+        super().__init__(retention)
+        self.url = url
+        self.prefix = prefix
+        self.pool = redis.ConnectionPool.from_url(url, **pool)
+        self.client = redis.Redis(connection_pool=self.pool)
+        self._script = self.client.register_script(_WRITE_SCRIPT)
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
+
+    @property
+    def location(self) -> str:
+        from urllib.parse import urlparse
+
+        parts = urlparse(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+    def _key(self, record: str, key: str) -> str:
+        return f"{self.prefix}:{record}:{key}"
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except self._errors as exc:
+            raise OnlineStoreError(
+                f"online store Redis at {self.location} is unreachable ({exc}); "
+                "start it or fix KEEL_REDIS_URL (unset it to use the embedded SQLite store)"
+            ) from None
+
+    def _write(self, group, features, records) -> int:
+        record = record_name(group)
+        args = [len(features), *features]
+        for _key, ts, drop_at, values in records:
+            nulls = "".join("1" if v is None else "0" for v in values)
+            args += [
+                ts,
+                0 if drop_at is None else math.ceil(drop_at / 1000),
+                nulls,
+                *("" if v is None else v for v in values),
+            ]
+        keys = [self._key(record, key) for key, *_ in records]
+        return int(self._call(self._script, keys, args))
+
+    def _read(self, requests, keys):
+        pipe = self.client.pipeline(transaction=False)
+        for record, features in requests:
+            fields = [TS_FIELD, *features]
+            for key in keys:
+                pipe.hmget(f"{self.prefix}:{record}:{key}", fields)
+        replies = self._call(pipe.execute)
+        out, i = [], 0
+        for _record, _features in requests:
+            part = []
+            for _ in keys:
+                reply = replies[i]
+                i += 1
+                part.append(None if reply[0] is None else (int(reply[0]), reply[1:]))
+            out.append(part)
+        return out
+
+    def sample(self, group, n, seed=0):
+        pattern = self._key(record_name(group), "*")
+        skip = len(self._key(record_name(group), ""))
+        found = []
+        for raw in self._call(lambda: list(self.client.scan_iter(match=pattern, count=1000))):
+            name = raw.decode()[skip:]
+            if name != "_sync":
+                found.append(name)
+        found.sort()
+        return random.Random(seed).sample(found, min(n, len(found)))
+
+    def sync_state(self, group):
+        raw = self._call(self.client.hgetall, self._key(record_name(group), "_sync"))
+        if not raw:
+            return None
+        return {"snapshot_id": int(raw[b"snapshot_id"]), "synced_at": raw[b"synced_at"].decode()}
+
+    def set_sync_state(self, group, snapshot_id):
+        now = dt.datetime.now(dt.UTC).isoformat()
+        self._call(
+            self.client.hset,
+            self._key(record_name(group), "_sync"),
+            None,
+            None,
+            {"snapshot_id": snapshot_id, "synced_at": now},
+        )
+
+    def clear(self, group):
+        keys = self._call(lambda: list(self.client.scan_iter(match=self._key(record_name(group), "*"), count=1000)))
+        deleted = 0
+        for start in range(0, len(keys), 500):
+            deleted += self._call(self.client.delete, *keys[start : start + 500])
+        return max(0, deleted - (1 if self._key(record_name(group), "_sync").encode() in keys else 0))
+
+    def close(self):
+        self.pool.disconnect()
+
+
+# SQLite ------------------------------------------------------------------------------------
+
+
+class SqliteOnlineStore(OnlineStore):
+    def __init__(self, path: Path, *, retention: dt.timedelta | None = None) -> None:
+        super().__init__(retention)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.con = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con.execute(
+            "CREATE TABLE IF NOT EXISTS online_values (record TEXT NOT NULL, entity TEXT NOT NULL, "
+            "ts INTEGER NOT NULL, drop_at INTEGER, vals TEXT NOT NULL, PRIMARY KEY (record, entity)) WITHOUT ROWID"
+        )
+        self.con.execute(
+            "CREATE TABLE IF NOT EXISTS online_sync (record TEXT PRIMARY KEY, snapshot_id INTEGER, synced_at TEXT)"
+        )
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def _write(self, group, features, records) -> int:
+        record = record_name(group)
+        rows = [
+            (
+                record,
+                key,
+                ts,
+                drop_at,
+                json.dumps({f: v for f, v in zip(features, values, strict=True) if v is not None}),
+            )
+            for key, ts, drop_at, values in records
+        ]
+        with self._lock:
+            before = self.con.total_changes
+            self.con.execute("BEGIN IMMEDIATE")
+            try:
+                self.con.executemany(
+                    "INSERT INTO online_values VALUES (?, ?, ?, ?, ?) ON CONFLICT (record, entity) DO UPDATE SET "
+                    "ts = excluded.ts, drop_at = excluded.drop_at, vals = excluded.vals "
+                    "WHERE excluded.ts >= online_values.ts",
+                    rows,
+                )
+                written = self.con.total_changes - before
+                self.con.execute("DELETE FROM online_values WHERE drop_at IS NOT NULL AND drop_at <= ?", (_now_us(),))
+                self.con.execute("COMMIT")
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+        return written
+
+    def _read(self, requests, keys):
+        found: dict[tuple[str, str], tuple[int, dict]] = {}
+        records = sorted({r for r, _ in requests})
+        now = _now_us()
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ", ".join("?" * len(chunk))
+                for record, entity, ts, vals in self.con.execute(
+                    f"SELECT record, entity, ts, vals FROM online_values WHERE record IN ({', '.join('?' * len(records))}) "
+                    f"AND entity IN ({marks}) AND (drop_at IS NULL OR drop_at > ?)",
+                    [*records, *chunk, now],
+                ):
+                    found[(record, entity)] = (ts, json.loads(vals))
+        out = []
+        for record, features in requests:
+            part = []
+            for key in keys:
+                hit = found.get((record, key))
+                part.append(None if hit is None else (hit[0], [hit[1].get(f) for f in features]))
+            out.append(part)
+        return out
+
+    def sample(self, group, n, seed=0):
+        with self._lock:
+            keys = [
+                r[0]
+                for r in self.con.execute(
+                    "SELECT entity FROM online_values WHERE record = ? AND (drop_at IS NULL OR drop_at > ?) ORDER BY entity",
+                    (record_name(group), _now_us()),
+                )
+            ]
+        return random.Random(seed).sample(keys, min(n, len(keys)))
+
+    def sync_state(self, group):
+        with self._lock:
+            row = self.con.execute(
+                "SELECT snapshot_id, synced_at FROM online_sync WHERE record = ?", (record_name(group),)
+            ).fetchall()
+        return {"snapshot_id": row[0][0], "synced_at": row[0][1]} if row else None
+
+    def set_sync_state(self, group, snapshot_id):
+        with self._lock:
+            self.con.execute(
+                "INSERT INTO online_sync VALUES (?, ?, ?) ON CONFLICT (record) DO UPDATE SET "
+                "snapshot_id = excluded.snapshot_id, synced_at = excluded.synced_at",
+                (record_name(group), snapshot_id, dt.datetime.now(dt.UTC).isoformat()),
+            )
+
+    def clear(self, group):
+        with self._lock:
+            cur = self.con.execute("DELETE FROM online_values WHERE record = ?", (record_name(group),))
+            self.con.execute("DELETE FROM online_sync WHERE record = ?", (record_name(group),))
+            return cur.rowcount
+
+    def close(self):
+        with self._lock:
+            self.con.close()
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+# Lookups -----------------------------------------------------------------------------------
+
+
+@dataclass
+class OnlineFeatures:
+    """Online values of some features for some entities, columns in the order asked.
+
+    Per feature and entity: the value, its age in seconds (now - feature_ts) and a status:
+    ``present``; ``null`` (stored, and NULL); ``missing`` (no record for the entity);
+    ``expired`` (older than the group's TTL: the value reads as None).
+    """
+
+    keys: dict[str, list]
+    features: list[str]
+    values: dict[str, list]
+    age_s: dict[str, list]
+    status: dict[str, list]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.keys.values()), []))
+
+    def to_dict(self) -> dict[str, list]:
+        """Key columns, then the features in the order asked."""
+        return {**self.keys, **self.values}
+
+    def to_table(self, *, with_status: bool = False) -> pa.Table:
+        columns = self.to_dict()
+        if with_status:
+            for name in self.features:
+                columns[f"{name}__age_s"] = self.age_s[name]
+                columns[f"{name}__status"] = self.status[name]
+        return pa.table(columns)
+
+    def rows(self) -> list[dict]:
+        """One dict per entity: its keys and ``features``, ``age_s`` and ``status`` by feature name."""
+        return [
+            {
+                **{k: v[i] for k, v in self.keys.items()},
+                "features": {f: self.values[f][i] for f in self.features},
+                "age_s": {f: self.age_s[f][i] for f in self.features},
+                "status": {f: self.status[f][i] for f in self.features},
+            }
+            for i in range(len(self))
+        ]
+
+
+@dataclass(frozen=True)
+class LookupPlan:
+    """Resolved features: which group reads which names, and the output names in order."""
+
+    key_columns: list[str]
+    requests: list[tuple[FeatureGroup, list[str]]]
+    outputs: list[str]
+
+
+def plan_lookup(resolved: Sequence[tuple[FeatureGroup, str]]) -> LookupPlan:
+    """A plan for resolved (group, feature) pairs, all of one entity and all from online groups."""
+    groups: dict[str, tuple[FeatureGroup, list[str]]] = {}
+    for group, name in resolved:
+        if not group.online:
+            raise OnlineStoreError(
+                f"feature group {group.name!r} is not served online; declare it with online=True "
+                "(then materialize and sync it) or read it offline with get_training_set"
+            )
+        groups.setdefault(group.name, (group, []))[1].append(name)
+    first = resolved[0][0]
+    for group, _ in groups.values():
+        if group.key_columns != first.key_columns:
+            raise OnlineStoreError(
+                f"features of entity {first.entity.name!r} and {group.entity.name!r} cannot be looked up together; "
+                "ask once per entity"
+            )
+    return LookupPlan(list(first.key_columns), list(groups.values()), [name for _, name in resolved])
+
+
+def lookup(
+    online: OnlineStore, plan: LookupPlan, entity_ids: Sequence, *, now: dt.datetime | None = None
+) -> OnlineFeatures:
+    """Read the plan's features for ``entity_ids``: key values, or dicts / tuples of them for composite keys."""
+    key_rows = _key_rows(plan.key_columns, entity_ids)
+    keys = [entity_key(k) for k in key_rows]
+    records = online.read(plan.requests, keys)
+    now_us = to_us(now) if now is not None else _now_us()
+    values: dict[str, list] = {}
+    ages: dict[str, list] = {}
+    statuses: dict[str, list] = {}
+    for (group, names), recs in zip(plan.requests, records, strict=True):
+        ttl = ttl_us(group)
+        age = [None if r is None else (now_us - r.ts) / 1e6 for r in recs]
+        expired = [r is not None and ttl is not None and r.ts + ttl < now_us for r in recs]
+        for j, name in enumerate(names):
+            vals, stat = [], []
+            for r, gone in zip(recs, expired, strict=True):
+                if r is None:
+                    vals.append(None)
+                    stat.append(MISSING)
+                elif gone:
+                    vals.append(None)
+                    stat.append(EXPIRED)
+                else:
+                    v = r.values[j]
+                    vals.append(v)
+                    stat.append(NULL if v is None else PRESENT)
+            values[name], ages[name], statuses[name] = vals, age, stat
+    return OnlineFeatures(
+        keys={k: [row[i] for row in key_rows] for i, k in enumerate(plan.key_columns)},
+        features=list(plan.outputs),
+        values={n: values[n] for n in plan.outputs},
+        age_s={n: ages[n] for n in plan.outputs},
+        status={n: statuses[n] for n in plan.outputs},
+    )
+
+
+def _key_rows(key_columns: list[str], entity_ids: Sequence) -> list[tuple]:
+    if isinstance(entity_ids, str | bytes | dict) or not isinstance(entity_ids, Sequence):
+        raise OnlineStoreError(
+            f"entity_ids must be a list of entity ids (got {type(entity_ids).__name__}); e.g. ['u-0001', 'u-0002']"
+        )
+    rows = []
+    for i, item in enumerate(entity_ids):
+        if isinstance(item, dict):
+            missing = [k for k in key_columns if item.get(k) is None]
+            if missing:
+                raise OnlineStoreError(f"entity_ids[{i}] = {item!r} lacks key(s) {', '.join(missing)}")
+            row = tuple(item[k] for k in key_columns)
+        elif isinstance(item, tuple):
+            row = item
+        else:
+            row = (item,)
+        if len(row) != len(key_columns) or any(v is None for v in row):
+            raise OnlineStoreError(
+                f"entity_ids[{i}] = {item!r} is not a value for the key(s) {', '.join(key_columns)}; "
+                "give one value per key (a dict or tuple for several keys), never None"
+            )
+        rows.append(row)
+    return rows
