@@ -14,8 +14,9 @@ table row, the event time for a value the stream worker wrote). Two backends, on
   values as JSON, written by an upsert guarded by the same rule.
 
 A value is *expired* once ``feature_ts + ttl`` (the group's TTL) has passed: it is read as
-NULL with the status ``expired`` and its age. The record itself is dropped ``retention`` after
-that (Redis key expiry; default one more TTL), after which the entity reads as ``missing``.
+NULL with the status ``expired`` and its age. The record itself is dropped ``retention``
+(default: one more TTL) after it expires, or after it was written if it came in expired (Redis
+key expiry, on the wall clock); the entity then reads as ``missing``.
 
 Values are stored as text: integers and timestamps (microseconds) in decimal, floats by
 ``repr`` (round-trips exactly), booleans as ``1``/``0``, dates as days since 1970-01-01.
@@ -159,7 +160,7 @@ class OnlineStore(ABC):
         """Store each row's values unless a newer value is stored; returns the records written.
 
         ``rows`` has the group's key columns, ``feature_ts`` and its features (``group.arrow_schema()``;
-        other columns are ignored). A row already expired for longer than the retention is skipped.
+        other columns are ignored). A row expired for longer than the retention at ``now`` is skipped.
         """
         missing = [c for c in [*group.key_columns, "feature_ts"] if c not in rows.column_names]
         if missing:
@@ -174,12 +175,11 @@ class OnlineStore(ABC):
         stamps = rows.column("feature_ts").to_pylist()
         columns = [rows.column(f).to_pylist() for f in features]
         ttl = ttl_us(group)
-        keep_us = (
-            None
-            if ttl is None
-            else ttl + (ttl if self.retention is None else int(self.retention.total_seconds() * 1e6))
+        retention = (
+            None if ttl is None else ttl if self.retention is None else int(self.retention.total_seconds() * 1e6)
         )
-        now_us = to_us(now or dt.datetime.now(dt.UTC))
+        wall_us = _now_us()
+        now_us = to_us(now) if now is not None else wall_us
         records = []
         for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True)):
             if stamp is None or any(k is None for k in key):
@@ -188,9 +188,12 @@ class OnlineStore(ABC):
                     "every row needs its entity keys and feature_ts"
                 )
             ts = to_us(stamp)
-            drop_at = None if keep_us is None else ts + keep_us
-            if drop_at is not None and drop_at <= now_us:
-                continue
+            drop_at = None
+            if ttl is not None:
+                if ts + ttl + retention <= now_us:
+                    continue
+                # Physical removal runs on the wall clock: `retention` after expiry, or after now.
+                drop_at = max(ts + ttl, wall_us) + retention
             values = [None if col[i] is None else _encode(col[i]) for col in columns]
             records.append((entity_key(key), ts, drop_at, values))
         written = 0

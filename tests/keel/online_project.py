@@ -1,0 +1,13 @@
+"""A small project for online CLI tests (KEEL_PROJECT=tests.keel.online_project): payments, two online groups."""
+
+from keel.dsl import Entity
+from keel.project import Project
+from tests.conftest import payments_source
+from tests.keel.test_online import online_groups
+from tests.keel.test_store import START
+
+buyer = Entity(name="buyer", join_keys={"user_id": "string"})
+payments = payments_source(buyer)
+# A TTL of ten years keeps the March 2026 test values from expiring on the wall clock.
+spend, spend_ratio = online_groups(payments, ttl="3650d")
+project = Project(name="online", sources=(payments,), start_date=START, feature_groups=(spend, spend_ratio))
