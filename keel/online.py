@@ -129,8 +129,26 @@ DECODERS = {
 }
 
 
-def decoders(group: FeatureGroup, features: Sequence[str]) -> list:
-    return [DECODERS[group.feature_type(group.feature(name))] for name in features]
+@dataclass(frozen=True)
+class Read:
+    """Some features of one group, prepared once: record name, field names (as sent) and decoders."""
+
+    record: str
+    features: tuple[str, ...]
+    fields: tuple[bytes, ...]  # _ts first
+    decoders: tuple
+
+    @staticmethod
+    def of(group: FeatureGroup, features: Sequence[str]) -> Read:
+        return Read(
+            record_name(group),
+            tuple(features),
+            (TS_FIELD.encode(), *(f.encode() for f in features)),
+            tuple(DECODERS[group.feature_type(group.feature(name))] for name in features),
+        )
+
+    def decode(self, raw: Sequence) -> list:
+        return [None if v is None else d(v) for d, v in zip(self.decoders, raw, strict=True)]
 
 
 # The store ---------------------------------------------------------------------------------
@@ -211,23 +229,16 @@ class OnlineStore(ABC):
         self, requests: Sequence[tuple[FeatureGroup, Sequence[str]]], keys: Sequence[str]
     ) -> list[list[Record | None]]:
         """For each (group, features) request, each entity's record (None: not stored), one round trip."""
-        raw = self._read([(record_name(g), list(f)) for g, f in requests], keys)
-        out = []
-        for (group, features), records in zip(requests, raw, strict=True):
-            decode = decoders(group, features)
-            out.append(
-                [
-                    None
-                    if rec is None
-                    else Record(rec[0], [None if v is None else d(v) for d, v in zip(decode, rec[1], strict=True)])
-                    for rec in records
-                ]
-            )
-        return out
+        reads = [Read.of(g, f) for g, f in requests]
+        raw = self._read(reads, keys)
+        return [
+            [None if rec is None else Record(rec[0], read.decode(rec[1])) for rec in records]
+            for read, records in zip(reads, raw, strict=True)
+        ]
 
     @abstractmethod
-    def _read(self, requests: list[tuple[str, list[str]]], keys: Sequence[str]) -> list[list]:
-        """Per request, per key: (ts us, [raw values]) or None."""
+    def _read(self, reads: list[Read], keys: Sequence[str]) -> list[list]:
+        """Per read, per key: (ts us, [raw values]) or None."""
 
     @abstractmethod
     def sample(self, group: FeatureGroup, n: int, seed: int = 0) -> list[str]:
@@ -336,15 +347,15 @@ class RedisOnlineStore(OnlineStore):
         keys = [self._key(record, key) for key, *_ in records]
         return int(self._call(self._script, keys, args))
 
-    def _read(self, requests, keys):
+    def _read(self, reads, keys):
         pipe = self.client.pipeline(transaction=False)
-        for record, features in requests:
-            fields = [TS_FIELD, *features]
+        for read in reads:
+            prefix = f"{self.prefix}:{read.record}:"
             for key in keys:
-                pipe.hmget(f"{self.prefix}:{record}:{key}", fields)
+                pipe.hmget(prefix + key, read.fields)
         replies = self._call(pipe.execute)
         out, i = [], 0
-        for _record, _features in requests:
+        for _read in reads:
             part = []
             for _ in keys:
                 reply = replies[i]
@@ -445,9 +456,9 @@ class SqliteOnlineStore(OnlineStore):
                 raise
         return written
 
-    def _read(self, requests, keys):
+    def _read(self, reads, keys):
         found: dict[tuple[str, str], tuple[int, dict]] = {}
-        records = sorted({r for r, _ in requests})
+        records = sorted({r.record for r in reads})
         now = _now_us()
         with self._lock:
             for start in range(0, len(keys), 500):
@@ -460,11 +471,11 @@ class SqliteOnlineStore(OnlineStore):
                 ):
                     found[(record, entity)] = (ts, json.loads(vals))
         out = []
-        for record, features in requests:
+        for read in reads:
             part = []
             for key in keys:
-                hit = found.get((record, key))
-                part.append(None if hit is None else (hit[0], [hit[1].get(f) for f in features]))
+                hit = found.get((read.record, key))
+                part.append(None if hit is None else (hit[0], [hit[1].get(f) for f in read.features]))
             out.append(part)
         return out
 
@@ -562,6 +573,8 @@ class LookupPlan:
     key_columns: list[str]
     requests: list[tuple[FeatureGroup, list[str]]]
     outputs: list[str]
+    reads: list[Read]
+    ttls: list[int | None]
 
 
 def plan_lookup(resolved: Sequence[tuple[FeatureGroup, str]]) -> LookupPlan:
@@ -581,7 +594,14 @@ def plan_lookup(resolved: Sequence[tuple[FeatureGroup, str]]) -> LookupPlan:
                 f"features of entity {first.entity.name!r} and {group.entity.name!r} cannot be looked up together; "
                 "ask once per entity"
             )
-    return LookupPlan(list(first.key_columns), list(groups.values()), [name for _, name in resolved])
+    requests = list(groups.values())
+    return LookupPlan(
+        list(first.key_columns),
+        requests,
+        [name for _, name in resolved],
+        [Read.of(g, names) for g, names in requests],
+        [ttl_us(g) for g, _ in requests],
+    )
 
 
 def lookup(
@@ -590,26 +610,26 @@ def lookup(
     """Read the plan's features for ``entity_ids``: key values, or dicts / tuples of them for composite keys."""
     key_rows = _key_rows(plan.key_columns, entity_ids)
     keys = [entity_key(k) for k in key_rows]
-    records = online.read(plan.requests, keys)
+    raw = online._read(plan.reads, keys)  # noqa: SLF001 - the plan carries the prepared reads
     now_us = to_us(now) if now is not None else _now_us()
     values: dict[str, list] = {}
     ages: dict[str, list] = {}
     statuses: dict[str, list] = {}
-    for (group, names), recs in zip(plan.requests, records, strict=True):
-        ttl = ttl_us(group)
-        age = [None if r is None else (now_us - r.ts) / 1e6 for r in recs]
-        expired = [r is not None and ttl is not None and r.ts + ttl < now_us for r in recs]
-        for j, name in enumerate(names):
+    for read, ttl, recs in zip(plan.reads, plan.ttls, raw, strict=True):
+        age = [None if r is None else (now_us - r[0]) / 1e6 for r in recs]
+        # Per entity: decoded values, or a status for all of them (missing / expired).
+        rows = [
+            MISSING if r is None else EXPIRED if ttl is not None and r[0] + ttl < now_us else read.decode(r[1])
+            for r in recs
+        ]
+        for j, name in enumerate(read.features):
             vals, stat = [], []
-            for r, gone in zip(recs, expired, strict=True):
-                if r is None:
+            for row in rows:
+                if isinstance(row, str):
                     vals.append(None)
-                    stat.append(MISSING)
-                elif gone:
-                    vals.append(None)
-                    stat.append(EXPIRED)
+                    stat.append(row)
                 else:
-                    v = r.values[j]
+                    v = row[j]
                     vals.append(v)
                     stat.append(NULL if v is None else PRESENT)
             values[name], ages[name], statuses[name] = vals, age, stat
