@@ -30,6 +30,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
         "ingest_clicks",
         "ingest_signups",
         "ingest_transactions",
+        "online_sync",
     ]
     for group in ("user_transactions", "user_clicks", "user_profile", "user_engagement"):
         assert lake.partition_rows(f"features.{group}"), f"features.{group} is empty"
@@ -37,6 +38,12 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert f"{labels:,} rows x " in out
     assert all(run.is_success for run in runs)
     assert (settings.dagster_home / "dagster.yaml").exists()
+
+    # The online store holds each user's latest values, all equal to offline, and a lookup is shown.
+    for group in ("user_transactions", "user_clicks", "user_engagement"):
+        assert f"consistency {group:<20}100.00% of" in out
+    assert "lookup of 5 features for 3 users" in out
+    assert (settings.home / "online.db").exists()
 
     # A second demo changes no content: ingests merge by event id.
     before = {t: sum(lake.partition_rows(t).values()) for t in lake.tables()}
