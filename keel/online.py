@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keel.config import Settings
 from keel.dsl import FeatureGroup, window_seconds
@@ -91,16 +92,21 @@ def from_us(us: int) -> dt.datetime:
 # Encoding ----------------------------------------------------------------------------------
 
 
-def _encode(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dt.datetime):
-        return str(to_us(value))
-    if isinstance(value, dt.date):
-        return str((value - _EPOCH_DATE).days)
-    return str(value)
+def _encode_column(column: pa.ChunkedArray, typ: str) -> list:
+    """A column's values as stored text (None stays None), converted a whole column at a time."""
+    if typ in ("timestamp", "date"):
+        column = pc.cast(column, pa.timestamp("us", tz="UTC") if typ == "timestamp" else pa.date32())
+        column = pc.cast(column, pa.int64() if typ == "timestamp" else pa.int32())
+    values = column.to_pylist()
+    if typ == "float64":
+        convert = float.__repr__
+    elif typ == "bool":
+        return [None if v is None else "1" if v else "0" for v in values]
+    elif typ == "string":
+        return values
+    else:
+        convert = str
+    return [None if v is None else convert(v) for v in values]
 
 
 def _decode_bool(raw) -> bool:
@@ -189,9 +195,16 @@ class OnlineStore(ABC):
         if rows.num_rows == 0:
             return 0
         features = [f.name for f in group.features if f.name in rows.column_names]
-        keys = list(zip(*(rows.column(k).to_pylist() for k in group.key_columns), strict=True))
-        stamps = rows.column("feature_ts").to_pylist()
-        columns = [rows.column(f).to_pylist() for f in features]
+        key_cols = [rows.column(k) for k in group.key_columns]
+        stamps = pc.cast(pc.cast(rows.column("feature_ts"), pa.timestamp("us", tz="UTC")), pa.int64())
+        bad = [i for i, c in enumerate([*key_cols, stamps]) if c.null_count]
+        if bad:
+            raise OnlineStoreError(
+                f"feature group {group.name!r}: {rows.num_rows} row(s) with a NULL key or feature_ts "
+                f"({', '.join([*group.key_columns, 'feature_ts'][i] for i in bad)}); every row needs both"
+            )
+        keys = [entity_key(k) for k in zip(*(c.to_pylist() for c in key_cols), strict=True)]
+        columns = [_encode_column(rows.column(f), group.feature_type(group.feature(f))) for f in features]
         ttl = ttl_us(group)
         retention = (
             None if ttl is None else ttl if self.retention is None else int(self.retention.total_seconds() * 1e6)
@@ -199,21 +212,14 @@ class OnlineStore(ABC):
         wall_us = _now_us()
         now_us = to_us(now) if now is not None else wall_us
         records = []
-        for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True)):
-            if stamp is None or any(k is None for k in key):
-                raise OnlineStoreError(
-                    f"feature group {group.name!r}: row {i} has a NULL key or feature_ts ({key}, {stamp}); "
-                    "every row needs its entity keys and feature_ts"
-                )
-            ts = to_us(stamp)
+        for key, ts, values in zip(keys, stamps.to_pylist(), zip(*columns, strict=True), strict=True):
             drop_at = None
             if ttl is not None:
                 if ts + ttl + retention <= now_us:
                     continue
                 # Physical removal runs on the wall clock: `retention` after expiry, or after now.
                 drop_at = max(ts + ttl, wall_us) + retention
-            values = [None if col[i] is None else _encode(col[i]) for col in columns]
-            records.append((entity_key(key), ts, drop_at, values))
+            records.append((key, ts, drop_at, values))
         written = 0
         for start in range(0, len(records), WRITE_BATCH):
             written += self._write(group, features, records[start : start + WRITE_BATCH])
@@ -269,34 +275,36 @@ class OnlineStore(ABC):
 
 # Redis -------------------------------------------------------------------------------------
 
-# KEYS: records. ARGV: n features, their names, then per key: ts, drop-at ms (0: never), a
-# NULL mask ('1' = NULL) and the n encoded values. Returns how many keys were written.
+# KEYS: the records' keys. ARGV[1]: JSON {"f": [feature names], "r": [[ts, drop-at ms or 0,
+# [encoded value or null, ...]], ...]}, one row per key, numbers as strings so none loses digits
+# (Lua's numbers are doubles: exact for microsecond timestamps, printed in exponent form).
+# One argument keeps redis-py's packing cheap; Redis decodes it with its built-in cjson.
 _WRITE_SCRIPT = """
-local n = tonumber(ARGV[1])
-local pos = n + 2
+local batch = cjson.decode(ARGV[1])
+local names = batch.f
 local written = 0
 for i, key in ipairs(KEYS) do
-  local ts = ARGV[pos]
-  local drop_at = tonumber(ARGV[pos + 1])
-  local nulls = ARGV[pos + 2]
+  local row = batch.r[i]
+  local ts = row[1]
   local old = redis.call('HGET', key, '_ts')
   if (not old) or tonumber(old) <= tonumber(ts) then
     local set = {'_ts', ts}
     local del = {}
-    for j = 1, n do
-      if string.sub(nulls, j, j) == '1' then
-        del[#del + 1] = ARGV[1 + j]
+    for j, name in ipairs(names) do
+      local v = row[3][j]
+      if v == cjson.null then
+        del[#del + 1] = name
       else
-        set[#set + 1] = ARGV[1 + j]
-        set[#set + 1] = ARGV[pos + 2 + j]
+        set[#set + 1] = name
+        set[#set + 1] = v
       end
     end
     if #del > 0 then redis.call('HDEL', key, unpack(del)) end
     redis.call('HSET', key, unpack(set))
+    local drop_at = tonumber(row[2])
     if drop_at > 0 then redis.call('PEXPIREAT', key, drop_at) else redis.call('PERSIST', key) end
     written = written + 1
   end
-  pos = pos + 3 + n
 end
 return written
 """
@@ -334,18 +342,13 @@ class RedisOnlineStore(OnlineStore):
             ) from None
 
     def _write(self, group, features, records) -> int:
-        record = record_name(group)
-        args = [len(features), *features]
-        for _key, ts, drop_at, values in records:
-            nulls = "".join("1" if v is None else "0" for v in values)
-            args += [
-                ts,
-                0 if drop_at is None else math.ceil(drop_at / 1000),
-                nulls,
-                *("" if v is None else v for v in values),
-            ]
-        keys = [self._key(record, key) for key, *_ in records]
-        return int(self._call(self._script, keys, args))
+        prefix = f"{self.prefix}:{record_name(group)}:"
+        rows = [
+            [str(ts), str(0 if drop_at is None else math.ceil(drop_at / 1000)), values]
+            for _, ts, drop_at, values in records
+        ]
+        batch = json.dumps({"f": features, "r": rows}, separators=(",", ":"))
+        return int(self._call(self._script, [prefix + key for key, *_ in records], [batch]))
 
     def _read(self, reads, keys):
         pipe = self.client.pipeline(transaction=False)
