@@ -10,6 +10,8 @@ from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
 from keel.lakehouse import Lakehouse
 
+pytest_plugins = ["tests.servers"]
+
 # Keep third-party tools quiet and offline for every test, whatever the caller's shell exports.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
