@@ -192,18 +192,21 @@ def _convert(col: Column, raw: str, batch_type: pa.DataType) -> str:
     return f"TRY_CAST({text} AS {DUCKDB_TYPES[col.type]})"
 
 
-def _validate_into(
-    con: duckdb.DuckDBPyConnection, source: EventSource, batch: pa.Table, file_idx: int, now: dt.datetime
-) -> None:
+def check_select(source: EventSource, batch_schema: pa.Schema, now: dt.datetime) -> str:
+    """The select list that types a batch's columns and gives each row ``_code``, ``_reason`` and ``_record``.
+
+    ``_code`` is NULL for a good row; otherwise the first reason code that applies, with every
+    problem in ``_reason`` and the row as JSON text in ``_record``. ``_row`` passes through.
+    """
     keys = set(source.key_columns) | {source.timestamp} | ({source.event_id} if source.event_id else set())
     converted, codes, messages, raw_json = [], [], [], []
-    if "_malformed" in batch.column_names:
+    if "_malformed" in batch_schema.names:
         codes.append("CASE WHEN _malformed THEN 'malformed_record' END")
     for col in source.all_columns():
         raw = f'"{col.name}"'
         if col.name in keys and col.type == "string":
             raw = f"NULLIF(trim({raw}), '')"
-        conv = _convert(col, raw, batch.schema.field(col.name).type)
+        conv = _convert(col, raw, batch_schema.field(col.name).type)
         converted.append(f'{conv} AS "{col.name}"')
         raw_json.append(f'"{col.name}" := CAST("{col.name}" AS VARCHAR)')
         if not col.nullable:
@@ -217,7 +220,7 @@ def _validate_into(
             f"CASE WHEN {bad} THEN '{col.name}: ' || to_json(CAST({raw} AS VARCHAR)) || ' is not {_TYPE_WORDS.get(col.type, col.type)}' END"
         )
     limit = now + dt.timedelta(seconds=source.max_future_skew_s)
-    ts = _convert(source.column(source.timestamp), f'"{source.timestamp}"', batch.schema.field(source.timestamp).type)
+    ts = _convert(source.column(source.timestamp), f'"{source.timestamp}"', batch_schema.field(source.timestamp).type)
     future = f"({ts} > TIMESTAMPTZ '{limit.isoformat()}')"
     codes.append(f"CASE WHEN {future} THEN 'future_timestamp' END")
     messages.append(
@@ -227,18 +230,25 @@ def _validate_into(
     # VARCHAR, not JSON: coalesced with a malformed line's text, JSON would make DuckDB parse that text.
     record = "CAST(to_json(struct_pack(" + ", ".join(raw_json) + ")) AS VARCHAR)"
     reason = f"concat_ws('; ', {', '.join(messages)})"
-    if "_malformed" in batch.column_names:
+    if "_malformed" in batch_schema.names:
         # A line that is no object has no fields: every column's "missing" would only repeat that.
         reason = f"CASE WHEN _malformed THEN 'line is not a JSON object' ELSE {reason} END"
+    return (
+        "_row, "
+        + ", ".join(converted)
+        + f", coalesce({', '.join(codes)}) AS _code, {reason} AS _reason, "
+        + (f"coalesce(_raw, {record})" if "_raw" in batch_schema.names else record)
+        + " AS _record"
+    )
+
+
+def _validate_into(
+    con: duckdb.DuckDBPyConnection, source: EventSource, batch: pa.Table, file_idx: int, now: dt.datetime
+) -> None:
+    select = check_select(source, batch.schema, now)
     con.register("batch", batch)
     try:
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE checked AS SELECT _row, "
-            + ", ".join(converted)
-            + f", coalesce({', '.join(codes)}) AS _code, {reason} AS _reason, "
-            + (f"coalesce(_raw, {record})" if "_raw" in batch.column_names else record)
-            + " AS _record FROM batch"
-        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE checked AS SELECT {select} FROM batch")
     finally:
         con.unregister("batch")
     names = ", ".join(f'"{c.name}"' for c in source.all_columns())
