@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from keel import cli_features, cli_online
+from keel import cli_features, cli_online, cli_stream
 from keel.config import ConfigError, Settings
 from keel.dsl import DeclarationError
 
@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--drift-after", type=int, default=None, metavar="DAY")
     p.add_argument("--out", type=Path, default=None, help="folder to write into (default: the landing folder)")
+    p.add_argument("--to-kafka", action="store_true", help="stream events now to the sources' topics (KEEL_KAFKA_BOOTSTRAP)")
+    p.add_argument("--rate", type=float, default=100.0, help="with --to-kafka: events per second (default 100)")
+    p.add_argument("--seconds", type=float, default=None, help="with --to-kafka: stop after this long (default: Ctrl-C)")
+    p.add_argument("--bad-every", type=int, default=None, metavar="K", help="with --to-kafka: every K-th event malformed")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ingest", help="validate files and land them through write-audit-publish")
@@ -71,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_features.add_commands(sub)
     cli_online.add_commands(sub)
+    cli_stream.add_commands(sub)
 
     p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
     p.set_defaults(func=cmd_demo)
@@ -90,6 +95,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.to_kafka:
+        return cli_stream.cmd_generate_kafka(args)
     settings = Settings.from_env()
     project = _project(settings)
     if project.generate is None or project.write_files is None:
@@ -174,7 +181,9 @@ def cmd_quarantine(args) -> int:
     )
     print(f"{data.num_rows} quarantined rows")
     for row in data.slice(0, args.limit).to_pylist():
-        print(f"  {row['source']} {Path(row['file']).name}:{row['row_number']}  [{row['reason_code']}] {row['reason']}")
+        # A file by its name; a Kafka partition (kafka://topic/partition, row = offset) in full.
+        where = row["file"] if "://" in row["file"] else Path(row["file"]).name
+        print(f"  {row['source']} {where}:{row['row_number']}  [{row['reason_code']}] {row['reason']}")
     return 0
 
 

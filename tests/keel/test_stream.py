@@ -1,0 +1,279 @@
+"""The stream worker against a real broker: exactly once into Iceberg, dead letters with reasons, drains on stop."""
+
+import datetime as dt
+import json
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+
+from keel import cli
+from keel.config import ConfigError, Settings
+from keel.ingest import QUARANTINE_TABLE
+from keel.lakehouse import Lakehouse
+from keel.producer import EventProducer
+from keel.stream import StreamConfig, StreamError, StreamWorker
+from keel.stream_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, end_offsets, recorded_offsets
+from pipelines import project
+
+TOPICS = {s.kafka_topic: 2 for s in project.sources if s.kafka_topic}
+SOURCES = {s.kafka_topic: s for s in project.sources if s.kafka_topic}
+
+
+@pytest.fixture
+def stream_env(keel_home, kafka_topics, monkeypatch):
+    bootstrap = kafka_topics(TOPICS)
+    monkeypatch.setenv("KEEL_KAFKA_BOOTSTRAP", bootstrap)
+    return bootstrap
+
+
+def config(**kw) -> StreamConfig:
+    base = {
+        "group_id": f"test-{time.monotonic_ns()}",
+        "batch_seconds": 0.5,
+        "metrics_port": 0,
+        "session_timeout_ms": 1000,
+        "online": False,
+    }
+    return StreamConfig(**{**base, **kw})
+
+
+class Running:
+    """A worker running in a thread until ``stop()``."""
+
+    def __init__(self, worker: StreamWorker) -> None:
+        self.worker = worker
+        self.ready = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(20) or self.error, "worker did not get its partitions"
+
+    def _run(self):
+        try:
+            self.worker.run(ready=self.ready)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+            self.ready.set()
+
+    def stop(self):
+        self.worker.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        if self.error:
+            raise self.error
+
+
+def produced(bootstrap: str) -> dict[str, list[dict]]:
+    """Every message on the source topics, parsed where it parses: topic -> [{partition, offset, event}]."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(t, p) for t, n in TOPICS.items() for p in range(n)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    ends = end_offsets(bootstrap, tps)
+    out = {t: [] for t in TOPICS}
+    deadline = time.monotonic() + 10
+    while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=200).items():
+            for r in records:
+                try:
+                    event = json.loads(r.value)
+                except ValueError:
+                    event = None
+                out[tp.topic].append({"partition": r.partition, "offset": r.offset, "event": event})
+    consumer.close()
+    return out
+
+
+def valid_messages(messages) -> dict[str, set[str]]:
+    """Per topic, the event ids of the messages the producer did not spoil."""
+    out = {}
+    for topic, items in messages.items():
+        out[topic] = {
+            m["event"]["event_id"]
+            for m in items
+            if m["event"]
+            and "user_id" in m["event"]
+            and m["event"]["event_ts"].endswith("Z")
+            and not any(isinstance(v, str) and v.startswith("not ") for v in m["event"].values())
+        }
+    return out
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def raw_rows(lake: Lakehouse, source) -> int:
+    return lake.read(source.table_name, columns=[source.timestamp]).num_rows
+
+
+def test_events_land_once_bad_ones_in_quarantine_offsets_committed(stream_env):
+    bootstrap = stream_env
+    settings = Settings.from_env()
+    with EventProducer(bootstrap, project.sources, users=30, seed=3, bad_every=25) as producer:
+        report = producer.produce(300)
+        producer.producer.flush()
+    cfg = config()
+    run = Running(StreamWorker(settings, project, cfg))
+    lake = Lakehouse.from_settings(settings)
+    valid = report.total - report.bad
+    wait_for(lambda: sum(raw_rows(lake, s) for s in SOURCES.values()) >= valid, what="all valid events in Iceberg")
+    # More events while running: a second batch lands too.
+    with EventProducer(bootstrap, project.sources, users=30, seed=4) as producer:
+        report2 = producer.produce(100)
+    wait_for(lambda: sum(raw_rows(lake, s) for s in SOURCES.values()) >= valid + report2.total, what="second batch")
+    run.stop()
+
+    messages = produced(bootstrap)
+    for topic, source in SOURCES.items():
+        table = lake.read(source.table_name)
+        ids = table["event_id"].to_pylist()
+        assert len(ids) == len(set(ids)), f"{source.name}: duplicate rows"
+        assert set(ids) == valid_messages(messages)[topic]
+        # The table records where to start each partition: its end.
+        lake_table = lake.table(source.table_name)
+        ends = {p: sum(1 for m in messages[topic] if m["partition"] == p) for p in range(TOPICS[topic])}
+        assert recorded_offsets(lake_table, topic) == {p: n for p, n in ends.items() if n}
+        head = lake_table.current_snapshot().summary.additional_properties
+        assert json.loads(head[OFFSETS_PROPERTY])[topic] == {str(p): n for p, n in ends.items() if n}
+        assert head["keel.source"] == f"stream:{source.name}"
+        assert pc.min(table["event_ts"]).as_py() > dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+
+    quarantine = lake.read(QUARANTINE_TABLE).sort_by([("file", "ascending"), ("row_number", "ascending")])
+    assert quarantine.num_rows == report.bad
+    codes = sorted(quarantine["reason_code"].to_pylist())
+    assert set(codes) == {"malformed_record", "missing_key", "wrong_type", "bad_timestamp"}
+    for row in quarantine.to_pylist():
+        topic = row["file"].removeprefix("kafka://").rsplit("/", 1)[0]
+        partition = int(row["file"].rsplit("/", 1)[1])
+        message = next(m for m in messages[topic] if m["partition"] == partition and m["offset"] == row["row_number"])
+        assert row["source"] == SOURCES[topic].name
+        assert row["reason"]
+        if row["reason_code"] == "malformed_record":
+            assert message["event"] is None and row["record"] == '{"not json": '
+
+    # Kafka holds the same offsets, committed after the appends.
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    committed = admin.list_group_offsets({cfg.group_id: None})[cfg.group_id]
+    admin.close()
+    for topic in TOPICS:
+        for p in range(TOPICS[topic]):
+            n = sum(1 for m in messages[topic] if m["partition"] == p)
+            if n:
+                assert committed[TopicPartition(topic, p)].offset == n
+
+
+def test_a_repeated_event_id_is_dead_lettered_as_a_duplicate(stream_env):
+    bootstrap = stream_env
+    settings = Settings.from_env()
+    event = {
+        "event_id": "t-dup-1",
+        "user_id": "u00001",
+        "event_ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "amount": 12.5,
+        "currency": "EUR",
+        "country": "DE",
+        "merchant_category": "books",
+        "is_refund": False,
+    }
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    producer.send("shop.transactions", key=b"u00001", value=json.dumps(event).encode())
+    producer.flush()
+    run = Running(StreamWorker(settings, project, config()))
+    lake = Lakehouse.from_settings(settings)
+    wait_for(lambda: raw_rows(lake, SOURCES["shop.transactions"]) == 1, what="the first copy in Iceberg")
+    # The same event again, in a later poll, and twice in one poll.
+    for _ in range(3):
+        producer.send("shop.transactions", key=b"u00001", value=json.dumps(event).encode())
+    producer.flush()
+    producer.close()
+    wait_for(lambda: lake.exists(QUARANTINE_TABLE) and lake.read(QUARANTINE_TABLE).num_rows == 3, what="3 dead letters")
+    run.stop()
+    assert raw_rows(lake, SOURCES["shop.transactions"]) == 1
+    rows = lake.read(QUARANTINE_TABLE).sort_by("row_number").to_pylist()
+    assert [r["reason_code"] for r in rows] == ["duplicate_event_id"] * 3
+    assert [r["row_number"] for r in rows] == [1, 2, 3]
+    first = rows[0]["file"]
+    assert all(r["reason"] == f'duplicate event_id "t-dup-1" (first at {first} row 0)' for r in rows)
+    assert json.loads(rows[0]["record"])["amount"] == "12.5"
+
+
+def offsets_rows(source, n: int, partition: int, first: int) -> pa.Table:
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "event_id": f"e{partition}-{first + i}",
+            "user_id": f"u{i % 3:05d}",
+            "event_ts": now,
+            "amount": 1.0 + i,
+            "currency": "EUR",
+            "country": "DE",
+            "merchant_category": "books",
+            "is_refund": False,
+        }
+        for i in range(n)
+    ]
+    table = pa.Table.from_pylist(rows, schema=source.arrow_schema())
+    return table.append_column(PARTITION, pa.array([partition] * n, pa.int32())).append_column(
+        OFFSET, pa.array(range(first, first + n), pa.int64())
+    )
+
+
+def test_appends_skip_what_the_table_already_records_and_survive_compaction(lake):
+    source = SOURCES["shop.transactions"]
+    lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
+    first = append_exactly_once(lake, source, offsets_rows(source, 5, 0, 0), {0: 5}, "run-a")
+    assert (first.rows, first.skipped, first.offsets) == (5, 0, {0: 5})
+    # A replay of offsets 3..7 of partition 0 with partition 1 new: only 5..7 and partition 1 land.
+    replay = pa.concat_tables([offsets_rows(source, 5, 0, 3), offsets_rows(source, 2, 1, 0)])
+    second = append_exactly_once(lake, source, replay, {0: 8, 1: 2}, "run-b")
+    assert (second.rows, second.skipped, second.offsets) == (5, 2, {0: 8, 1: 2})
+    ids = lake.read(source.table_name)["event_id"].to_pylist()
+    assert sorted(ids) == sorted([f"e0-{i}" for i in range(8)] + ["e1-0", "e1-1"])
+    # Compaction writes a snapshot without offsets; the table property still has them.
+    lake.compact(source.table_name, day_column=source.timestamp, run_id="compact", min_files=2)
+    table = lake.table(source.table_name)
+    assert OFFSETS_PROPERTY not in table.current_snapshot().summary.additional_properties
+    assert recorded_offsets(table, source.kafka_topic) == {0: 8, 1: 2}
+
+
+def test_a_concurrent_writer_of_the_same_offsets_wins_and_the_retry_skips_its_rows(lake, monkeypatch):
+    source = SOURCES["shop.transactions"]
+    lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
+    rows = offsets_rows(source, 4, 0, 0)
+    stale = lake.table(source.table_name)
+    # Another worker (a zombie after a rebalance) appends the same offsets between our read and our commit.
+    append_exactly_once(lake, source, rows, {0: 4}, "other")
+    calls = []
+    real_table = lake.table
+
+    def table_then_fresh(name):
+        calls.append(name)
+        return stale if len(calls) == 1 else real_table(name)
+
+    monkeypatch.setattr(lake, "table", table_then_fresh)
+    result = append_exactly_once(lake, source, rows, {0: 4}, "ours")
+    assert (result.rows, result.skipped, result.attempts) == (0, 4, 2)
+    monkeypatch.undo()
+    assert lake.read(source.table_name).num_rows == 4
+
+
+def test_bad_settings_name_the_variable_or_the_source(keel_home, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="KEEL_KAFKA_BOOTSTRAP is not set"):
+        StreamWorker(Settings.from_env(), project, config())
+    assert cli.main(["stream"]) == 2
+    assert "export KEEL_KAFKA_BOOTSTRAP=host:9092" in capsys.readouterr().err
+    monkeypatch.setenv("KEEL_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    with pytest.raises(StreamError, match=r"sources \['churn_labels'\] have no kafka_topic"):
+        StreamWorker(Settings.from_env(), project, config(sources=("churn_labels",)))
+    with pytest.raises(StreamError, match="batch_seconds=0 must be positive"):
+        StreamWorker(Settings.from_env(), project, config(batch_seconds=0))
