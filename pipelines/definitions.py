@@ -9,6 +9,7 @@ from assets.raw_events import raw_event_definitions
 from pipelines import project
 from resources import resource_definitions
 from sensors.landing import sensor_definitions
+from sensors.stream import stream_sensor_definitions
 
 raw = raw_event_definitions(project)
 
@@ -18,5 +19,6 @@ defs = dg.Definitions.merge(
     online_definitions(project),
     maintenance_definitions(),
     sensor_definitions(project, list(raw.jobs)),
+    stream_sensor_definitions(project),
     resource_definitions(),
 )
