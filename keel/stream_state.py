@@ -98,6 +98,7 @@ class StreamFeatures:
         self._con = duckdb.connect()
         self._con.execute("SET TimeZone = 'UTC'")
         self._con.execute("SET threads = 1")  # statements here are small; the worker scales by processes
+        self._con.execute("SET preserve_insertion_order = true")  # results are read back in probe order
 
     # Inputs ------------------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ class StreamFeatures:
                 if feat.window_s is None:
                     columns[feat.name] = state.lifetime[(feat.agg, feat.column, feat.where)].values(eids, typ)
                 else:
-                    columns[feat.name] = window_feature(events, feat, typ, feat.name)
+                    columns[feat.name] = window_feature(events, feat, typ)
             except ValueError as exc:
                 raise StreamStateError(f"feature group {group.name!r}: {exc}") from None
         if group.ttl is not None:
@@ -354,18 +355,16 @@ class _SourceState:
     # Ingest --------------------------------------------------------------------------------
 
     def ingest(self, table: pa.Table, touch: bool, con: duckdb.DuckDBPyConnection) -> None:
+        """Validated events into latest times, lifetime states and buffers (``touch``: report their entities)."""
         if not table.num_rows:
             return
         ids = self.entities.ids(table, self.source.key_columns)
         ts = _micros(table.column(self.source.timestamp))
-        event_ids = None
-        if self.has_ids:
-            event_ids = table.column(self.source.event_id)
-            order = _order(ids, ts, event_ids)
-            event_ids = event_ids.to_numpy(zero_copy_only=False)[order]
-        else:
-            order = np.lexsort((ts, ids))
+        event_ids = table.column(self.source.event_id).to_numpy(zero_copy_only=False) if self.has_ids else None
+        order = _order(ids, ts, event_ids)
         ids, ts = ids[order], ts[order]
+        if event_ids is not None:
+            event_ids = event_ids[order]
         columns, vocabs = {}, {}
         for c in self.columns:
             values, valid, vocabs[c] = _encode(table.column(c), self.types[c])
@@ -440,7 +439,7 @@ class _SourceState:
     def _buffer(self, ents: np.ndarray, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray) -> None:
         """Each entity's new rows (already in order) into its buffer: appended, or merged if any is late."""
         ts, ids = self.log[("ts",)], self.log.get(("id",))
-        late = []
+        late, heads, tails = [], [], []
         for u, a, b in zip(ents.tolist(), starts.tolist(), ends.tolist(), strict=True):
             new, old = rows[a:b], self.buffers[u]
             if old is None:
@@ -450,19 +449,24 @@ class _SourceState:
             if ts[first] > ts[last] or (ts[first] == ts[last] and (ids is None or ids[first] > ids[last])):
                 self.buffers[u] = np.concatenate((old, new))
             else:
-                late.append((u, np.concatenate((old, new))))
+                # Only the buffer's tail from the first late event's time on needs merging.
+                cut = int(np.searchsorted(ts[old], ts[first], "left"))
+                late.append(u)
+                heads.append(old[:cut])
+                tails.append(np.concatenate((old[cut:], new)))
         if late:
-            owners = np.concatenate([np.full(len(r), u) for u, r in late])
-            merged = np.concatenate([r for _, r in late])
-            merged = merged[_order(owners, ts[merged], None if ids is None else pa.array(ids[merged], pa.string()))]
-            bounds = np.cumsum([len(r) for _, r in late])[:-1]
-            for (u, _), buffer in zip(late, np.split(merged, bounds), strict=True):
-                self.buffers[u] = buffer
+            lengths = [len(t) for t in tails]
+            merged = np.concatenate(tails)
+            owners = np.repeat(np.array(late), lengths)
+            merged = merged[_order(owners, ts[merged], None if ids is None else ids[merged])]
+            for u, head, tail in zip(late, heads, np.split(merged, np.cumsum(lengths)[:-1]), strict=True):
+                self.buffers[u] = np.concatenate((head, tail))
         self.oldest[ents] = ts[[self.buffers[u][0] for u in ents.tolist()]]
 
     def _grow(self, size: int) -> None:
+        """Room for entity ids below ``size`` (capacity doubles, so new entities cost amortised O(1))."""
         if size > len(self.latest):
-            extra = size - len(self.latest)
+            extra = max(size, 2 * len(self.latest), 64) - len(self.latest)
             self.buffers += [None] * extra
             self.oldest = np.r_[self.oldest, np.full(extra, _NEVER)]
             self.latest = np.r_[self.latest, np.full(extra, _NO_EVENT)]
@@ -602,12 +606,26 @@ def _derived_error(group: FeatureGroup, exc: duckdb.Error) -> StreamStateError:
     )
 
 
-def _order(owners: np.ndarray, ts: np.ndarray, event_ids) -> np.ndarray:
-    """The permutation sorting rows by (entity, time, event id); stable, so without ids arrival order stays."""
-    if event_ids is None:
-        return np.lexsort((ts, owners))
-    keys = pa.table({"e": owners, "t": ts, "i": event_ids})
-    return pc.sort_indices(keys, sort_keys=[("e", "ascending"), ("t", "ascending"), ("i", "ascending")]).to_numpy()
+def _order(owners: np.ndarray, ts: np.ndarray, event_ids: np.ndarray | None) -> np.ndarray:
+    """The permutation sorting rows by (entity, time, event id); stable, so without ids arrival order stays.
+
+    Event ids (strings) are only compared among rows that tie on (entity, time).
+    """
+    order = np.lexsort((ts, owners))
+    if event_ids is None or len(order) < 2:
+        return order
+    o, t = owners[order], ts[order]
+    same = (o[1:] == o[:-1]) & (t[1:] == t[:-1])
+    if not same.any():
+        return order
+    tied = np.zeros(len(order), bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    at = np.flatnonzero(tied)
+    keys = pa.table({"e": o[at], "t": t[at], "i": pa.array(event_ids[order[at]], pa.string())})
+    by_id = pc.sort_indices(keys, sort_keys=[("e", "ascending"), ("t", "ascending"), ("i", "ascending")])
+    order[at] = order[at][by_id.to_numpy()]
+    return order
 
 
 def _encode(column: pa.ChunkedArray, typ: str) -> tuple[np.ndarray, np.ndarray, list | None]:

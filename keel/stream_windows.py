@@ -145,8 +145,10 @@ class Events:
             at = np.arange(self.runs.size) if seen is None else np.flatnonzero(seen)
             if not len(at):
                 return at
-            _, dense = np.unique(self.distinct_codes(column)[at], return_inverse=True)
-            key = self.runs.run[at] * (int(dense.max()) + 1) + dense.reshape(-1)
+            codes = self.distinct_codes(column)[at]
+            if codes.min() < 0 or int(codes.max()) * len(self.runs.end) >= 1 << 62:
+                codes = np.unique(codes, return_inverse=True)[1].reshape(-1)  # dense, so pairs fit one int64
+            key = self.runs.run[at] * (int(codes.max()) + 1) + codes
             order = np.argsort(key, kind="stable")  # keeps time order within a value
             key = key[order]
             last = np.ones(len(key), bool)
@@ -335,7 +337,7 @@ def unrank(events: Events, column: str, found: np.ndarray, empty: np.ndarray) ->
     return code_of_rank[np.where(empty, 0, found)]
 
 
-def window_feature(events: Events, feat: Feature, typ: str, name: str) -> pa.Array:
+def window_feature(events: Events, feat: Feature, typ: str) -> pa.Array:
     """One feature's values over each probe's window ``(t - w, t]``."""
     runs = events.runs
     lo, end = runs.lower(None if feat.window_s is None else feat.window_s * 1_000_000), runs.end
@@ -350,7 +352,7 @@ def window_feature(events: Events, feat: Feature, typ: str, name: str) -> pa.Arr
     n = count(events.seen(column, feat.where), lo, end)
     empty = n == 0
     if agg in ("sum", "avg") and events.types[column] == "int64":
-        total = int_sum(events.columns[column][0], events.seen(column, feat.where), lo, end, name)
+        total = int_sum(events.columns[column][0], events.seen(column, feat.where), lo, end, feat.name)
         values = total.astype(np.float64) / np.maximum(n, 1) if agg == "avg" else total
         return pa.array(values, COLUMN_TYPES[typ], mask=empty)
     if agg in ("sum", "avg", "stddev"):
@@ -558,7 +560,7 @@ class Lifetime:
             total = float_total(*(st[k][eids] for k in ("hi", "lo", "nan", "pos", "neg")))
             return pa.array(total / np.maximum(n, 1) if feat.agg == "avg" else total, pa.float64(), mask=empty)
         if self.kind == "stddev":
-            sd = stddev(n, *(st[k][eids] for k in ("h1", "l1", "h2", "l2")), np.maximum(st["exp"][eids], -1000))
+            sd = stddev(n, *(st[k][eids] for k in ("h1", "l1", "h2", "l2")), st["exp"][eids])
             sd = np.where(st["low"][eids] == st["high"][eids], 0.0, sd)
             sd = np.where(st["bad"][eids] > 0, np.nan, sd)
             return pa.array(sd, pa.float64(), mask=n < 2)
