@@ -46,10 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--drift-after", type=int, default=None, metavar="DAY")
     p.add_argument("--out", type=Path, default=None, help="folder to write into (default: the landing folder)")
-    p.add_argument("--to-kafka", action="store_true", help="stream events now to the sources' topics (KEEL_KAFKA_BOOTSTRAP)")
+    p.add_argument(
+        "--to-kafka", action="store_true", help="stream events now to the sources' topics (KEEL_KAFKA_BOOTSTRAP)"
+    )
     p.add_argument("--rate", type=float, default=100.0, help="with --to-kafka: events per second (default 100)")
-    p.add_argument("--seconds", type=float, default=None, help="with --to-kafka: stop after this long (default: Ctrl-C)")
-    p.add_argument("--bad-every", type=int, default=None, metavar="K", help="with --to-kafka: every K-th event malformed")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="with --to-kafka: stop after this long (default: Ctrl-C)"
+    )
+    p.add_argument(
+        "--bad-every", type=int, default=None, metavar="K", help="with --to-kafka: every K-th event malformed"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ingest", help="validate files and land them through write-audit-publish")

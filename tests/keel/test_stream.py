@@ -11,6 +11,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from keel import cli
+from keel.cli import main
 from keel.config import ConfigError, Settings
 from keel.ingest import QUARANTINE_TABLE
 from keel.lakehouse import Lakehouse
@@ -116,7 +117,7 @@ def raw_rows(lake: Lakehouse, source) -> int:
     return lake.read(source.table_name, columns=[source.timestamp]).num_rows
 
 
-def test_events_land_once_bad_ones_in_quarantine_offsets_committed(stream_env):
+def test_events_land_once_bad_ones_in_quarantine_offsets_committed(stream_env, capsys):
     bootstrap = stream_env
     settings = Settings.from_env()
     with EventProducer(bootstrap, project.sources, users=30, seed=3, bad_every=25) as producer:
@@ -160,6 +161,10 @@ def test_events_land_once_bad_ones_in_quarantine_offsets_committed(stream_env):
         assert row["reason"]
         if row["reason_code"] == "malformed_record":
             assert message["event"] is None and row["record"] == '{"not json": '
+    # `keel quarantine` names the partition in full, with the offset as the row.
+    first = quarantine.slice(0, 1).to_pylist()[0]
+    assert main(["quarantine", "--limit", "1"]) == 0
+    assert f"{first['file']}:{first['row_number']}  [{first['reason_code']}]" in capsys.readouterr().out
 
     # Kafka holds the same offsets, committed after the appends.
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
