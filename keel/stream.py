@@ -233,6 +233,7 @@ class StreamWorker:
         self._stop = threading.Event()
         self._last_flush = time.monotonic()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-append")
+        self._checkers = ThreadPoolExecutor(max_workers=len(self.sources), thread_name_prefix="keel-check")
         self._inflight: Future | None = None
         self._metrics_server = None
         self.counts = {"consumed": 0, "valid": 0, "dead_lettered": 0, "written": 0, "flushes": 0}
@@ -329,6 +330,7 @@ class StreamWorker:
     def _close(self) -> None:
         # An append still running finishes (its offsets then count); one that failed is not retried here.
         self._writer.shutdown(wait=True)
+        self._checkers.shutdown(wait=True)
         if self.consumer is not None:
             self._commit_kafka(self.sources)
             # The listener's revoke on close finds nothing left to append.
@@ -410,9 +412,17 @@ class StreamWorker:
             lines = [r.value.decode("utf-8", "replace") if r.value is not None else "" for r in records]
             by_topic.setdefault(tp.topic, {})[tp.partition] = (offsets, lines)
         fresh: dict[str, pa.Table] = {}
+        # Each topic's validator has its own DuckDB connection, and DuckDB runs without the GIL: check topics at once.
+        checked = dict(
+            zip(
+                by_topic,
+                self._checkers.map(lambda t: self.validators[t].validate(by_topic[t], now, self.run_id), by_topic),
+                strict=True,
+            )
+        )
         for topic, records in by_topic.items():
             source = self.sources[topic]
-            good, bad = self.validators[topic].validate(records, now, self.run_id)
+            good, bad = checked[topic]
             good, repeated = self._split_repeated(source, good)
             if repeated is not None:
                 bad = pa.concat_tables([bad, repeated]).sort_by([("file", "ascending"), ("row_number", "ascending")])
