@@ -26,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 FAST_GROUP_JOIN = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 300}
@@ -74,7 +75,7 @@ def tansu_binary() -> Path:
     return Path(found)
 
 
-class _Server:
+class _Server(ABC):
     """A child process listening on a loopback port, with its output kept in a scratch folder."""
 
     name = "server"
@@ -85,11 +86,13 @@ class _Server:
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
 
+    @abstractmethod
     def _command(self, port: int) -> list[str]:
-        raise NotImplementedError
+        """The server's command line for ``port``."""
 
+    @abstractmethod
     def _ready(self) -> bool:
-        raise NotImplementedError
+        """Whether the server answers yet."""
 
     def start(self, timeout: float = START_TIMEOUT_S) -> _Server:
         if self.process is not None:

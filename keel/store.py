@@ -22,7 +22,8 @@ from keel.config import Settings
 from keel.dsl import COLUMN_TYPES, DeclarationError, EventSource, FeatureGroup, window_seconds
 from keel.lakehouse import Lakehouse
 from keel.offline import point_in_time
-from keel.online import LookupPlan, OnlineFeatures, OnlineStore, OnlineStoreError, lookup, plan_lookup
+from keel.online import OnlineStore, OnlineStoreError
+from keel.online_lookup import LookupPlan, OnlineFeatures, lookup, plan_lookup
 from keel.project import Project, load_project
 
 SPINE_FORMATS = (".parquet", ".csv", ".jsonl", ".json")
