@@ -1,0 +1,636 @@
+"""The model registry: trained models to MLflow, champion/challenger promotion, lineage.
+
+Each training run becomes one MLflow run in the experiment named after the model, holding
+its parameters, hold-out metrics, the model in its native flavour (with signature and
+input example), the ordered feature list, the training set's snapshot ids, the code
+version and the baseline statistics for drift monitoring. The run's model is registered as
+a new version of the registered model ``spec.name`` and takes the alias ``challenger``.
+
+Promotion moves the alias ``champion``. A promoted version is tagged
+``validation_status=passed``; the champion it replaces keeps its version and gets
+``previous_champion=true`` and ``retired_at``, so it stays findable for a rollback; a
+challenger that loses is tagged ``validation_status=rejected`` with the reason.
+
+The signature and input example describe the native model's input (``keel.models.model_frame``'s
+encoding). MLflow's pyfunc wrapper cannot score string categories through JSON, so for such
+models it logs a warning when it checks the example; Keel serves the native flavour anyway.
+
+MLflow is imported inside the functions: it costs seconds, and the CLI only needs it for
+the ``keel models`` commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from keel.baseline import baseline_stats, prediction_stats
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from keel.config import Settings
+    from keel.models import ModelSpec, TrainResult
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+# scikit-learn models are stored with skops (no pickle); its loader refuses types outside
+# its allow-list, and the one-hot encoder keeps numpy dtypes, which are plain data.
+SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
+# Rows of the hold-out stored with the model as its input example.
+INPUT_EXAMPLE_ROWS = 5
+
+
+class ModelRegistryError(LookupError):
+    """A model, version or alias is missing from the registry; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version and its lineage, as recorded when it was trained."""
+
+    name: str
+    version: int
+    run_id: str
+    aliases: tuple[str, ...]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    created: dt.datetime
+    features: list[str]
+    snapshots: dict[str, int | None]
+    code_version: str
+    status: str
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat, JSON-friendly row for listings."""
+        row = asdict(self)
+        row["aliases"] = list(self.aliases)
+        row["created"] = self.created.isoformat(timespec="seconds")
+        del row["tags"]
+        return row
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """The outcome of comparing a challenger with the champion on the same hold-out."""
+
+    promoted: bool
+    reason: str
+    challenger_version: int
+    champion_version: int | None
+    metric: str
+    challenger_metric: float | None = None
+    champion_metric: float | None = None
+    holdout_rows: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def higher_is_better(metric: str) -> bool:
+    from keel.models import METRICS
+
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not known (use one of {', '.join(METRICS)})")
+    return METRICS[metric].higher_is_better
+
+
+# ---------------------------------------------------------------------------------------
+# Logging and registration
+
+
+def log_and_register(
+    settings: Settings, spec: ModelSpec, result: TrainResult, *, code_version: str | None = None
+) -> ModelVersionInfo:
+    """Log ``result`` as one MLflow run, register it as a new version of ``spec.name`` and
+    give that version the alias ``challenger``."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from keel.models import model_frame
+
+    code_version = code_version or settings.code_version
+    features = list(result.features)
+    # The signature describes what the native model takes (keel.models' encoding), and the
+    # output is keel.models.predict's score (positive-class probability or regression value).
+    holdout_x = model_frame(result.holdout, features)
+    example = holdout_x.head(INPUT_EXAMPLE_ROWS).copy()
+    # MLflow compares the column index with a range, which pandas 3 deprecates for its
+    # Arrow-backed string index (a warning per logged model); an object index compares quietly.
+    example.columns = pd.Index(list(example.columns), dtype=object)
+    signature = infer_signature(holdout_x, result.predictions)
+
+    snapshots = dict(result.training_set.snapshots)
+    split = {
+        "split_time": _iso(result.split_time),
+        "holdout": str(getattr(spec.split, "holdout", spec.split)),
+        "train_rows": int(result.train_rows),
+        "holdout_rows": int(result.holdout_rows),
+    }
+    # Features are summarised over the whole training set; predictions over the hold-out,
+    # which is the model's out-of-sample behaviour and so what live scores should resemble.
+    baseline = baseline_stats(result.training_set.table, None, features)
+    baseline["prediction"] = prediction_stats(result.predictions)
+    baseline["prediction_rows"] = "holdout"
+
+    version_tags = {
+        "features": json.dumps(features),
+        "snapshot_ids": json.dumps(snapshots, sort_keys=True),
+        "code_version": code_version,
+        "algorithm": spec.algorithm,
+        "task": spec.task,
+        "metric": spec.metric,
+        "split_time": split["split_time"],
+        "validation_status": "pending",
+    }
+    keel_params = {
+        "keel.algorithm": spec.algorithm,
+        "keel.task": spec.task,
+        "keel.metric": spec.metric,
+        "keel.min_improvement": spec.min_improvement,
+        "keel.label": spec.label,
+        "keel.feature_count": len(features),
+        **{f"keel.{k}": v for k, v in split.items()},
+    }
+    client = _client(settings)
+    experiment_id = _experiment(client, settings, spec.name)
+    with _tracking(settings), mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({**_flat_params(result.params), **keel_params})
+        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
+        mlflow.set_tags(
+            {
+                "keel.model": spec.name,
+                "mlflow.source.git.commit": code_version,
+                "code_version": code_version,
+                "features": version_tags["features"][:8000],
+                **{f"snapshot.{group}": str(sid) for group, sid in snapshots.items()},
+            }
+        )
+        mlflow.log_dict({"features": features}, "features.json")
+        lineage = {
+            "snapshots": snapshots,
+            "features": features,
+            "split": split,
+            "training_set": result.training_set.metadata(),
+        }
+        # Group metadata may hold timestamps; they are recorded as ISO strings.
+        mlflow.log_text(json.dumps(lineage, indent=1, default=_iso), "training_set.json")
+        mlflow.log_dict(baseline, "baseline.json")
+        flavour = _flavour(spec.algorithm)
+        extra = {"skops_trusted_types": SKOPS_TRUSTED_TYPES} if spec.algorithm.startswith("sklearn:") else {}
+        model_info = flavour.log_model(
+            result.model,
+            **extra,
+            name=MODEL_ARTIFACT,
+            signature=signature,
+            input_example=example,
+            registered_model_name=spec.name,
+            pip_requirements=_pip_requirements(spec.algorithm),
+        )
+    version = str(model_info.registered_model_version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(spec.name, version, key, value)
+    client.set_registered_model_alias(spec.name, CHALLENGER, version)
+    if spec.description or spec.owner:
+        client.update_registered_model(spec.name, description=spec.description or None)
+        if spec.owner:
+            client.set_registered_model_tag(spec.name, "owner", spec.owner)
+    return _info(client, client.get_model_version(spec.name, version), run.info.run_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Promotion
+
+
+def promote_if_better(
+    settings: Settings,
+    spec: ModelSpec,
+    holdout: pa.Table,
+    *,
+    gates_passed: bool = True,
+    gate_reason: str = "",
+    version: int | str | None = None,
+) -> PromotionDecision:
+    """Score the challenger (``version``, or the alias ``challenger``) and the champion on
+    the same ``holdout`` with ``keel.models.evaluate`` and move ``champion`` when the
+    challenger is better on ``spec.metric`` by at least ``spec.min_improvement``.
+
+    ``holdout`` holds the label and every feature either version reads. The first version
+    of a model becomes champion when ``gates_passed``; a failed gate rejects the challenger
+    with ``gate_reason``. The decision is also recorded as tags on the challenger.
+    """
+    from keel.models import evaluate
+
+    client = _client(settings)
+    challenger = _resolve(client, spec.name, CHALLENGER if version is None else version)
+    champion = _alias_version(client, spec.name, CHAMPION)
+    metric = spec.metric
+    decision = dict(challenger_version=int(challenger.version), metric=metric, holdout_rows=holdout.num_rows)
+
+    if champion is not None and champion.version == challenger.version:
+        return PromotionDecision(
+            False,
+            f"version {challenger.version} is already the champion",
+            champion_version=int(champion.version),
+            **decision,
+        )
+    champion_version = int(champion.version) if champion is not None else None
+    if not gates_passed:
+        reason = f"promotion gates failed: {gate_reason}" if gate_reason else "promotion gates failed"
+        _reject(client, challenger, reason, metric, None, None, champion_version)
+        return PromotionDecision(False, reason, champion_version=champion_version, **decision)
+
+    _check_holdout(holdout, spec, [mv for mv in (challenger, champion) if mv is not None])
+    challenger_model, challenger_features = _load(settings, challenger)
+    challenger_value = _metric(evaluate(challenger_model, spec, holdout, challenger_features), metric, challenger)
+    if champion is None:
+        reason = f"first version of '{spec.name}' to pass the gates ({metric}={challenger_value:.6g})"
+        _promote(client, challenger, None, reason, how="automatic", metric=metric, value=challenger_value)
+        return PromotionDecision(True, reason, champion_version=None, challenger_metric=challenger_value, **decision)
+
+    champion_model, champion_features = _load(settings, champion)
+    champion_value = _metric(evaluate(champion_model, spec, holdout, champion_features), metric, champion)
+    improvement = (challenger_value - champion_value) * (1 if higher_is_better(metric) else -1)
+    values = dict(challenger_metric=challenger_value, champion_metric=champion_value, champion_version=champion_version)
+    comparison = (
+        f"{metric} {challenger_value:.6g} (v{challenger.version}) vs {champion_value:.6g} (champion v{champion.version}) "
+        f"on {holdout.num_rows} hold-out rows"
+    )
+    if math.isnan(improvement):
+        reason = f"{comparison}: the metric is undefined on this hold-out (e.g. one class only)"
+    elif improvement > 0 and improvement >= spec.min_improvement:
+        reason = f"{comparison}: better by {improvement:.6g} (needs {spec.min_improvement:g})"
+        _promote(client, challenger, champion, reason, how="automatic", metric=metric, value=challenger_value)
+        return PromotionDecision(True, reason, **values, **decision)
+    else:
+        reason = f"{comparison}: improvement {improvement:.6g} is below the required {spec.min_improvement:g}"
+    _reject(client, challenger, reason, metric, challenger_value, champion_value, champion_version)
+    return PromotionDecision(False, reason, **values, **decision)
+
+
+def _check_holdout(holdout: pa.Table, spec: ModelSpec, versions: list[ModelVersion]) -> None:
+    for mv in versions:
+        missing = [c for c in [*json.loads(mv.tags.get("features", "[]")), spec.label] if c not in holdout.column_names]
+        if missing:
+            raise ValueError(
+                f"model '{spec.name}' version {mv.version}: the hold-out lacks column(s) {missing}; build it with "
+                f"the label and keel.model_registry.comparison_features(settings, '{spec.name}')"
+            )
+
+
+def promote(settings: Settings, name: str, version: int | str) -> ModelVersionInfo:
+    """Make ``version`` the champion by hand (e.g. a rollback), tagged like an automatic promotion."""
+    client = _client(settings)
+    target = _resolve(client, name, version)
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None or champion.version != target.version:
+        _promote(
+            client,
+            target,
+            champion,
+            f"promoted by hand over v{champion.version}" if champion else "promoted by hand",
+            how="manual",
+        )
+    return _info(client, client.get_model_version(name, target.version))
+
+
+def _promote(
+    client: MlflowClient,
+    new: ModelVersion,
+    old: ModelVersion | None,
+    reason: str,
+    *,
+    how: str,
+    metric: str | None = None,
+    value: float | None = None,
+) -> None:
+    now = _now()
+    client.set_registered_model_alias(new.name, CHAMPION, new.version)
+    tags = {
+        "validation_status": "passed",
+        "validation_reason": reason,
+        "validated_at": now,
+        "promoted_at": now,
+        "promotion": how,
+    }
+    if metric is not None and value is not None:
+        tags[f"validation.{metric}"] = repr(value)
+    for key, value_ in tags.items():
+        client.set_model_version_tag(new.name, new.version, key, value_)
+    # A version promoted again (a rollback) is the champion, not a retired one.
+    for key in ("previous_champion", "retired_at", "retired_by"):
+        if key in new.tags:
+            client.delete_model_version_tag(new.name, new.version, key)
+    if old is not None:
+        client.set_model_version_tag(old.name, old.version, "previous_champion", "true")
+        client.set_model_version_tag(old.name, old.version, "retired_at", now)
+        client.set_model_version_tag(old.name, old.version, "retired_by", str(new.version))
+
+
+def _reject(
+    client: MlflowClient,
+    version: ModelVersion,
+    reason: str,
+    metric: str,
+    challenger_value: float | None,
+    champion_value: float | None,
+    champion_version: int | None,
+) -> None:
+    tags = {"validation_status": "rejected", "validation_reason": reason, "validated_at": _now()}
+    if challenger_value is not None:
+        tags[f"validation.{metric}"] = repr(challenger_value)
+    if champion_value is not None:
+        tags[f"validation.champion_{metric}"] = repr(champion_value)
+    if champion_version is not None:
+        tags["validation.champion_version"] = str(champion_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def list_versions(settings: Settings, name: str) -> list[ModelVersionInfo]:
+    """Every version of ``name``, newest first, with aliases, hold-out metrics and lineage."""
+    client = _client(settings)
+    _registered(client, name)
+    # search_model_versions leaves aliases out; the registered model has them all.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = client.search_model_versions(f"name = '{_quote(name)}'")
+    infos = [_info(client, v, aliases=aliases.get(str(v.version), [])) for v in versions]
+    return sorted(infos, key=lambda info: info.version, reverse=True)
+
+
+def show(settings: Settings, name: str, version: int | str) -> dict[str, Any]:
+    """The lineage of one version (a number or an alias): features in order, snapshot ids,
+    code version, run, metrics, parameters and the time split."""
+    client = _client(settings)
+    mv = _resolve(client, name, version)
+    run = client.get_run(mv.run_id)
+    info = _info(client, mv, run=run)
+    params = dict(run.data.params)
+    split = {key: params.pop(f"keel.{key}", None) for key in ("split_time", "holdout", "train_rows", "holdout_rows")}
+    for key in ("train_rows", "holdout_rows"):
+        if split[key] is not None:
+            split[key] = int(split[key])
+    keel_params = {key.removeprefix("keel."): params.pop(key) for key in list(params) if key.startswith("keel.")}
+    return {
+        "name": name,
+        "version": info.version,
+        "aliases": list(info.aliases),
+        "status": info.status,
+        "created": info.created.isoformat(timespec="seconds"),
+        "run_id": info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "model_uri": f"models:/{name}/{info.version}",
+        "artifact_uri": run.info.artifact_uri,
+        "features": info.features,
+        "snapshots": info.snapshots,
+        "code_version": info.code_version,
+        "metrics": info.metrics,
+        "params": params,
+        "training": keel_params,
+        "split": split,
+        "tags": info.tags,
+    }
+
+
+def load_model(
+    settings: Settings, name: str, alias_or_version: int | str = CHAMPION
+) -> tuple[Any, list[str], ModelVersionInfo]:
+    """The native model of a version (a number or an alias such as ``champion``), its
+    features in input order, and the version's info."""
+    client = _client(settings)
+    mv = _resolve(client, name, alias_or_version)
+    model, features = _load(settings, mv)
+    return model, features, _info(client, mv)
+
+
+def comparison_features(settings: Settings, name: str) -> list[str]:
+    """The features a hold-out needs so ``promote_if_better`` can score both the challenger
+    and the champion: the union of their feature lists, challenger's order first."""
+    client = _client(settings)
+    out: list[str] = []
+    for alias in (CHALLENGER, CHAMPION):
+        mv = _alias_version(client, name, alias)
+        if mv is not None:
+            out += [f for f in json.loads(mv.tags.get("features", "[]")) if f not in out]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# MLflow plumbing
+
+
+def _client(settings: Settings) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
+
+
+@contextlib.contextmanager
+def _tracking(settings: Settings) -> Iterator[None]:
+    """Point MLflow's fluent API (which ``log_model`` uses) at Keel's store for a block."""
+    import mlflow
+
+    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_registry_uri(settings.mlflow_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry)
+
+
+def _experiment(client: MlflowClient, settings: Settings, name: str) -> str:
+    """The experiment named after the model, created with its artifacts under KEEL_HOME
+    (MLflow would otherwise put a local store's artifacts under the working directory)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if not settings.mlflow_uri.startswith(("http:", "https:", "databricks")):
+            location = (settings.home / "mlartifacts" / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={"keel.model": name})
+        except MlflowException:
+            # Created by a concurrent run between the lookup and the create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _flavour(algorithm: str):
+    if algorithm == "xgboost":
+        import mlflow.xgboost
+
+        return mlflow.xgboost
+    if algorithm == "lightgbm":
+        import mlflow.lightgbm
+
+        return mlflow.lightgbm
+    if algorithm.startswith("sklearn:"):
+        import mlflow.sklearn
+
+        return mlflow.sklearn
+    raise ValueError(
+        f"algorithm {algorithm!r} has no MLflow flavour (use 'xgboost', 'lightgbm' or 'sklearn:<module.Class>')"
+    )
+
+
+def _pip_requirements(algorithm: str) -> list[str]:
+    """Pinned requirements, stated so MLflow need not infer them (a subprocess that reloads the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = ["mlflow", "scikit-learn", "numpy", "pandas", "pyarrow"]
+    if algorithm in ("xgboost", "lightgbm"):
+        packages.append(algorithm)
+    out = []
+    for package in packages:
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{package}=={version(package)}")
+    return out
+
+
+def _load(settings: Settings, mv: ModelVersion) -> tuple[Any, list[str]]:
+    algorithm = mv.tags.get("algorithm")
+    if algorithm is None:
+        raise ModelRegistryError(
+            f"model '{mv.name}' version {mv.version} has no 'algorithm' tag: it was not registered by Keel; "
+            "register models with keel.model_registry.log_and_register"
+        )
+    with _tracking(settings):
+        model = _flavour(algorithm).load_model(f"models:/{mv.name}/{mv.version}")
+    return model, json.loads(mv.tags["features"])
+
+
+def _registered(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ModelRegistryError(
+            f"model '{name}' is not registered (registered: {', '.join(known) or 'none'}); "
+            "train it first, or check the name with `keel models list`"
+        ) from None
+
+
+def _resolve(client: MlflowClient, name: str, alias_or_version: int | str) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    _registered(client, name)
+    ref = str(alias_or_version)
+    if ref.startswith("v") and ref[1:].isdigit():
+        ref = ref[1:]
+    if ref.isdigit():
+        try:
+            return client.get_model_version(name, ref)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{_quote(name)}'"))
+            raise ModelRegistryError(
+                f"model '{name}' has no version {ref} (versions: {', '.join(map(str, known)) or 'none'}); "
+                f"see `keel models list {name}`"
+            ) from None
+    mv = _alias_version(client, name, ref)
+    if mv is None:
+        if ref == CHAMPION:
+            fix = f"no champion yet: promote a version with `keel models promote {name} VERSION`"
+        elif ref == CHALLENGER:
+            fix = "no challenger: train the model to register one"
+        else:
+            fix = f"give a version number or an alias it has (aliases: {', '.join(_aliases(client, name)) or 'none'})"
+        raise ModelRegistryError(f"model '{name}' has no version with alias '{ref}': {fix}")
+    return mv
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _aliases(client: MlflowClient, name: str) -> list[str]:
+    return sorted(client.get_registered_model(name).aliases)
+
+
+def _info(
+    client: MlflowClient, mv: ModelVersion, run_id: str | None = None, *, run=None, aliases=None
+) -> ModelVersionInfo:
+    run = run or client.get_run(run_id or mv.run_id)
+    tags = dict(mv.tags)
+    return ModelVersionInfo(
+        name=mv.name,
+        version=int(mv.version),
+        run_id=run.info.run_id,
+        aliases=tuple(sorted(mv.aliases if aliases is None else aliases)),
+        metrics=dict(run.data.metrics),
+        tags=tags,
+        created=dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.UTC),
+        features=json.loads(tags.get("features", "[]")),
+        snapshots=json.loads(tags.get("snapshot_ids", "{}")),
+        code_version=tags.get("code_version", ""),
+        status=tags.get("validation_status", "unknown"),
+    )
+
+
+def _metric(metrics: dict[str, float], metric: str, mv: ModelVersion) -> float:
+    if metric not in metrics:
+        raise ValueError(
+            f"model '{mv.name}' version {mv.version}: evaluation gave no {metric!r} (got {sorted(metrics)}); "
+            "set the model's metric to one of those"
+        )
+    return float(metrics[metric])
+
+
+def _flat_params(params: dict[str, Any]) -> dict[str, str]:
+    return {
+        str(k): json.dumps(v, default=str) if isinstance(v, dict | list | tuple) else str(v)
+        for k, v in (params or {}).items()
+    }
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,296 @@
+"""The model registry against a real file-backed MLflow (SQLite + artifacts under a tmp KEEL_HOME).
+
+MLflow costs seconds per import and per logged model, so one module fixture plays the whole
+champion/challenger story once and records what each step returned; the tests check those records.
+"""
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from keel import model_registry as registry
+from keel.config import Settings
+from keel.dsl import Column, Entity, EventSource
+from keel.models import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
+from keel.store import TrainingSet
+
+N_TRAIN, N_HOLDOUT = 400, 300
+SNAPSHOTS = {"features.user_demo": 1111, "raw.churn_labels": 2222}
+
+
+def demo_table(seed: int, n: int) -> pa.Table:
+    """Features x1, x2 and segment carry the signal; noise does not."""
+    rng = np.random.default_rng(seed)
+    x1, x2, noise = rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)
+    segment = rng.choice(["a", "b", "c"], size=n)
+    logit = 2.0 * x1 + 1.5 * x2 + np.where(segment == "a", 1.0, 0.0)
+    churned = rng.random(n) < 1 / (1 + np.exp(-logit))
+    x1_with_nulls = pa.array(x1, mask=rng.random(n) < 0.05)
+    return pa.table(
+        {
+            "user_id": [f"u{i}" for i in range(n)],
+            "x1": x1_with_nulls,
+            "x2": x2,
+            "noise": noise,
+            "segment": segment,
+            "churned": churned,
+        }
+    )
+
+
+def spec(algorithm: str = "xgboost", params: dict | None = None, metric: str = "roc_auc") -> ModelSpec:
+    user = Entity(name="user", join_keys={"user_id": "string"})
+    labels = EventSource(name="churn_labels", entity=user, columns=(Column("churned", "bool"),))
+    return ModelSpec(
+        name="churn",
+        entity=user,
+        features=("user_demo",),
+        labels=labels,
+        label="churned",
+        algorithm=algorithm,
+        params=params or {},
+        metric=metric,
+        split=Split("7d"),
+        min_improvement=0.01,
+        owner="ml-team",
+        description="Churn in the next 30 days",
+    )
+
+
+def fit(model_spec: ModelSpec, model, features: list[str], data: pa.Table, params: dict | None = None) -> TrainResult:
+    """A TrainResult as keel.models.train builds one, on a synthetic table (no lakehouse)."""
+    train, holdout = data.slice(0, N_TRAIN), data.slice(N_TRAIN)
+    model.fit(model_frame(train, features), np.asarray(train.column("churned"), dtype=int))
+    predictions = predict(model, model_spec, holdout, features)
+    y = np.asarray(holdout.column("churned"), dtype=int)
+    return TrainResult(
+        model=model,
+        features=features,
+        training_set=TrainingSet(data, features, snapshots=dict(SNAPSHOTS)),
+        train_rows=N_TRAIN,
+        holdout_rows=data.num_rows - N_TRAIN,
+        metrics=score(model_spec, y, predictions),
+        holdout=holdout.append_column("prediction", pa.array(predictions)),
+        predictions=predictions,
+        split_time=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        params=model.get_params() if params is None else params,
+        algorithm=model_spec.algorithm,
+    )
+
+
+def xgb(**params):
+    import xgboost
+
+    return xgboost.XGBClassifier(
+        n_estimators=25, max_depth=3, tree_method="hist", enable_categorical=True, nthread=1, random_state=0, **params
+    )
+
+
+def catch(fn, *args):
+    with pytest.raises(registry.ModelRegistryError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    home = tmp_path_factory.mktemp("keel")
+    settings = Settings.from_env({"KEEL_HOME": str(home), "KEEL_CODE_VERSION": "sha-test"})
+    data = demo_table(0, N_TRAIN + N_HOLDOUT)
+    recent = demo_table(1, 400)  # the "same recent hold-out" champion and challenger are compared on
+    out = {"settings": settings, "home": home, "recent": recent}
+
+    # v1: XGBoost on one of the two signal features.
+    s1 = spec("xgboost")
+    r1 = fit(s1, xgb(), ["x1", "segment"], data)
+    out["r1"], out["v1"] = r1, registry.log_and_register(settings, s1, r1, code_version="sha-v1")
+    out["no_champion_error"] = catch(registry.load_model, settings, "churn", "champion")
+    out["gate_failed"] = registry.promote_if_better(
+        settings, s1, recent, gates_passed=False, gate_reason="roc_auc below floor"
+    )
+    out["first"] = registry.promote_if_better(settings, s1, recent)
+    out["first_again"] = registry.promote_if_better(settings, s1, recent)
+
+    # v2: a scikit-learn pipeline (keel.models' encoding) on noise only: worse, not promoted.
+    s2 = spec("sklearn:sklearn.linear_model.LogisticRegression")
+    pipeline, params = _estimator(s2, model_frame(data, ["noise", "segment"]))
+    r2 = fit(s2, pipeline, ["noise", "segment"], data, params)
+    out["r2"], out["v2"] = r2, registry.log_and_register(settings, s2, r2, code_version="sha-v2")
+    out["worse"] = registry.promote_if_better(settings, s2, recent)
+    out["after_worse"] = {v.version: v for v in registry.list_versions(settings, "churn")}
+
+    # v3: XGBoost on every signal feature: better, promoted over v1.
+    s3 = spec("xgboost")
+    r3 = fit(s3, xgb(), ["x1", "x2", "segment"], data)
+    out["r3"], out["v3"] = r3, registry.log_and_register(settings, s3, r3, code_version="sha-v3")
+    out["comparison_features"] = registry.comparison_features(settings, "churn")
+    out["better"] = registry.promote_if_better(settings, s3, recent)
+    out["after_better"] = {v.version: v for v in registry.list_versions(settings, "churn")}
+    out["show_v3"] = registry.show(settings, "churn", 3)
+    out["loaded_champion"] = registry.load_model(settings, "churn", "champion")
+    out["loaded_v2"] = registry.load_model(settings, "churn", 2)
+
+    # A rollback by hand: v1 is champion again, v3 is the retired one.
+    out["manual"] = registry.promote(settings, "churn", 1)
+    out["after_manual"] = {v.version: v for v in registry.list_versions(settings, "churn")}
+    with pytest.raises(ValueError) as missing:
+        registry.promote_if_better(settings, s3, recent.drop(["x1"]), version=2)
+    out["missing_column_error"] = str(missing.value)
+    out["unknown_model_error"] = catch(registry.list_versions, settings, "nope")
+    out["unknown_version_error"] = catch(registry.show, settings, "churn", 9)
+    out["unknown_alias_error"] = catch(registry.load_model, settings, "churn", "staging")
+
+    # The same comparison on a lower-is-better metric (log loss), champion v1.
+    by_log_loss = spec("xgboost", metric="log_loss")
+    out["log_loss_worse"] = registry.promote_if_better(settings, by_log_loss, recent, version=2)
+    out["log_loss_better"] = registry.promote_if_better(settings, by_log_loss, recent, version=3)
+    return out
+
+
+def test_log_and_register_records_lineage_and_sets_challenger(story):
+    v1 = story["v1"]
+    assert (v1.name, v1.version, v1.aliases, v1.status) == ("churn", 1, ("challenger",), "pending")
+    assert v1.features == ["x1", "segment"]
+    assert v1.snapshots == SNAPSHOTS
+    assert v1.code_version == "sha-v1"
+    assert v1.metrics["roc_auc"] == pytest.approx(story["r1"].metrics["roc_auc"])
+    assert story["v2"].version == 2 and story["v2"].aliases == ("challenger",)
+
+
+def test_artifacts_live_under_keel_home(story, tmp_path_factory):
+    show = story["show_v3"]
+    artifacts = Path(show["artifact_uri"].removeprefix("file://"))
+    assert artifacts.is_relative_to(story["home"] / "mlartifacts" / "churn")
+    assert not (Path.cwd() / "mlruns").exists()
+    baseline = json.loads((artifacts / "baseline.json").read_text())
+    assert list(baseline["features"]) == ["x1", "x2", "segment"]
+    assert baseline["row_count"] == N_TRAIN + N_HOLDOUT
+    assert baseline["features"]["x1"]["null_rate"] > 0
+    assert baseline["features"]["segment"]["default"] in ("a", "b", "c")
+    assert baseline["prediction"]["count"] == N_HOLDOUT
+    assert json.loads((artifacts / "features.json").read_text()) == {"features": ["x1", "x2", "segment"]}
+    training_set = json.loads((artifacts / "training_set.json").read_text())
+    assert training_set["snapshots"] == SNAPSHOTS
+    assert training_set["split"]["train_rows"] == N_TRAIN
+
+
+def test_failed_gates_reject_and_first_passing_version_becomes_champion(story):
+    assert "no champion yet" in story["no_champion_error"]
+    assert "keel models promote churn VERSION" in story["no_champion_error"]
+    gate = story["gate_failed"]
+    assert not gate.promoted and "roc_auc below floor" in gate.reason
+    first = story["first"]
+    assert first.promoted and first.champion_version is None and first.challenger_version == 1
+    assert "first version" in first.reason
+    again = story["first_again"]
+    assert not again.promoted and "already the champion" in again.reason
+
+
+def test_worse_challenger_is_rejected_with_reason(story):
+    worse = story["worse"]
+    assert not worse.promoted
+    assert (worse.challenger_version, worse.champion_version) == (2, 1)
+    assert worse.challenger_metric < worse.champion_metric
+    assert "below the required 0.01" in worse.reason
+    versions = story["after_worse"]
+    assert versions[1].aliases == ("champion",)
+    assert versions[2].aliases == ("challenger",)
+    assert versions[2].status == "rejected"
+    assert versions[2].tags["validation_reason"] == worse.reason
+    assert versions[2].tags["validation.champion_version"] == "1"
+
+
+def test_better_challenger_is_promoted_and_previous_champion_stays_findable(story):
+    assert story["comparison_features"] == ["x1", "x2", "segment"]
+    better = story["better"]
+    assert better.promoted and (better.challenger_version, better.champion_version) == (3, 1)
+    assert better.challenger_metric - better.champion_metric >= 0.01
+    versions = story["after_better"]
+    assert versions[3].aliases == ("challenger", "champion")
+    assert versions[3].status == "passed"
+    assert versions[3].tags["promotion"] == "automatic"
+    assert versions[1].aliases == ()
+    assert versions[1].tags["previous_champion"] == "true"
+    assert versions[1].tags["retired_by"] == "3"
+    assert dt.datetime.fromisoformat(versions[1].tags["retired_at"]).tzinfo is not None
+
+
+def test_manual_promotion_moves_the_alias_back(story):
+    manual = story["manual"]
+    assert manual.version == 1 and "champion" in manual.aliases
+    versions = story["after_manual"]
+    assert "previous_champion" not in versions[1].tags
+    assert versions[1].tags["promotion"] == "manual"
+    assert versions[3].tags["previous_champion"] == "true"
+    assert "champion" not in versions[3].aliases
+
+
+def test_show_reports_lineage(story):
+    show = story["show_v3"]
+    assert show["name"] == "churn" and show["version"] == 3
+    assert show["features"] == ["x1", "x2", "segment"]
+    assert show["snapshots"] == SNAPSHOTS
+    assert show["code_version"] == "sha-v3"
+    assert show["run_id"] == story["v3"].run_id
+    assert show["metrics"]["roc_auc"] == pytest.approx(story["r3"].metrics["roc_auc"])
+    assert show["split"] == {
+        "split_time": "2026-11-01T00:00:00+00:00",
+        "holdout": "7d",
+        "train_rows": 400,
+        "holdout_rows": 300,
+    }
+    assert show["training"]["algorithm"] == "xgboost"
+    assert show["params"]["max_depth"] == "3"
+
+
+def test_list_versions_newest_first_with_metrics(story):
+    rows = [v.as_row() for v in story["after_manual"].values()]
+    assert [r["version"] for r in sorted(rows, key=lambda r: -r["version"])] == [3, 2, 1]
+    assert all(0.0 <= r["metrics"]["roc_auc"] <= 1.0 and r["run_id"] and r["snapshots"] == SNAPSHOTS for r in rows)
+    json.dumps(rows)
+
+
+def test_load_model_round_trips_predictions(story):
+    model, features, info = story["loaded_champion"]
+    assert info.version == 3 and features == ["x1", "x2", "segment"]
+    r3 = story["r3"]
+    np.testing.assert_allclose(predict(model, spec(), r3.holdout, features), r3.predictions, rtol=1e-6)
+    sk_model, sk_features, sk_info = story["loaded_v2"]
+    assert sk_info.version == 2 and sk_features == ["noise", "segment"]
+    assert type(sk_model).__name__ == "Pipeline"
+    r2_holdout = story["recent"]
+    np.testing.assert_allclose(
+        predict(sk_model, spec(), r2_holdout, sk_features), predict(story["r2"].model, spec(), r2_holdout, sk_features)
+    )
+
+
+def test_errors_name_the_model_and_the_fix(story):
+    assert "model 'nope' is not registered (registered: churn)" in story["unknown_model_error"]
+    assert "model 'churn' has no version 9 (versions: 1, 2, 3)" in story["unknown_version_error"]
+    assert "alias 'staging'" in story["unknown_alias_error"] and "champion" in story["unknown_alias_error"]
+
+
+def test_holdout_missing_a_feature_names_the_fix(story):
+    # The challenger (v2: noise, segment) could be scored; the champion (v1) also reads x1.
+    message = story["missing_column_error"]
+    assert "model 'churn' version 1: the hold-out lacks column(s) ['x1']" in message
+    assert "comparison_features(settings, 'churn')" in message
+
+
+def test_lower_is_better_metric(story):
+    worse, better = story["log_loss_worse"], story["log_loss_better"]
+    assert not worse.promoted and worse.challenger_metric > worse.champion_metric
+    assert better.promoted and better.champion_metric - better.challenger_metric >= 0.01
+    assert (better.challenger_version, better.champion_version) == (3, 1)
+
+
+def test_metric_direction_comes_from_keel_models():
+    assert registry.higher_is_better("roc_auc") and not registry.higher_is_better("log_loss")
+    with pytest.raises(ValueError, match="not known"):
+        registry.higher_is_better("f7")
