@@ -1,0 +1,81 @@
+"""``keel models list|show|promote``: the model registry (MLflow) from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("models", help="the model registry: list NAME, show NAME VERSION, promote NAME VERSION")
+    msub = p.add_subparsers(metavar="WHAT")
+    q = msub.add_parser("list", help="a model's versions with aliases, status, metrics and lineage")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("show", help="one version's lineage: features, snapshots, code version, run, metrics")
+    q.add_argument("name")
+    q.add_argument("version", help="a version number or an alias (champion, challenger)")
+    q.set_defaults(func=cmd_models_show)
+    q = msub.add_parser("promote", help="make VERSION the champion (the previous one stays findable by tag)")
+    q.add_argument("name")
+    q.add_argument("version", help="a version number or an alias")
+    q.set_defaults(func=cmd_models_promote)
+
+
+def _settings():
+    from keel.config import Settings
+
+    return Settings.from_env()
+
+
+def _fail(exc: Exception) -> int:
+    print(f"keel: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_models_list(args) -> int:
+    from keel.model_registry import ModelRegistryError, list_versions
+
+    try:
+        versions = list_versions(_settings(), args.name)
+    except ModelRegistryError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps([v.as_row() for v in versions], indent=2, default=str))
+        return 0
+    print(f"{'version':>7}  {'aliases':<22}{'status':<11}{'metrics':<40}{'created':<21}code")
+    for v in versions:
+        metrics = ", ".join(f"{k} {val:.4f}" for k, val in sorted(v.metrics.items())[:3])
+        print(
+            f"{v.version:>7}  {','.join(v.aliases) or '-':<22}{v.status:<11}{metrics:<40}"
+            f"{v.created.isoformat(timespec='seconds')[:19]:<21}{v.code_version[:12]}"
+        )
+        print(f"{'':>9}{len(v.features)} features; read " + ", ".join(f"{t}@{s}" for t, s in v.snapshots.items()))
+    return 0
+
+
+def cmd_models_show(args) -> int:
+    from keel.model_registry import ModelRegistryError, show
+
+    try:
+        info = show(_settings(), args.name, _version(args.version))
+    except ModelRegistryError as exc:
+        return _fail(exc)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from keel.model_registry import ModelRegistryError, promote
+
+    try:
+        info = promote(_settings(), args.name, _version(args.version))
+    except ModelRegistryError as exc:
+        return _fail(exc)
+    print(f"{info.name} v{info.version} is now {', '.join(info.aliases)}")
+    return 0
+
+
+def _version(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
