@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 # Byte-code caches save seconds of start-up per process (pandas, scipy, dagster).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install lock demo test ui lint format dagster-home clean
+.PHONY: install lock demo test ui mlflow-ui lint format dagster-home clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ test: install
 # Started from DAGSTER_HOME, so Dagster reads the instance's copy of dagster.yaml, not the repo's.
 ui: install dagster-home
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev --host 127.0.0.1 --port 3000 -w $(CURDIR)/workspace.yaml
+
+# The model registry and its runs: KEEL_MLFLOW_URI, or the embedded SQLite store under KEEL_HOME.
+mlflow-ui: install
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+		--backend-store-uri "$${KEEL_MLFLOW_URI:-sqlite:///$(KEEL_HOME)/mlflow.db}" \
+		--default-artifact-root "$(KEEL_HOME)/mlartifacts"
 
 lint: install
 	$(BIN)/ruff check .
