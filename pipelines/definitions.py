@@ -4,11 +4,14 @@ import dagster as dg
 
 from assets.feature_groups import feature_group_definitions
 from assets.maintenance import maintenance_definitions
+from assets.models import model_definitions
 from assets.online import online_definitions
 from assets.raw_events import raw_event_definitions
 from pipelines import project
+from pipelines.models import MODELS
 from resources import resource_definitions
 from sensors.landing import sensor_definitions
+from sensors.retrain import retrain_sensor_definitions
 from sensors.stream import stream_sensor_definitions
 
 raw = raw_event_definitions(project)
@@ -18,7 +21,9 @@ defs = dg.Definitions.merge(
     feature_group_definitions(project),
     online_definitions(project),
     maintenance_definitions(),
+    model_definitions(project, MODELS),
     sensor_definitions(project, list(raw.jobs)),
     stream_sensor_definitions(project),
+    retrain_sensor_definitions(MODELS),
     resource_definitions(),
 )

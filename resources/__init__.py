@@ -80,5 +80,34 @@ def online_resource(settings: Settings | None = None) -> OnlineStoreResource:
     return OnlineStoreResource(home=_setting("home", str(s.home)), redis_url=_setting("redis_url"))
 
 
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and registry: ``mlflow_uri``, or SQLite under ``home`` when unset."""
+
+    home: str
+    mlflow_uri: str | None = None
+    code_version: str | None = None
+
+    def settings(self) -> Settings:
+        values = {"home": self.home, "mlflow_uri": self.mlflow_uri, "code_version": self.code_version}
+        return Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v})
+
+
+def mlflow_resource(settings: Settings | None = None) -> MlflowResource:
+    s = settings or Settings.from_env()
+    if settings is not None:
+        return MlflowResource(home=str(s.home), mlflow_uri=s.mlflow_uri, code_version=s.code_version)
+    return MlflowResource(
+        home=_setting("home", str(s.home)),
+        mlflow_uri=_setting("mlflow_uri"),
+        code_version=_setting("code_version", s.code_version),
+    )
+
+
 def resource_definitions(settings: Settings | None = None) -> dg.Definitions:
-    return dg.Definitions(resources={"lakehouse": lakehouse_resource(settings), "online": online_resource(settings)})
+    return dg.Definitions(
+        resources={
+            "lakehouse": lakehouse_resource(settings),
+            "online": online_resource(settings),
+            "mlflow": mlflow_resource(settings),
+        }
+    )

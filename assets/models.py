@@ -1,0 +1,288 @@
+"""Models as Dagster assets, one pair per declared model, retrained daily.
+
+Per model: ``models/<name>_challenger`` builds the point-in-time training set, trains,
+logs the run to MLflow and registers a new version with the alias ``challenger``; its
+blocking check ``gates`` holds the version back when its hold-out metric is under the
+floor, a feature is NULL in every training row, or its predictions are degenerate.
+``models/<name>_champion`` compares the challenger with the champion on the same hold-out
+(rebuilt from the challenger's recorded snapshots) and moves the alias ``champion`` when
+the challenger is better by the declared margin. The job ``train_<name>`` runs both; a
+schedule starts it at 02:00 UTC and sensors/retrain.py starts it when monitoring fails.
+"""
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, GreaterThan, LessThanOrEqual
+
+from assets.metadata import markdown_table
+from keel import model_registry as registry
+from keel.models import METRICS, ModelError, ModelSpec, TrainResult, train
+from keel.project import Project
+from keel.store import FeatureStore
+from resources import LakehouseResource, MlflowResource
+
+# The hold-out metric a challenger must reach before it may be promoted, per metric; a
+# metric without an entry has no floor unless the factory is given one.
+DEFAULT_FLOORS = {"roc_auc": 0.6, "average_precision": 0.1, "accuracy": 0.5, "r2": 0.0}
+TOP_IMPORTANCES = 15
+RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+DAILY_AT_2 = "0 2 * * *"
+
+
+def challenger_key(spec: ModelSpec) -> dg.AssetKey:
+    return dg.AssetKey(["models", f"{spec.name}_challenger"])
+
+
+def champion_key(spec: ModelSpec) -> dg.AssetKey:
+    return dg.AssetKey(["models", f"{spec.name}_champion"])
+
+
+def train_job_name(spec: ModelSpec) -> str:
+    return f"train_{spec.name}"
+
+
+def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tuple:
+    refs = spec.feature_refs(project)
+    groups = list(dict.fromkeys(ref.split(".", 1)[0] for ref in refs))
+    deps = [dg.AssetKey(["features", g]) for g in groups] + [dg.AssetKey(["raw", spec.labels.name])]
+    shared = {
+        "group_name": "models",
+        "tags": {"keel/model": spec.name, **spec.tags},
+        "owners": [spec.owner] if spec.owner and "@" in spec.owner else None,
+        "kinds": {"mlflow", spec.algorithm.split(":")[0]},
+    }
+    static = {
+        "algorithm": spec.algorithm,
+        "task": spec.task,
+        "metric": spec.metric,
+        "gate_floor": floor if floor is not None else "none",
+        "min_improvement": spec.min_improvement,
+        "holdout": spec.split.holdout,
+        "label": f"{spec.labels.table_name}.{spec.label}",
+        "features": dg.MetadataValue.json(refs),
+    }
+
+    @dg.asset(
+        key=challenger_key(spec),
+        deps=deps,
+        metadata=static,
+        retry_policy=RETRY,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "gates",
+                asset=challenger_key(spec),
+                blocking=True,
+                description=(
+                    f"Promotion gates for '{spec.name}': hold-out {spec.metric} "
+                    f"{'>=' if METRICS[spec.metric].higher_is_better else '<='} {floor}, no feature NULL in every "
+                    "training row, predictions finite and not constant (within [0, 1] for a classifier)."
+                ),
+            )
+        ],
+        description=(
+            f"{spec.description} Trains '{spec.name}' ({spec.algorithm}) on a point-in-time training set of "
+            f"{spec.labels.table_name}, holding out the last {spec.split.holdout}, and registers the version in "
+            "MLflow with the alias 'challenger'."
+        ),
+        **shared,
+    )
+    def challenger(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
+        store = FeatureStore(lakehouse.lakehouse(), project)
+        try:
+            result = train(store, spec)
+        except ModelError as exc:
+            # Bad data or a bad declaration: retrying cannot help, unlike a lost connection.
+            raise dg.Failure(str(exc), allow_retries=False) from None
+        info = registry.log_and_register(mlflow.settings(), spec, result)
+        context.log.info(f"{spec.name}: registered version {info.version} (run {info.run_id}): {result.metrics}")
+        gates = gate_outcomes(spec, result, floor)
+        failed = [name for name, (ok, _) in gates.items() if not ok]
+        metadata = {
+            **static,
+            "version": info.version,
+            "run_id": info.run_id,
+            "model_uri": f"models:/{spec.name}/{info.version}",
+            "metrics": dg.MetadataValue.json(result.metrics),
+            **{f"holdout_{k}": float(v) for k, v in result.metrics.items()},
+            "train_rows": result.train_rows,
+            "holdout_rows": result.holdout_rows,
+            "dagster/row_count": result.train_rows + result.holdout_rows,
+            "split_time": result.split_time.isoformat(),
+            "snapshot_ids": dg.MetadataValue.json({k: str(v) for k, v in result.training_set.snapshots.items()}),
+            "feature_count": len(result.features),
+        }
+        importances = top_importances(result)
+        if importances:
+            metadata["top_importances"] = dg.MetadataValue.md(markdown_table(["feature", "importance"], importances))
+        check = dg.AssetCheckResult(
+            check_name="gates",
+            passed=not failed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="all gates passed" if not failed else "; ".join(gates[n][1] for n in failed),
+            metadata={"version": info.version, **{name: detail for name, (_, detail) in gates.items()}},
+        )
+        return dg.MaterializeResult(metadata=metadata, check_results=[check])
+
+    @dg.asset(
+        key=champion_key(spec),
+        deps=[challenger_key(spec)],
+        metadata=static,
+        retry_policy=RETRY,
+        description=(
+            f"The champion of '{spec.name}': the challenger is scored with the champion on the same hold-out "
+            f"and takes the alias 'champion' when better on {spec.metric} by at least {spec.min_improvement:g} "
+            "(the first version that passes the gates becomes champion)."
+        ),
+        **shared,
+    )
+    def champion(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
+        settings = mlflow.settings()
+        store = FeatureStore(lakehouse.lakehouse(), project)
+        holdout = comparison_holdout(store, spec, settings)
+        # In the train job this step runs only after 'gates' passed; run alone, it reads the verdict.
+        passed, why = latest_gates(context.instance, spec)
+        decision = registry.promote_if_better(settings, spec, holdout, gates_passed=passed, gate_reason=why)
+        context.log.info(f"{spec.name}: {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+        current = decision.challenger_version if decision.promoted else decision.champion_version
+        return dg.MaterializeResult(
+            metadata={
+                "promoted": "yes" if decision.promoted else "no",
+                "reason": decision.reason,
+                "champion_version": current if current is not None else "none",
+                "challenger_version": decision.challenger_version,
+                "previous_champion_version": (
+                    decision.champion_version if decision.champion_version is not None else "none"
+                ),
+                f"challenger_{spec.metric}": _number(decision.challenger_metric),
+                f"champion_{spec.metric}": _number(decision.champion_metric),
+                "comparison_rows": decision.holdout_rows,
+            }
+        )
+
+    return challenger, champion
+
+
+def gate_outcomes(spec: ModelSpec, result: TrainResult, floor: float | None) -> dict[str, tuple[bool, str]]:
+    """Each gate's verdict and a sentence saying why."""
+    value = float(result.metrics.get(spec.metric, float("nan")))
+    if floor is None:
+        metric_gate = (bool(np.isfinite(value)), f"{spec.metric}={value:.6g} (no floor declared)")
+    else:
+        higher = METRICS[spec.metric].higher_is_better
+        ok = bool(np.isfinite(value)) and (value >= floor if higher else value <= floor)
+        metric_gate = (ok, f"hold-out {spec.metric}={value:.6g}, needs {'>=' if higher else '<='} {floor:g}")
+
+    table = result.training_set.table
+    empty = [f for f in result.features if table.column(f).null_count == table.num_rows]
+    null_gate = (not empty, f"features NULL in every training row: {', '.join(empty)}" if empty else "none all-NULL")
+
+    p = np.asarray(result.predictions, dtype=np.float64)
+    finite = bool(np.isfinite(p).all()) and p.size > 0
+    std = float(np.std(p)) if finite else float("nan")
+    low, high = (float(p.min()), float(p.max())) if finite else (float("nan"), float("nan"))
+    in_range = spec.task != "classification" or (low >= 0.0 and high <= 1.0)
+    sane = finite and std > 0 and in_range
+    prediction_gate = (
+        sane,
+        f"hold-out predictions: std={std:.4g}, min={low:.4g}, max={high:.4g}"
+        + (
+            ""
+            if sane
+            else " (must be finite, not constant" + (", within [0, 1])" if spec.task != "regression" else ")")
+        ),
+    )
+    return {"metric_floor": metric_gate, "no_all_null_feature": null_gate, "prediction_distribution": prediction_gate}
+
+
+def latest_gates(instance: dg.DagsterInstance, spec: ModelSpec) -> tuple[bool, str]:
+    """Whether the latest 'gates' evaluation of the challenger passed, and its description."""
+    key = dg.AssetCheckKey(challenger_key(spec), "gates")
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+    evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
+    if not isinstance(evaluation, dg.AssetCheckEvaluation):
+        return False, "the challenger has no completed 'gates' evaluation; run the train job"
+    return evaluation.passed, evaluation.description or ""
+
+
+def top_importances(result: TrainResult, n: int = TOP_IMPORTANCES) -> list[list]:
+    """The model's largest feature importances, when it has one per input feature."""
+    model = result.model
+    estimator = model.steps[-1][1] if hasattr(model, "steps") else model
+    values = getattr(estimator, "feature_importances_", None)
+    if values is None or len(values) != len(result.features):
+        return []
+    order = np.argsort(-np.asarray(values, dtype=np.float64))[:n]
+    return [[result.features[i], f"{float(values[i]):.4f}"] for i in order]
+
+
+def comparison_holdout(store: FeatureStore, spec: ModelSpec, settings) -> pa.Table:
+    """The challenger's hold-out rebuilt from its recorded lineage (label snapshot, split
+    time, feature snapshots) with every feature the challenger or the champion reads."""
+    versions = {v.version: v for v in registry.list_versions(settings, spec.name)}
+    challenger = next(v for v in versions.values() if registry.CHALLENGER in v.aliases)
+    champion = next((v for v in versions.values() if registry.CHAMPION in v.aliases), None)
+    snapshots = {**(champion.snapshots if champion else {}), **challenger.snapshots}
+    split_time = dt.datetime.fromisoformat(challenger.tags["split_time"])
+    source, name = spec.labels, spec.labels.table_name
+    now = challenger.created
+    labels = store.lake.read(
+        name,
+        snapshot_id=snapshots.get(name),
+        row_filter=And(
+            GreaterThan(source.timestamp, split_time.isoformat()), LessThanOrEqual(source.timestamp, now.isoformat())
+        ),
+    )
+    order = [*source.key_columns, source.timestamp, *([source.event_id] if source.event_id else [])]
+    labels = labels.filter(pc.is_valid(labels.column(spec.label))).sort_by([(c, "ascending") for c in order])
+    labels = labels.select([*source.key_columns, source.timestamp, spec.label])
+    names = registry.comparison_features(settings, spec.name)
+    refs = _refs(store.project, spec, names)
+    return store.get_training_set(labels, refs, timestamp=source.timestamp, as_of=snapshots).table
+
+
+def _refs(project: Project, spec: ModelSpec, names: Sequence[str]) -> list[str]:
+    """``group.feature`` for each feature name: the model's own refs first, else the bare name
+    (which the feature store resolves when exactly one group has it)."""
+    declared = {ref.split(".", 1)[1]: ref for ref in spec.feature_refs(project)}
+    return [declared.get(n, n) for n in names]
+
+
+def _number(value: float | None):
+    return float(value) if value is not None else "none"
+
+
+def model_definitions(
+    project: Project, models: Sequence[ModelSpec], *, floors: Mapping[str, float] | None = None
+) -> dg.Definitions:
+    """Training, gating and promotion assets, a train job and a daily 02:00 UTC schedule per model.
+
+    ``floors``: the gate's metric floor per model name (default: DEFAULT_FLOORS by metric).
+    """
+    floors = dict(floors or {})
+    assets, jobs, schedules = [], [], []
+    for spec in models:
+        floor = floors.get(spec.name, DEFAULT_FLOORS.get(spec.metric))
+        challenger, champion = model_assets(project, spec, floor)
+        job = dg.define_asset_job(
+            train_job_name(spec),
+            selection=dg.AssetSelection.assets(challenger, champion),
+            description=f"Train '{spec.name}', gate it and promote it when it beats the champion.",
+            tags={"keel/model": spec.name},
+        )
+        assets += [challenger, champion]
+        jobs.append(job)
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=f"{train_job_name(spec)}_daily",
+                job=job,
+                cron_schedule=DAILY_AT_2,
+                execution_timezone="UTC",
+                description=f"Retrain '{spec.name}' every day at 02:00 UTC.",
+            )
+        )
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules)
