@@ -7,7 +7,7 @@ from pipelines import demo
 
 
 def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(settings, lake, capsys):
-    assert demo.run(settings, days=45, users=60) == 0
+    assert demo.run(settings, days=60, users=100) == 0
 
     out = capsys.readouterr().out
     assert "] summary" in out and "training set for the churn label" in out
@@ -31,6 +31,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
         "ingest_signups",
         "ingest_transactions",
         "online_sync",
+        "train_churn",
     ]
     for group in ("user_transactions", "user_clicks", "user_profile", "user_engagement"):
         assert lake.partition_rows(f"features.{group}"), f"features.{group} is empty"
@@ -45,7 +46,10 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert "lookup of 5 features for 3 users" in out
     assert (settings.home / "online.db").exists()
 
+    # The churn model is trained, registered in MLflow and, being the first, promoted to champion.
+    assert "churn v1: " in out and "promoted to champion: yes" in out and "lineage: 26 features" in out
+
     # A second demo changes no content: ingests merge by event id.
     before = {t: sum(lake.partition_rows(t).values()) for t in lake.tables()}
-    assert demo.run(settings, days=45, users=60) == 0
+    assert demo.run(settings, days=60, users=100) == 0
     assert {t: sum(lake.partition_rows(t).values()) for t in lake.tables()} == before
