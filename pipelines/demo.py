@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import logging
 import os
 import shutil
 import sys
@@ -70,7 +69,8 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     instance = _dagster_instance(settings)
     lake = Lakehouse.from_settings(settings)
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     steps = 4 + len(project.sources) + len(project.feature_groups) + len(MODELS)
     # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
     start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
