@@ -105,3 +105,13 @@ def table(lake, payments) -> str:
 def as_table(payments: EventSource, rows: list[dict]) -> pa.Table:
     """Rows as an Arrow table with the source's schema."""
     return pa.Table.from_pylist(rows, schema=payments.arrow_schema())
+
+
+@pytest.fixture
+def outcomes(buyer) -> EventSource:
+    """Delayed labels of ``buyer``: whether they churned, and their spend afterwards."""
+    return EventSource(
+        name="outcomes",
+        entity=buyer,
+        columns=(Column("churned", "bool", nullable=False), Column("spend_next", "float64")),
+    )

@@ -7,7 +7,6 @@ import pytest
 
 from assets.models import model_definitions
 from keel import model_registry as registry
-from keel.dsl import Column, EventSource
 from keel.project import Project
 from resources import resource_definitions
 from sensors.retrain import retrain_sensor
@@ -18,15 +17,6 @@ from tests.keel.test_store import groups_for, land
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 CHALLENGER = dg.AssetKey(["models", "churn_challenger"])
 CHAMPION = dg.AssetKey(["models", "churn_champion"])
-
-
-@pytest.fixture
-def outcomes(buyer) -> EventSource:
-    return EventSource(
-        name="outcomes",
-        entity=buyer,
-        columns=(Column("churned", "bool", nullable=False), Column("spend_next", "float64")),
-    )
 
 
 @pytest.fixture

@@ -22,15 +22,6 @@ USERS = 150
 
 
 @pytest.fixture
-def outcomes(buyer) -> EventSource:
-    return EventSource(
-        name="outcomes",
-        entity=buyer,
-        columns=(Column("churned", "bool", nullable=False), Column("spend_next", "float64")),
-    )
-
-
-@pytest.fixture
 def project(payments, outcomes) -> Project:
     spend, ratio = groups_for(payments)
     return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
