@@ -10,17 +10,14 @@ the challenger is better by the declared margin. The job ``train_<name>`` runs b
 schedule starts it at 02:00 UTC and sensors/retrain.py starts it when monitoring fails.
 """
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 
 import dagster as dg
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from pyiceberg.expressions import And, GreaterThan, LessThanOrEqual
 
 from assets.metadata import markdown_table
 from keel import model_registry as registry
+from keel import promotion
 from keel.models import METRICS, ModelError, ModelSpec, TrainResult, train
 from keel.project import Project
 from keel.store import FeatureStore
@@ -143,10 +140,10 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
     def champion(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
         settings = mlflow.settings()
         store = FeatureStore(lakehouse.lakehouse(), project)
-        holdout = comparison_holdout(store, spec, settings)
+        holdout = promotion.holdout_from_lineage(store, spec, settings)
         # In the train job this step runs only after 'gates' passed; run alone, it reads the verdict.
         passed, why = latest_gates(context.instance, spec)
-        decision = registry.promote_if_better(settings, spec, holdout, gates_passed=passed, gate_reason=why)
+        decision = promotion.promote_if_better(settings, spec, holdout, gates_passed=passed, gate_reason=why)
         context.log.info(f"{spec.name}: {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
         current = decision.challenger_version if decision.promoted else decision.champion_version
         return dg.MaterializeResult(
@@ -218,38 +215,6 @@ def top_importances(result: TrainResult, n: int = TOP_IMPORTANCES) -> list[list]
         return []
     order = np.argsort(-np.asarray(values, dtype=np.float64))[:n]
     return [[result.features[i], f"{float(values[i]):.4f}"] for i in order]
-
-
-def comparison_holdout(store: FeatureStore, spec: ModelSpec, settings) -> pa.Table:
-    """The challenger's hold-out rebuilt from its recorded lineage (label snapshot, split
-    time, feature snapshots) with every feature the challenger or the champion reads."""
-    versions = {v.version: v for v in registry.list_versions(settings, spec.name)}
-    challenger = next(v for v in versions.values() if registry.CHALLENGER in v.aliases)
-    champion = next((v for v in versions.values() if registry.CHAMPION in v.aliases), None)
-    snapshots = {**(champion.snapshots if champion else {}), **challenger.snapshots}
-    split_time = dt.datetime.fromisoformat(challenger.tags["split_time"])
-    source, name = spec.labels, spec.labels.table_name
-    now = challenger.created
-    labels = store.lake.read(
-        name,
-        snapshot_id=snapshots.get(name),
-        row_filter=And(
-            GreaterThan(source.timestamp, split_time.isoformat()), LessThanOrEqual(source.timestamp, now.isoformat())
-        ),
-    )
-    order = [*source.key_columns, source.timestamp, *([source.event_id] if source.event_id else [])]
-    labels = labels.filter(pc.is_valid(labels.column(spec.label))).sort_by([(c, "ascending") for c in order])
-    labels = labels.select([*source.key_columns, source.timestamp, spec.label])
-    names = registry.comparison_features(settings, spec.name)
-    refs = _refs(store.project, spec, names)
-    return store.get_training_set(labels, refs, timestamp=source.timestamp, as_of=snapshots).table
-
-
-def _refs(project: Project, spec: ModelSpec, names: Sequence[str]) -> list[str]:
-    """``group.feature`` for each feature name: the model's own refs first, else the bare name
-    (which the feature store resolves when exactly one group has it)."""
-    declared = {ref.split(".", 1)[1]: ref for ref in spec.feature_refs(project)}
-    return [declared.get(n, n) for n in names]
 
 
 def _number(value: float | None):

@@ -67,7 +67,8 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_promote(args) -> int:
-    from keel.model_registry import ModelRegistryError, promote
+    from keel.model_registry import ModelRegistryError
+    from keel.promotion import promote
 
     try:
         info = promote(_settings(), args.name, _version(args.version))

@@ -1,4 +1,4 @@
-"""The model registry: trained models to MLflow, champion/challenger promotion, lineage.
+"""The model registry: trained models to MLflow as versions, with their lineage.
 
 Each training run becomes one MLflow run in the experiment named after the model, holding
 its parameters, hold-out metrics, the model in its native flavour (with signature and
@@ -6,10 +6,7 @@ input example), the ordered feature list, the training set's snapshot ids, the c
 version and the baseline statistics for drift monitoring. The run's model is registered as
 a new version of the registered model ``spec.name`` and takes the alias ``challenger``.
 
-Promotion moves the alias ``champion``. A promoted version is tagged
-``validation_status=passed``; the champion it replaces keeps its version and gets
-``previous_champion=true`` and ``retired_at``, so it stays findable for a rollback; a
-challenger that loses is tagged ``validation_status=rejected`` with the reason.
+Promotion (the alias ``champion``) lives in ``keel.promotion``.
 
 The signature and input example describe the native model's input (``keel.models.model_frame``'s
 encoding). MLflow's pyfunc wrapper cannot score string categories through JSON, so for such
@@ -24,12 +21,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
-
-import pyarrow as pa
 
 from keel.baseline import baseline_stats, prediction_stats
 
@@ -77,29 +71,6 @@ class ModelVersionInfo:
         row["created"] = self.created.isoformat(timespec="seconds")
         del row["tags"]
         return row
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """The outcome of comparing a challenger with the champion on the same hold-out."""
-
-    promoted: bool
-    reason: str
-    challenger_version: int
-    champion_version: int | None
-    metric: str
-    challenger_metric: float | None = None
-    champion_metric: float | None = None
-    holdout_rows: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def higher_is_better(metric: str) -> bool:
-    from keel.models import METRICS
-
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r} is not known (use one of {', '.join(METRICS)})")
-    return METRICS[metric].higher_is_better
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +131,7 @@ def log_and_register(
         "keel.feature_count": len(features),
         **{f"keel.{k}": v for k, v in split.items()},
     }
-    client = _client(settings)
+    client = mlflow_client(settings)
     experiment_id = _experiment(client, settings, spec.name)
     with _tracking(settings), mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({**_flat_params(result.params), **keel_params})
@@ -203,156 +174,7 @@ def log_and_register(
         client.update_registered_model(spec.name, description=spec.description or None)
         if spec.owner:
             client.set_registered_model_tag(spec.name, "owner", spec.owner)
-    return _info(client, client.get_model_version(spec.name, version), run.info.run_id)
-
-
-# ---------------------------------------------------------------------------------------
-# Promotion
-
-
-def promote_if_better(
-    settings: Settings,
-    spec: ModelSpec,
-    holdout: pa.Table,
-    *,
-    gates_passed: bool = True,
-    gate_reason: str = "",
-    version: int | str | None = None,
-) -> PromotionDecision:
-    """Score the challenger (``version``, or the alias ``challenger``) and the champion on
-    the same ``holdout`` with ``keel.models.evaluate`` and move ``champion`` when the
-    challenger is better on ``spec.metric`` by at least ``spec.min_improvement``.
-
-    ``holdout`` holds the label and every feature either version reads. The first version
-    of a model becomes champion when ``gates_passed``; a failed gate rejects the challenger
-    with ``gate_reason``. The decision is also recorded as tags on the challenger.
-    """
-    from keel.models import evaluate
-
-    client = _client(settings)
-    challenger = _resolve(client, spec.name, CHALLENGER if version is None else version)
-    champion = _alias_version(client, spec.name, CHAMPION)
-    metric = spec.metric
-    decision = dict(challenger_version=int(challenger.version), metric=metric, holdout_rows=holdout.num_rows)
-
-    if champion is not None and champion.version == challenger.version:
-        return PromotionDecision(
-            False,
-            f"version {challenger.version} is already the champion",
-            champion_version=int(champion.version),
-            **decision,
-        )
-    champion_version = int(champion.version) if champion is not None else None
-    if not gates_passed:
-        reason = f"promotion gates failed: {gate_reason}" if gate_reason else "promotion gates failed"
-        _reject(client, challenger, reason, metric, None, None, champion_version)
-        return PromotionDecision(False, reason, champion_version=champion_version, **decision)
-
-    _check_holdout(holdout, spec, [mv for mv in (challenger, champion) if mv is not None])
-    challenger_model, challenger_features = _load(settings, challenger)
-    challenger_value = _metric(evaluate(challenger_model, spec, holdout, challenger_features), metric, challenger)
-    if champion is None:
-        reason = f"first version of '{spec.name}' to pass the gates ({metric}={challenger_value:.6g})"
-        _promote(client, challenger, None, reason, how="automatic", metric=metric, value=challenger_value)
-        return PromotionDecision(True, reason, champion_version=None, challenger_metric=challenger_value, **decision)
-
-    champion_model, champion_features = _load(settings, champion)
-    champion_value = _metric(evaluate(champion_model, spec, holdout, champion_features), metric, champion)
-    improvement = (challenger_value - champion_value) * (1 if higher_is_better(metric) else -1)
-    values = dict(challenger_metric=challenger_value, champion_metric=champion_value, champion_version=champion_version)
-    comparison = (
-        f"{metric} {challenger_value:.6g} (v{challenger.version}) vs {champion_value:.6g} (champion v{champion.version}) "
-        f"on {holdout.num_rows} hold-out rows"
-    )
-    if math.isnan(improvement):
-        reason = f"{comparison}: the metric is undefined on this hold-out (e.g. one class only)"
-    elif improvement > 0 and improvement >= spec.min_improvement:
-        reason = f"{comparison}: better by {improvement:.6g} (needs {spec.min_improvement:g})"
-        _promote(client, challenger, champion, reason, how="automatic", metric=metric, value=challenger_value)
-        return PromotionDecision(True, reason, **values, **decision)
-    else:
-        reason = f"{comparison}: improvement {improvement:.6g} is below the required {spec.min_improvement:g}"
-    _reject(client, challenger, reason, metric, challenger_value, champion_value, champion_version)
-    return PromotionDecision(False, reason, **values, **decision)
-
-
-def _check_holdout(holdout: pa.Table, spec: ModelSpec, versions: list[ModelVersion]) -> None:
-    for mv in versions:
-        missing = [c for c in [*json.loads(mv.tags.get("features", "[]")), spec.label] if c not in holdout.column_names]
-        if missing:
-            raise ValueError(
-                f"model '{spec.name}' version {mv.version}: the hold-out lacks column(s) {missing}; build it with "
-                f"the label and keel.model_registry.comparison_features(settings, '{spec.name}')"
-            )
-
-
-def promote(settings: Settings, name: str, version: int | str) -> ModelVersionInfo:
-    """Make ``version`` the champion by hand (e.g. a rollback), tagged like an automatic promotion."""
-    client = _client(settings)
-    target = _resolve(client, name, version)
-    champion = _alias_version(client, name, CHAMPION)
-    if champion is None or champion.version != target.version:
-        _promote(
-            client,
-            target,
-            champion,
-            f"promoted by hand over v{champion.version}" if champion else "promoted by hand",
-            how="manual",
-        )
-    return _info(client, client.get_model_version(name, target.version))
-
-
-def _promote(
-    client: MlflowClient,
-    new: ModelVersion,
-    old: ModelVersion | None,
-    reason: str,
-    *,
-    how: str,
-    metric: str | None = None,
-    value: float | None = None,
-) -> None:
-    now = _now()
-    client.set_registered_model_alias(new.name, CHAMPION, new.version)
-    tags = {
-        "validation_status": "passed",
-        "validation_reason": reason,
-        "validated_at": now,
-        "promoted_at": now,
-        "promotion": how,
-    }
-    if metric is not None and value is not None:
-        tags[f"validation.{metric}"] = repr(value)
-    for key, value_ in tags.items():
-        client.set_model_version_tag(new.name, new.version, key, value_)
-    # A version promoted again (a rollback) is the champion, not a retired one.
-    for key in ("previous_champion", "retired_at", "retired_by"):
-        if key in new.tags:
-            client.delete_model_version_tag(new.name, new.version, key)
-    if old is not None:
-        client.set_model_version_tag(old.name, old.version, "previous_champion", "true")
-        client.set_model_version_tag(old.name, old.version, "retired_at", now)
-        client.set_model_version_tag(old.name, old.version, "retired_by", str(new.version))
-
-
-def _reject(
-    client: MlflowClient,
-    version: ModelVersion,
-    reason: str,
-    metric: str,
-    challenger_value: float | None,
-    champion_value: float | None,
-    champion_version: int | None,
-) -> None:
-    tags = {"validation_status": "rejected", "validation_reason": reason, "validated_at": _now()}
-    if challenger_value is not None:
-        tags[f"validation.{metric}"] = repr(challenger_value)
-    if champion_value is not None:
-        tags[f"validation.champion_{metric}"] = repr(champion_value)
-    if champion_version is not None:
-        tags["validation.champion_version"] = str(champion_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(version.name, version.version, key, value)
+    return version_info(client, client.get_model_version(spec.name, version), run.info.run_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,24 +183,24 @@ def _reject(
 
 def list_versions(settings: Settings, name: str) -> list[ModelVersionInfo]:
     """Every version of ``name``, newest first, with aliases, hold-out metrics and lineage."""
-    client = _client(settings)
+    client = mlflow_client(settings)
     _registered(client, name)
     # search_model_versions leaves aliases out; the registered model has them all.
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     versions = client.search_model_versions(f"name = '{_quote(name)}'")
-    infos = [_info(client, v, aliases=aliases.get(str(v.version), [])) for v in versions]
+    infos = [version_info(client, v, aliases=aliases.get(str(v.version), [])) for v in versions]
     return sorted(infos, key=lambda info: info.version, reverse=True)
 
 
 def show(settings: Settings, name: str, version: int | str) -> dict[str, Any]:
     """The lineage of one version (a number or an alias): features in order, snapshot ids,
     code version, run, metrics, parameters and the time split."""
-    client = _client(settings)
-    mv = _resolve(client, name, version)
+    client = mlflow_client(settings)
+    mv = resolve_version(client, name, version)
     run = client.get_run(mv.run_id)
-    info = _info(client, mv, run=run)
+    info = version_info(client, mv, run=run)
     params = dict(run.data.params)
     split = {key: params.pop(f"keel.{key}", None) for key in ("split_time", "holdout", "train_rows", "holdout_rows")}
     for key in ("train_rows", "holdout_rows"):
@@ -411,29 +233,17 @@ def load_model(
 ) -> tuple[Any, list[str], ModelVersionInfo]:
     """The native model of a version (a number or an alias such as ``champion``), its
     features in input order, and the version's info."""
-    client = _client(settings)
-    mv = _resolve(client, name, alias_or_version)
-    model, features = _load(settings, mv)
-    return model, features, _info(client, mv)
-
-
-def comparison_features(settings: Settings, name: str) -> list[str]:
-    """The features a hold-out needs so ``promote_if_better`` can score both the challenger
-    and the champion: the union of their feature lists, challenger's order first."""
-    client = _client(settings)
-    out: list[str] = []
-    for alias in (CHALLENGER, CHAMPION):
-        mv = _alias_version(client, name, alias)
-        if mv is not None:
-            out += [f for f in json.loads(mv.tags.get("features", "[]")) if f not in out]
-    return out
+    client = mlflow_client(settings)
+    mv = resolve_version(client, name, alias_or_version)
+    model, features = load_native(settings, mv)
+    return model, features, version_info(client, mv)
 
 
 # ---------------------------------------------------------------------------------------
 # MLflow plumbing
 
 
-def _client(settings: Settings) -> MlflowClient:
+def mlflow_client(settings: Settings) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
@@ -508,7 +318,7 @@ def _pip_requirements(algorithm: str) -> list[str]:
     return out
 
 
-def _load(settings: Settings, mv: ModelVersion) -> tuple[Any, list[str]]:
+def load_native(settings: Settings, mv: ModelVersion) -> tuple[Any, list[str]]:
     algorithm = mv.tags.get("algorithm")
     if algorithm is None:
         raise ModelRegistryError(
@@ -535,7 +345,7 @@ def _registered(client: MlflowClient, name: str) -> None:
         ) from None
 
 
-def _resolve(client: MlflowClient, name: str, alias_or_version: int | str) -> ModelVersion:
+def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str) -> ModelVersion:
     from mlflow.exceptions import MlflowException
 
     _registered(client, name)
@@ -553,7 +363,7 @@ def _resolve(client: MlflowClient, name: str, alias_or_version: int | str) -> Mo
                 f"model '{name}' has no version {ref} (versions: {', '.join(map(str, known)) or 'none'}); "
                 f"see `keel models list {name}`"
             ) from None
-    mv = _alias_version(client, name, ref)
+    mv = alias_version(client, name, ref)
     if mv is None:
         if ref == CHAMPION:
             fix = f"no champion yet: promote a version with `keel models promote {name} VERSION`"
@@ -565,7 +375,7 @@ def _resolve(client: MlflowClient, name: str, alias_or_version: int | str) -> Mo
     return mv
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -580,7 +390,7 @@ def _aliases(client: MlflowClient, name: str) -> list[str]:
     return sorted(client.get_registered_model(name).aliases)
 
 
-def _info(
+def version_info(
     client: MlflowClient, mv: ModelVersion, run_id: str | None = None, *, run=None, aliases=None
 ) -> ModelVersionInfo:
     run = run or client.get_run(run_id or mv.run_id)
@@ -598,15 +408,6 @@ def _info(
         code_version=tags.get("code_version", ""),
         status=tags.get("validation_status", "unknown"),
     )
-
-
-def _metric(metrics: dict[str, float], metric: str, mv: ModelVersion) -> float:
-    if metric not in metrics:
-        raise ValueError(
-            f"model '{mv.name}' version {mv.version}: evaluation gave no {metric!r} (got {sorted(metrics)}); "
-            "set the model's metric to one of those"
-        )
-    return float(metrics[metric])
 
 
 def _flat_params(params: dict[str, Any]) -> dict[str, str]:
@@ -632,5 +433,5 @@ def _iso(value: Any) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

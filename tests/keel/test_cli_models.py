@@ -6,6 +6,7 @@ import logging
 import pytest
 
 from keel import model_registry as registry
+from keel import promotion
 from keel.cli import main
 from keel.config import Settings
 from tests.keel.test_model_registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
@@ -21,7 +22,7 @@ def home(tmp_path, monkeypatch, capsys):
     for features in (["x1", "segment"], ["x1", "x2", "segment"]):
         s = spec("xgboost")
         registry.log_and_register(settings, s, fit(s, xgb(), features, data))
-    registry.promote_if_better(settings, spec("xgboost"), data, version=1)
+    promotion.promote_if_better(settings, spec("xgboost"), data, version=1)
     capsys.readouterr()
     return tmp_path
 

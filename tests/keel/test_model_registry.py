@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from keel import model_registry as registry
+from keel import promotion
 from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
 from keel.models import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
@@ -111,36 +112,36 @@ def story(tmp_path_factory):
     r1 = fit(s1, xgb(), ["x1", "segment"], data)
     out["r1"], out["v1"] = r1, registry.log_and_register(settings, s1, r1, code_version="sha-v1")
     out["no_champion_error"] = catch(registry.load_model, settings, "churn", "champion")
-    out["gate_failed"] = registry.promote_if_better(
+    out["gate_failed"] = promotion.promote_if_better(
         settings, s1, recent, gates_passed=False, gate_reason="roc_auc below floor"
     )
-    out["first"] = registry.promote_if_better(settings, s1, recent)
-    out["first_again"] = registry.promote_if_better(settings, s1, recent)
+    out["first"] = promotion.promote_if_better(settings, s1, recent)
+    out["first_again"] = promotion.promote_if_better(settings, s1, recent)
 
     # v2: a scikit-learn pipeline (keel.models' encoding) on noise only: worse, not promoted.
     s2 = spec("sklearn:sklearn.linear_model.LogisticRegression")
     pipeline, params = _estimator(s2, model_frame(data, ["noise", "segment"]))
     r2 = fit(s2, pipeline, ["noise", "segment"], data, params)
     out["r2"], out["v2"] = r2, registry.log_and_register(settings, s2, r2, code_version="sha-v2")
-    out["worse"] = registry.promote_if_better(settings, s2, recent)
+    out["worse"] = promotion.promote_if_better(settings, s2, recent)
     out["after_worse"] = {v.version: v for v in registry.list_versions(settings, "churn")}
 
     # v3: XGBoost on every signal feature: better, promoted over v1.
     s3 = spec("xgboost")
     r3 = fit(s3, xgb(), ["x1", "x2", "segment"], data)
     out["r3"], out["v3"] = r3, registry.log_and_register(settings, s3, r3, code_version="sha-v3")
-    out["comparison_features"] = registry.comparison_features(settings, "churn")
-    out["better"] = registry.promote_if_better(settings, s3, recent)
+    out["comparison_features"] = promotion.comparison_features(settings, "churn")
+    out["better"] = promotion.promote_if_better(settings, s3, recent)
     out["after_better"] = {v.version: v for v in registry.list_versions(settings, "churn")}
     out["show_v3"] = registry.show(settings, "churn", 3)
     out["loaded_champion"] = registry.load_model(settings, "churn", "champion")
     out["loaded_v2"] = registry.load_model(settings, "churn", 2)
 
     # A rollback by hand: v1 is champion again, v3 is the retired one.
-    out["manual"] = registry.promote(settings, "churn", 1)
+    out["manual"] = promotion.promote(settings, "churn", 1)
     out["after_manual"] = {v.version: v for v in registry.list_versions(settings, "churn")}
     with pytest.raises(ValueError) as missing:
-        registry.promote_if_better(settings, s3, recent.drop(["x1"]), version=2)
+        promotion.promote_if_better(settings, s3, recent.drop(["x1"]), version=2)
     out["missing_column_error"] = str(missing.value)
     out["unknown_model_error"] = catch(registry.list_versions, settings, "nope")
     out["unknown_version_error"] = catch(registry.show, settings, "churn", 9)
@@ -148,8 +149,8 @@ def story(tmp_path_factory):
 
     # The same comparison on a lower-is-better metric (log loss), champion v1.
     by_log_loss = spec("xgboost", metric="log_loss")
-    out["log_loss_worse"] = registry.promote_if_better(settings, by_log_loss, recent, version=2)
-    out["log_loss_better"] = registry.promote_if_better(settings, by_log_loss, recent, version=3)
+    out["log_loss_worse"] = promotion.promote_if_better(settings, by_log_loss, recent, version=2)
+    out["log_loss_better"] = promotion.promote_if_better(settings, by_log_loss, recent, version=3)
     return out
 
 
@@ -291,6 +292,6 @@ def test_lower_is_better_metric(story):
 
 
 def test_metric_direction_comes_from_keel_models():
-    assert registry.higher_is_better("roc_auc") and not registry.higher_is_better("log_loss")
+    assert promotion.higher_is_better("roc_auc") and not promotion.higher_is_better("log_loss")
     with pytest.raises(ValueError, match="not known"):
-        registry.higher_is_better("f7")
+        promotion.higher_is_better("f7")
