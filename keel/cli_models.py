@@ -1,4 +1,4 @@
-"""``keel models list|show|promote``: the model registry (MLflow) from the command line."""
+"""``keel models list|show|promote|reproduce``: the model registry (MLflow) from the command line."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def add_commands(sub) -> None:
     q.add_argument("name")
     q.add_argument("version", help="a version number or an alias")
     q.set_defaults(func=cmd_models_promote)
+    q = msub.add_parser(
+        "reproduce",
+        help="rebuild VERSION's training set from its recorded snapshots, retrain, and compare (exit 1 if it differs)",
+    )
+    q.add_argument("name")
+    q.add_argument("version", help="a version number or an alias")
+    q.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    q.set_defaults(func=cmd_models_reproduce)
 
 
 def _settings():
@@ -76,6 +84,37 @@ def cmd_models_promote(args) -> int:
         return _fail(exc)
     print(f"{info.name} v{info.version} is now {', '.join(info.aliases)}")
     return 0
+
+
+def cmd_models_reproduce(args) -> int:
+    from keel.lakehouse import Lakehouse, LakehouseError
+    from keel.model_registry import ModelRegistryError
+    from keel.models import ModelError, load_models, model_named
+    from keel.project import load_project
+    from keel.reproduce import reproduce
+    from keel.store import FeatureStore
+
+    settings = _settings()
+    try:
+        spec = model_named(load_models(settings.project), args.name)
+        store = FeatureStore(Lakehouse.from_settings(settings), load_project(settings.project))
+        out = reproduce(store, settings, spec, _version(args.version))
+    except (ModelRegistryError, ModelError, LakehouseError) as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(out.as_dict(), indent=2, default=str))
+        return 0 if out.identical else 1
+    verdict = "identical" if out.identical else "DIFFERENT"
+    print(f"{out.name} v{out.version}: training set {verdict} ({out.rows} rows; recorded {out.recorded_rows})")
+    print(f"  digest     {out.digest}\n  recorded   {out.recorded_digest}")
+    print(f"  labels to  {out.label_cutoff}")
+    print("  snapshots  " + ", ".join(f"{t}@{s}" for t, s in sorted(out.snapshots.items())))
+    for metric, (recorded, now) in sorted(out.metrics.items()):
+        was = "n/a" if recorded is None else f"{recorded:.6g}"
+        print(f"  {metric:<18} recorded {was:<12} retrained {now:.6g}")
+    for change in out.changed:
+        print(f"  definition changed since: {change}")
+    return 0 if out.identical else 1
 
 
 def _version(text: str) -> int | str:

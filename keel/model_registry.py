@@ -112,9 +112,21 @@ def log_and_register(
     baseline["prediction"] = prediction_stats(result.predictions)
     baseline["prediction_rows"] = "holdout"
 
+    # The definitions the set was computed with: a reproduction under changed ones says so.
+    definitions = {
+        name: f"v{group['version']}-{group['fingerprint']}"
+        for name, group in result.training_set.groups.items()
+        if "version" in group and "fingerprint" in group
+    }
     version_tags = {
         "features": json.dumps(features),
+        "feature_refs": json.dumps(result.refs),
+        "feature_definitions": json.dumps(definitions, sort_keys=True),
         "snapshot_ids": json.dumps(snapshots, sort_keys=True),
+        "label_cutoff": _iso(result.cutoff) if result.cutoff else "",
+        "training_set_digest": result.training_set.digest(),
+        "training_set_rows": str(result.training_set.table.num_rows),
+        "params": json.dumps(spec.params, sort_keys=True, default=repr),
         "code_version": code_version,
         "algorithm": spec.algorithm,
         "task": spec.task,
@@ -218,7 +230,14 @@ def show(settings: Settings, name: str, version: int | str) -> dict[str, Any]:
         "model_uri": f"models:/{name}/{info.version}",
         "artifact_uri": run.info.artifact_uri,
         "features": info.features,
+        "feature_refs": json.loads(info.tags.get("feature_refs", "[]")),
+        "feature_definitions": json.loads(info.tags.get("feature_definitions", "{}")),
         "snapshots": info.snapshots,
+        "training_set": {
+            "digest": info.tags.get("training_set_digest"),
+            "rows": int(info.tags["training_set_rows"]) if "training_set_rows" in info.tags else None,
+            "label_cutoff": info.tags.get("label_cutoff"),
+        },
         "code_version": info.code_version,
         "metrics": info.metrics,
         "params": params,
@@ -226,6 +245,12 @@ def show(settings: Settings, name: str, version: int | str) -> dict[str, Any]:
         "split": split,
         "tags": info.tags,
     }
+
+
+def get_version(settings: Settings, name: str, alias_or_version: int | str) -> ModelVersionInfo:
+    """One version (a number or an alias) with its recorded lineage."""
+    client = mlflow_client(settings)
+    return version_info(client, resolve_version(client, name, alias_or_version))
 
 
 def load_model(

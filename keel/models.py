@@ -234,6 +234,29 @@ class ModelSpec:
         return hash(self.name)
 
 
+def load_models(module: str = "pipelines") -> dict[str, ModelSpec]:
+    """The models declared in ``<module>.models`` (its ``MODELS``), by name."""
+    path = f"{module}.models"
+    try:
+        mod = importlib.import_module(path)
+    except ModuleNotFoundError as exc:
+        if exc.name and path.startswith(exc.name):
+            raise ModelError(
+                f"KEEL_PROJECT={module!r}: there is no module {path!r}; declare MODELS = (ModelSpec(...), ...) in it"
+            ) from None
+        raise
+    models = getattr(mod, "MODELS", None)
+    if not isinstance(models, tuple | list) or not all(isinstance(m, ModelSpec) for m in models):
+        raise ModelError(f"module {path!r} has no MODELS: declare MODELS = (ModelSpec(...), ...) in it")
+    return {m.name: m for m in models}
+
+
+def model_named(models: Mapping[str, ModelSpec], name: str) -> ModelSpec:
+    if name not in models:
+        raise ModelError(f"model {name!r} is not declared (declared: {', '.join(sorted(models)) or 'none'})")
+    return models[name]
+
+
 def _other_entity(where: str, group: str, theirs: Entity, ours: Entity) -> str:
     return (
         f"{where}: feature group {group!r} describes entity {theirs.name!r}, not {ours.name!r}; "
@@ -277,6 +300,7 @@ class TrainResult:
     params: dict[str, Any]
     algorithm: str
     refs: list[str] = field(default_factory=list)
+    cutoff: dt.datetime | None = None  # label rows timed after it were left out
 
 
 def train(
@@ -295,6 +319,7 @@ def train(
     where = f"model {spec.name!r}"
     refs = spec.feature_refs(store.project)
     pinned = dict(as_of.snapshots if isinstance(as_of, TrainingSet) else as_of or {})
+    now = now or dt.datetime.now(dt.UTC)
     labels_table = _read_labels(store, spec, pinned, now)
     ts = spec.labels.timestamp
     try:
@@ -341,10 +366,11 @@ def train(
         params=params,
         algorithm=spec.algorithm,
         refs=refs,
+        cutoff=now,
     )
 
 
-def _read_labels(store: FeatureStore, spec: ModelSpec, pinned: dict, now: dt.datetime | None) -> pa.Table:
+def _read_labels(store: FeatureStore, spec: ModelSpec, pinned: dict, now: dt.datetime) -> pa.Table:
     """The label rows (keys, timestamp, label) known at ``now``, in a fixed order whatever the file layout."""
     source, name = spec.labels, spec.labels.table_name
     if not store.lake.exists(name):
@@ -352,7 +378,6 @@ def _read_labels(store: FeatureStore, spec: ModelSpec, pinned: dict, now: dt.dat
             f"model {spec.name!r}: label table {name!r} does not exist yet; ingest it first "
             f"(keel ingest FILE --source {source.name})"
         )
-    now = now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
         raise ModelError(f"model {spec.name!r}: now={now!r} has no time zone (use e.g. datetime.now(UTC))")
     snapshot = pinned.get(name) if pinned else store.lake.head(name)

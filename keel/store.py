@@ -9,6 +9,7 @@ need are read, and the snapshot ids read are recorded so ``as_of=`` reproduces t
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,23 @@ class TrainingSet:
 
     def metadata(self) -> dict:
         return {"features": self.features, "snapshots": self.snapshots, "groups": self.groups}
+
+    def digest(self) -> str:
+        """A SHA-256 of the rows' values, column names and types, independent of how the
+        table is chunked: two sets with the same digest hold the same rows in the same order."""
+        return table_digest(self.table)
+
+
+def table_digest(table: pa.Table) -> str:
+    import pandas as pd
+
+    digest = hashlib.sha256()
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        digest.update(f"{name}:{column.type}\n".encode())
+        digest.update(pc.is_null(column).to_numpy(zero_copy_only=False).tobytes())
+        values = pd.util.hash_pandas_object(column.to_pandas(), index=False)
+        digest.update(values.to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 def lookback(group: FeatureGroup) -> dt.timedelta | None:

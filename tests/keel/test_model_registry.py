@@ -248,6 +248,12 @@ def test_show_reports_lineage(story):
     }
     assert show["training"]["algorithm"] == "xgboost"
     assert show["params"]["max_depth"] == "3"
+    r3 = story["r3"]
+    assert show["training_set"] == {
+        "digest": r3.training_set.digest(),
+        "rows": r3.training_set.table.num_rows,
+        "label_cutoff": "",
+    }
 
 
 def test_list_versions_newest_first_with_metrics(story):
