@@ -1,9 +1,13 @@
-"""``keel models list|show|promote|reproduce``: the model registry (MLflow) from the command line."""
+"""``keel models list|show|promote|reproduce|score``: the model registry (MLflow) from the command line."""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
 import sys
+import time
+import uuid
 
 
 def add_commands(sub) -> None:
@@ -29,6 +33,14 @@ def add_commands(sub) -> None:
     q.add_argument("version", help="a version number or an alias")
     q.add_argument("--json", action="store_true", help="print the comparison as JSON")
     q.set_defaults(func=cmd_models_reproduce)
+    q = msub.add_parser(
+        "score",
+        help="score each day's active entities with the champion into predictions.NAME (write-audit-publish)",
+    )
+    q.add_argument("name")
+    q.add_argument("--start", required=True, type=_date, help="first day, YYYY-MM-DD")
+    q.add_argument("--end", type=_date, help="last day, YYYY-MM-DD (default: the first)")
+    q.set_defaults(func=cmd_models_score)
 
 
 def _settings():
@@ -87,17 +99,16 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_models_reproduce(args) -> int:
-    from keel.lakehouse import Lakehouse, LakehouseError
+    from keel.lakehouse import LakehouseError
     from keel.model_registry import ModelRegistryError
     from keel.models import ModelError, load_models, model_named
-    from keel.project import load_project
     from keel.reproduce import reproduce
     from keel.store import FeatureStore
 
     settings = _settings()
     try:
         spec = model_named(load_models(settings.project), args.name)
-        store = FeatureStore(Lakehouse.from_settings(settings), load_project(settings.project))
+        store = FeatureStore.from_settings(settings)
         out = reproduce(store, settings, spec, _version(args.version))
     except (ModelRegistryError, ModelError, LakehouseError) as exc:
         return _fail(exc)
@@ -115,6 +126,44 @@ def cmd_models_reproduce(args) -> int:
     for change in out.changed:
         print(f"  definition changed since: {change}")
     return 0 if out.identical else 1
+
+
+def cmd_models_score(args) -> int:
+    from keel.batch_predict import BatchPredictError, score_days
+    from keel.lakehouse import LakehouseError
+    from keel.materialize import MaterializeError, days_between
+    from keel.model_registry import ModelRegistryError
+    from keel.models import ModelError, load_models, model_named
+    from keel.store import FeatureStore
+
+    settings = _settings()
+    t0 = time.perf_counter()
+    try:
+        spec = model_named(load_models(settings.project), args.name)
+        days = days_between(args.start, args.end or args.start)
+        run_id = f"cli-score-{uuid.uuid4().hex[:8]}"
+        scored, report, snapshot = score_days(FeatureStore.from_settings(settings), settings, spec, days, run_id)
+    except (BatchPredictError, ModelRegistryError, ModelError, MaterializeError, LakehouseError) as exc:
+        print(f"keel models score: {exc}; nothing was published", file=sys.stderr)
+        return 1
+    counts = list(scored.entities_per_day.values())
+    print(
+        f"{spec.name} v{scored.version.version}: scored {sum(counts):,} rows over {len(days)} day(s) "
+        f"({min(counts)}..{max(counts)} entities a day)"
+    )
+    print(f"  audit: {report.summary()}")
+    if snapshot is None:
+        print(f"  NOT published: audit failed; branch {scored.staged.branch} kept for inspection", file=sys.stderr)
+        return 1
+    print(f"  published {scored.staged.table} snapshot {snapshot} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (use YYYY-MM-DD)") from None
 
 
 def _version(text: str) -> int | str:

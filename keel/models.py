@@ -234,6 +234,26 @@ class ModelSpec:
         return hash(self.name)
 
 
+def resolve_refs(project: Project, spec: ModelSpec, names: Sequence[str]) -> list[str]:
+    """``group.feature`` for each feature name a version recorded: the model's declared ref,
+    else the one group of the project that has a feature of that name."""
+    declared = {ref.split(".", 1)[1]: ref for ref in spec.feature_refs(project)}
+    out = []
+    for name in names:
+        if name in declared or "." in name:
+            out.append(declared.get(name, name))
+            continue
+        owners = [g.name for g in project.feature_groups if any(f.name == name for f in g.features)]
+        if len(owners) != 1:
+            raise ModelError(
+                f"model {spec.name!r}: recorded feature {name!r} is in "
+                + (f"groups {', '.join(owners)}" if owners else "no feature group of the project")
+                + "; retrain the model so its version records group.feature references"
+            )
+        out.append(f"{owners[0]}.{name}")
+    return out
+
+
 def load_models(module: str = "pipelines") -> dict[str, ModelSpec]:
     """The models declared in ``<module>.models`` (its ``MODELS``), by name."""
     path = f"{module}.models"

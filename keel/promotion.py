@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from keel.model_registry import (
     utc_now,
     version_info,
 )
+from keel.models import resolve_refs
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
     from keel.config import Settings
     from keel.models import ModelSpec
-    from keel.project import Project
     from keel.store import FeatureStore
 
 
@@ -262,12 +261,5 @@ def holdout_from_lineage(store: FeatureStore, spec: ModelSpec, settings: Setting
     order = [*source.key_columns, source.timestamp, *([source.event_id] if source.event_id else [])]
     labels = labels.filter(pc.is_valid(labels.column(spec.label))).sort_by([(c, "ascending") for c in order])
     labels = labels.select([*source.key_columns, source.timestamp, spec.label])
-    refs = feature_refs_for(store.project, spec, comparison_features(settings, spec.name))
+    refs = resolve_refs(store.project, spec, comparison_features(settings, spec.name))
     return store.get_training_set(labels, refs, timestamp=source.timestamp, as_of=snapshots).table
-
-
-def feature_refs_for(project: Project, spec: ModelSpec, names: Sequence[str]) -> list[str]:
-    """``group.feature`` for each feature name a version recorded: the model's declared ref
-    first, else the bare name (which the feature store resolves when one group has it)."""
-    declared = {ref.split(".", 1)[1]: ref for ref in spec.feature_refs(project)}
-    return [declared.get(n, n) for n in names]

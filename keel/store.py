@@ -175,9 +175,12 @@ class FeatureStore:
         self._plans: dict[tuple[str, ...], LookupPlan] = {}
 
     @classmethod
-    def from_env(cls) -> FeatureStore:
-        settings = Settings.from_env()
+    def from_settings(cls, settings: Settings) -> FeatureStore:
         return cls(Lakehouse.from_settings(settings), load_project(settings.project))
+
+    @classmethod
+    def from_env(cls) -> FeatureStore:
+        return cls.from_settings(Settings.from_env())
 
     @property
     def online(self) -> OnlineStore:

@@ -6,6 +6,7 @@ from assets.feature_groups import feature_group_definitions
 from assets.maintenance import maintenance_definitions
 from assets.models import model_definitions
 from assets.online import online_definitions
+from assets.predictions import prediction_definitions
 from assets.raw_events import raw_event_definitions
 from pipelines import project
 from pipelines.models import MODELS
@@ -22,6 +23,7 @@ defs = dg.Definitions.merge(
     online_definitions(project),
     maintenance_definitions(),
     model_definitions(project, MODELS),
+    prediction_definitions(project, MODELS),
     sensor_definitions(project, list(raw.jobs)),
     stream_sensor_definitions(project),
     retrain_sensor_definitions(MODELS),

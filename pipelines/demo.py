@@ -59,6 +59,7 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     from assets.feature_groups import feature_job_name
     from assets.models import train_job_name
     from assets.online import ONLINE_SYNC_JOB
+    from assets.predictions import predict_job_name
     from assets.raw_events import ingest_job_name, landing_files
     from pipelines import project
     from pipelines.definitions import defs
@@ -71,7 +72,7 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    steps = 4 + len(project.sources) + len(project.feature_groups) + len(MODELS)
+    steps = 4 + len(project.sources) + len(project.feature_groups) + 3 * len(MODELS)
     # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
     start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     step = iter(range(1, steps + 1))
@@ -140,6 +141,26 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
             print(model_summary(result, settings, spec), flush=True)
         else:
             failed.append(train_job_name(spec))
+
+        last = span[1]
+        print(f"[{next(step)}/{steps}] scoring {last} with the champion of {spec.name} ...", end=" ", flush=True)
+        if failed:
+            print("skipped: an earlier step failed", flush=True)
+        else:
+            result = _run_job(defs, predict_job_name(spec), instance, (last, last), {})
+            if result.success:
+                print(scoring_summary(lake, spec, last), flush=True)
+            else:
+                failed.append(predict_job_name(spec))
+
+        print(f"[{next(step)}/{steps}] reproducing the champion of {spec.name} from its lineage ...", flush=True)
+        if failed:
+            print("        skipped: an earlier step failed", flush=True)
+        else:
+            text, identical = reproduction_summary(settings, spec)
+            print(text, flush=True)
+            if not identical:
+                failed.append(f"reproduce {spec.name}")
 
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
@@ -253,6 +274,42 @@ def model_summary(result, settings: Settings, spec) -> str:
         "        `make mlflow-ui` shows the run and the registered versions at http://127.0.0.1:5000",
     ]
     return "\n" + "\n".join(lines)
+
+
+def scoring_summary(lake: Lakehouse, spec, day: dt.date) -> str:
+    """How many users the day's batch scored, their mean, and the riskiest few with lineage."""
+    from keel.batch_predict import predictions_table
+    from keel.lakehouse import day_filter
+
+    rows = lake.read(predictions_table(spec), row_filter=day_filter("feature_ts", [day]))
+    scores = rows.column("prediction").to_numpy()
+    top = rows.sort_by([("prediction", "descending")]).slice(0, 3).to_pylist()
+    lines = [
+        f"        {rows.num_rows:,} users scored into {predictions_table(spec)}, mean {scores.mean():.3f}; highest:",
+        *(
+            f"          {r['user_id']:<10} {r['prediction']:.3f}  (v{r['model_version']}, run {r['model_run_id'][:8]}, "
+            f"{r['missing_features']} features missing)"
+            for r in top
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def reproduction_summary(settings: Settings, spec) -> tuple[str, bool]:
+    """The champion's training set rebuilt from its recorded snapshots and compared by digest."""
+    from keel.reproduce import reproduce
+    from keel.store import FeatureStore
+
+    t = time.perf_counter()
+    out = reproduce(FeatureStore.from_settings(settings), settings, spec, "champion")
+    metric = out.metrics.get(spec.metric, (None, float("nan")))
+    recorded = "n/a" if metric[0] is None else f"{metric[0]:.4f}"
+    return (
+        f"        {spec.name} v{out.version}: training set {'identical' if out.identical else 'DIFFERENT'} "
+        f"({out.rows:,} rows, digest {out.digest[:12]}), {spec.metric} {metric[1]:.4f} (recorded {recorded}) "
+        f"in {time.perf_counter() - t:.1f}s",
+        out.identical,
+    )
 
 
 def _cell(value, status: str) -> str:

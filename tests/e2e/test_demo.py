@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from keel.cli import main
 from keel.ingest import QUARANTINE_TABLE
 from pipelines import demo
 
@@ -31,6 +32,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
         "ingest_signups",
         "ingest_transactions",
         "online_sync",
+        "predict_churn",
         "train_churn",
     ]
     for group in ("user_transactions", "user_clicks", "user_profile", "user_engagement"):
@@ -49,7 +51,30 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     # The churn model is trained, registered in MLflow and, being the first, promoted to champion.
     assert "churn v1: " in out and "promoted to champion: yes" in out and "lineage: 26 features" in out
 
+    # Yesterday's active users are scored by the champion into predictions.churn, with lineage.
+    scored = lake.read("predictions.churn")
+    assert scored.num_rows > 0 and set(scored.column("model_version").to_pylist()) == {1}
+    assert f"{scored.num_rows:,} users scored into predictions.churn" in out
+    # The champion's training set rebuilds identically from its recorded snapshots.
+    assert "churn v1: training set identical" in out
+
+    # The same through the CLI, on the demo's KEEL_HOME.
+    code, text, _ = run_cli(capsys, "models", "reproduce", "churn", "champion")
+    assert code == 0 and "training set identical" in text
+    day = scored.column("feature_ts")[0].as_py().date().isoformat()
+    code, text, _ = run_cli(capsys, "models", "score", "churn", "--start", day)
+    assert code == 0 and "published predictions.churn snapshot" in text
+    assert lake.read("predictions.churn").num_rows == scored.num_rows
+    code, _, err = run_cli(capsys, "models", "score", "churn", "--start", "2001-01-01")
+    assert code == 1 and "no feature rows on 2001-01-01" in err and "nothing was published" in err
+
     # A second demo changes no content: ingests merge by event id.
     before = {t: sum(lake.partition_rows(t).values()) for t in lake.tables()}
     assert demo.run(settings, days=60, users=100) == 0
     assert {t: sum(lake.partition_rows(t).values()) for t in lake.tables()} == before
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

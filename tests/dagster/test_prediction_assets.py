@@ -1,0 +1,100 @@
+"""The batch prediction assets: staged -> blocking audit -> published, per day partition."""
+
+import datetime as dt
+import logging
+
+import dagster as dg
+import pytest
+
+from assets.predictions import prediction_definitions
+from keel import model_registry as registry
+from keel import promotion
+from keel.batch_predict import predictions_table
+from keel.materialize import backfill
+from keel.models import train
+from keel.project import Project
+from keel.store import FeatureStore
+from resources import resource_definitions
+from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from tests.keel.test_models import START, land_labels, spec, synthetic
+from tests.keel.test_store import groups_for, land
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
+STAGED = dg.AssetKey(["predictions", "churn_staged"])
+PUBLISHED = dg.AssetKey(["predictions", "churn"])
+FIRST = (START + dt.timedelta(weeks=6)).date()
+LAST = FIRST + dt.timedelta(days=3)
+
+
+@pytest.fixture
+def project(payments, outcomes) -> Project:
+    spend, ratio = groups_for(payments)
+    return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
+
+
+@pytest.fixture
+def defs(project, buyer, outcomes, settings):
+    return dg.Definitions.merge(
+        prediction_definitions(project, [spec(buyer, outcomes)]), resource_definitions(settings)
+    )
+
+
+@pytest.fixture
+def instance(keel_home):
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def test_definitions_hold_the_assets_check_job_and_schedule(defs):
+    graph = defs.resolve_asset_graph()
+    assert graph.get(STAGED).parent_keys == {
+        dg.AssetKey(["models", "churn_champion"]),
+        dg.AssetKey(["features", "spend"]),
+        dg.AssetKey(["features", "spend_ratio"]),
+    }
+    assert graph.get(PUBLISHED).parent_keys == {STAGED}
+    (audit,) = graph.get_check_keys_for_assets({STAGED})
+    assert audit.name == "audit" and graph.get_check_spec(audit).blocking
+    assert defs.resolve_assets_def(STAGED).partitions_def.start.date() == START.date()
+    schedule = defs.resolve_schedule_def("predict_churn_daily")
+    assert (schedule.cron_schedule, schedule.job_name) == ("0 3 * * *", "predict_churn")
+
+
+def test_a_partition_range_is_scored_audited_and_published_in_one_run(
+    defs, project, lake, payments, outcomes, buyer, settings, instance
+):
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    rows, labels = synthetic(2)
+    land(lake, payments, rows, "p")
+    land_labels(lake, outcomes, labels, "l")
+    store = FeatureStore(lake, project)
+    for group in project.feature_groups:
+        assert backfill(store, group, FIRST, LAST, run_id=f"fg-{group.name}")[2] is not None
+    model = spec(buyer, outcomes)
+    info = registry.log_and_register(settings, model, train(store, model, now=dt.datetime(2030, 1, 1, tzinfo=dt.UTC)))
+    promotion.promote(settings, "churn", info.version)
+
+    job = defs.resolve_job_def("predict_churn")
+    tags = {ASSET_PARTITION_RANGE_START_TAG: FIRST.isoformat(), ASSET_PARTITION_RANGE_END_TAG: LAST.isoformat()}
+    result = job.execute_in_process(instance=instance, tags=tags)
+    assert result.success
+    (check,) = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert check.passed
+    staged = {
+        k: v.value for k, v in result.asset_materializations_for_node("predictions__churn_staged")[0].metadata.items()
+    }
+    table = lake.read(predictions_table(model))
+    assert staged["dagster/row_count"] == table.num_rows > 0
+    assert staged["model_version"] == info.version and staged["model_run_id"] == info.run_id
+    assert staged["partitions"] == f"{FIRST}..{LAST}"
+    assert "p50" in staged["prediction_deciles"] and 0 < staged["prediction_mean"] < 1
+    assert set(table.column("run_id").to_pylist()) == {result.run_id}
+
+    # A day with no features fails with the fix and publishes nothing.
+    head = lake.head(predictions_table(model))
+    late = (LAST + dt.timedelta(days=1)).isoformat()
+    failed = job.execute_in_process(instance=instance, partition_key=late, raise_on_error=False)
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "materialize those days of the feature groups first" in failure.event_specific_data.error.message
+    assert lake.head(predictions_table(model)) == head
