@@ -115,3 +115,14 @@ def outcomes(buyer) -> EventSource:
         entity=buyer,
         columns=(Column("churned", "bool", nullable=False), Column("spend_next", "float64")),
     )
+
+
+@pytest.fixture
+def model_project(payments, outcomes):
+    """Payments with the 'spend' and 'spend_ratio' groups, and the outcomes label source: what the model tests train on."""
+    from keel.project import Project
+    from tests.keel.test_store import groups_for
+
+    spend, ratio = groups_for(payments)
+    start = dt.date(2026, 3, 1)
+    return Project(name="t", sources=(payments, outcomes), start_date=start, feature_groups=(spend, ratio))

@@ -10,8 +10,8 @@ from keel import model_registry as registry
 from keel.project import Project
 from resources import resource_definitions
 from sensors.retrain import retrain_sensor
-from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import groups_for, land
+from tests.keel.test_models import land_labels, spec, synthetic
+from tests.keel.test_store import land
 
 # MLflow's SQL store declares its relationships with lazy="noload", deprecated in SQLAlchemy 2.1; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
@@ -20,9 +20,8 @@ CHAMPION = dg.AssetKey(["models", "churn_champion"])
 
 
 @pytest.fixture
-def project(payments, outcomes) -> Project:
-    spend, ratio = groups_for(payments)
-    return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
+def project(model_project) -> Project:
+    return model_project
 
 
 @pytest.fixture

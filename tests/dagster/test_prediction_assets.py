@@ -17,7 +17,7 @@ from keel.store import FeatureStore
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import groups_for, land
+from tests.keel.test_store import land
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 STAGED = dg.AssetKey(["predictions", "churn_staged"])
@@ -27,9 +27,8 @@ LAST = FIRST + dt.timedelta(days=3)
 
 
 @pytest.fixture
-def project(payments, outcomes) -> Project:
-    spend, ratio = groups_for(payments)
-    return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
+def project(model_project) -> Project:
+    return model_project
 
 
 @pytest.fixture

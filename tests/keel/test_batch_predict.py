@@ -15,10 +15,9 @@ from keel import promotion
 from keel.batch_predict import BatchPredictError, predictions_table, score_days, stage_scores
 from keel.materialize import backfill, day_end
 from keel.models import predict, train
-from keel.project import Project
 from keel.store import FeatureStore
 from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import groups_for, land
+from tests.keel.test_store import land
 
 FIRST = (START + dt.timedelta(weeks=6)).date()
 DAYS = [FIRST + dt.timedelta(days=i) for i in range(10)]  # crosses a 7-day chunk boundary
@@ -26,10 +25,8 @@ NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def store(lake, payments, outcomes) -> FeatureStore:
-    spend, ratio = groups_for(payments)
-    project = Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
-    return FeatureStore(lake, project)
+def store(lake, model_project) -> FeatureStore:
+    return FeatureStore(lake, model_project)
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ USERS = 150
 
 
 @pytest.fixture
-def project(payments, outcomes) -> Project:
-    spend, ratio = groups_for(payments)
-    return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
+def project(model_project) -> Project:
+    return model_project
 
 
 @pytest.fixture

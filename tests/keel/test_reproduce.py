@@ -11,7 +11,6 @@ import pytest
 
 from keel import model_registry as registry
 from keel.models import ModelError, load_models, model_named, train
-from keel.project import Project
 from keel.reproduce import reproduce
 from keel.store import FeatureStore, table_digest
 from tests.keel.test_models import START, land_labels, spec, synthetic
@@ -21,10 +20,8 @@ LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def store(lake, payments, outcomes) -> FeatureStore:
-    spend, ratio = groups_for(payments)
-    project = Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
-    return FeatureStore(lake, project)
+def store(lake, model_project) -> FeatureStore:
+    return FeatureStore(lake, model_project)
 
 
 @pytest.fixture
