@@ -125,6 +125,77 @@ class Settings:
         return self.home / "dagster"
 
 
+SERVING_VARIABLES = {
+    "models": Variable(
+        "KEEL_SERVE_MODELS", "models to serve, comma-separated (default: every model KEEL_PROJECT declares)"
+    ),
+    "poll_s": Variable("KEEL_SERVE_POLL_S", "seconds between registry polls for newly promoted versions (default 30)"),
+    "canary": Variable("KEEL_SERVE_CANARY", "share of entities answered by the challenger, 0 to 1 (default 0)"),
+    "shadow": Variable(
+        "KEEL_SERVE_SHADOW", "true: also score the challenger on every request, unreturned (default false)"
+    ),
+    "api_keys": Variable("KEEL_SERVE_API_KEYS", "comma-separated API keys the admin endpoints require"),
+    "protect_predict": Variable("KEEL_SERVE_PROTECT_PREDICT", "true: predictions need an API key too (default false)"),
+    "max_body_bytes": Variable("KEEL_SERVE_MAX_BODY_BYTES", "largest request body accepted, in bytes (default 65536)"),
+    "max_entities": Variable("KEEL_SERVE_MAX_ENTITIES", "most entity ids in one request (default 1000)"),
+    "timeout_ms": Variable("KEEL_SERVE_TIMEOUT_MS", "time bound of one request, in ms (default 2000)"),
+    "online_timeout_ms": Variable(
+        "KEEL_SERVE_ONLINE_TIMEOUT_MS", "time bound of an online-store read, in ms (default 50)"
+    ),
+    "breaker_failures": Variable(
+        "KEEL_SERVE_BREAKER_FAILURES", "online-store failures in a row that open the circuit breaker (default 5)"
+    ),
+    "breaker_reset_s": Variable(
+        "KEEL_SERVE_BREAKER_RESET_S", "seconds the breaker stays open before a trial (default 5)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How ``keel serve`` behaves; every value from a ``KEEL_SERVE_*`` variable."""
+
+    models: tuple[str, ...] = ()
+    poll_s: float = 30.0
+    canary: float = 0.0
+    shadow: bool = False
+    api_keys: tuple[str, ...] = ()
+    protect_predict: bool = False
+    max_body_bytes: int = 65536
+    max_entities: int = 1000
+    timeout_ms: float = 2000.0
+    online_timeout_ms: float = 50.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        env = os.environ if environ is None else environ
+        out: dict = {}
+        for key, var in SERVING_VARIABLES.items():
+            text = (env.get(var.name) or "").strip()
+            if not text:
+                continue
+            default = getattr(cls, key)
+            if isinstance(default, tuple):
+                out[key] = tuple(v.strip() for v in text.split(",") if v.strip())
+            elif isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"{var.name}={text!r} is not usable: use true or false ({var.help})")
+                out[key] = text.lower() in ("true", "1", "yes")
+            else:
+                try:
+                    value = type(default)(text)
+                except ValueError:
+                    value = None
+                low, high = (0.0, 1.0) if key == "canary" else (1e-9, float("inf"))
+                if value is None or not low <= value <= high:
+                    bound = "a number from 0 to 1" if key == "canary" else f"a positive {type(default).__name__}"
+                    raise ConfigError(f"{var.name}={text!r} is not usable: give {bound} ({var.help})")
+                out[key] = value
+        return cls(**out)
+
+
 def _fail(key: str, value: str, fix: str) -> None:
     var = VARIABLES[key]
     raise ConfigError(f"{var.name}={value!r} is not usable: {fix} ({var.help})")

@@ -253,6 +253,18 @@ def get_version(settings: Settings, name: str, alias_or_version: int | str) -> M
     return version_info(client, resolve_version(client, name, alias_or_version))
 
 
+def load_baseline(settings: Settings, run_id: str) -> dict:
+    """The baseline statistics a version's run logged (``baseline.json``): per-feature
+    distributions and serving defaults, and the prediction distribution."""
+    import tempfile
+
+    client = mlflow_client(settings)
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run_id, "baseline.json", folder)
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+
 def load_model(
     settings: Settings, name: str, alias_or_version: int | str = CHAMPION
 ) -> tuple[Any, list[str], ModelVersionInfo]:

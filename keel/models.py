@@ -494,8 +494,12 @@ def _estimator(spec: ModelSpec, frame: pd.DataFrame) -> tuple[Any, dict[str, Any
 
 def predict(model: Any, spec: ModelSpec, table: pa.Table, features: Sequence[str]) -> np.ndarray:
     """Predictions for the table's rows: the positive class's probability, or the regression value."""
-    frame = model_frame(table, features)
-    if spec.task == "classification":
+    return predict_frame(model, spec.task, model_frame(table, features))
+
+
+def predict_frame(model: Any, task: str, frame: pd.DataFrame) -> np.ndarray:
+    """Scores of rows already encoded by ``model_frame``."""
+    if task == "classification":
         return np.asarray(model.predict_proba(frame)[:, 1], dtype=np.float64)
     return np.asarray(model.predict(frame), dtype=np.float64)
 

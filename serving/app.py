@@ -1,0 +1,229 @@
+"""The serving API on FastAPI: Keel's predict-by-entity REST and the Open Inference Protocol.
+
+FastAPI (a dependency MLflow already brings) validates bodies against typed models and
+publishes the OpenAPI schema the fuzz tests run against; a malformed body answers 422
+naming the field. Bodies are bounded in bytes and entities, and requests in time. Admin
+endpoints need an API key (``Authorization: Bearer KEY`` or ``X-API-Key``), compared in
+constant time; predictions too when ``protect_predict`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from keel.config import ServingSettings
+from serving.models import RegistryPoller
+from serving.server import BadInput, Server, UnknownModel
+
+log = logging.getLogger("keel.serving")
+
+EntityKey = StrictStr | StrictInt | dict[str, StrictStr | StrictInt]
+Value = StrictBool | StrictInt | StrictFloat | StrictStr | None
+
+
+class PredictRequest(BaseModel):
+    """One entity (``entity_id``) or several (``entity_ids``), and optional request-time feature values."""
+
+    model_config = ConfigDict(extra="forbid")
+    entity_id: EntityKey | None = None
+    entity_ids: Annotated[list[EntityKey], Field(min_length=1)] | None = None
+    features: dict[str, Value] | None = None
+
+    @model_validator(mode="after")
+    def one_of_entity_id_or_ids(self) -> PredictRequest:
+        if (self.entity_id is None) == (self.entity_ids is None):
+            raise ValueError("give exactly one of entity_id and entity_ids")
+        return self
+
+
+class PredictResponse(BaseModel):
+    predictions: list[float]
+    model: str
+    version: int
+    alias: str
+    request_id: str
+    missing_features: list[str] | list[list[str]]
+    degraded: bool
+    canary_share: float
+    latency_ms: float
+
+
+class InferInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    shape: Annotated[list[StrictInt], Field(min_length=1, max_length=2)]
+    datatype: StrictStr
+    data: list[Value]
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    inputs: Annotated[list[InferInput], Field(min_length=1)]
+
+
+def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller | None = None) -> FastAPI:
+    """The ASGI app over a ``Server``; ``poller`` (started and stopped with the app) keeps models fresh."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if poller is not None:
+            poller.start()
+        try:
+            yield
+        finally:
+            if poller is not None:
+                poller.stop()
+            if server.inference_log is not None:
+                server.inference_log.close()
+
+    app = FastAPI(title="Keel serving", version="1", lifespan=lifespan)
+    keys = [k.encode() for k in settings.api_keys]
+    timeout_s = settings.timeout_ms / 1000
+
+    def authorised(request: Request) -> bool:
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        token = given.strip().encode()
+        # Every key is compared, so the time taken does not say which one nearly matched.
+        return bool(token) and sum(hmac.compare_digest(token, k) for k in keys) > 0
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def bounds(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return error(413, f"request body larger than {settings.max_body_bytes} bytes (KEEL_SERVE_MAX_BODY_BYTES)")
+        try:
+            return await asyncio.wait_for(call_next(request), timeout_s)
+        except TimeoutError:
+            return error(503, f"request took longer than {settings.timeout_ms:g} ms (KEEL_SERVE_TIMEOUT_MS)")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        problems = []
+        for item in exc.errors():
+            where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+        return error(422, "; ".join(problems[:10]))
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if server.models.ready:
+            return {"status": "ready", "models": {n: m.versions for n, m in server.models.snapshot().items()}}
+        return JSONResponse({"status": "loading", "errors": server.models.errors}, status_code=503)
+
+    @app.get("/v2/health/live")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready():
+        return JSONResponse({"ready": server.models.ready}, status_code=200 if server.models.ready else 503)
+
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse)
+    async def predict(name: str, body: PredictRequest, request: Request):
+        if settings.protect_predict and not authorised(request):
+            return error(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
+        ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
+        if len(ids) > settings.max_entities:
+            return error(
+                422, f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
+            )
+        try:
+            return server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
+        except UnknownModel as exc:
+            return error(404, str(exc))
+        except BadInput as exc:
+            return error(422, str(exc))
+
+    @app.get("/v2/models/{name}")
+    async def metadata(name: str):
+        try:
+            return server.describe(name)
+        except UnknownModel as exc:
+            return error(404, str(exc))
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, body: InferRequest, request: Request):
+        if settings.protect_predict and not authorised(request):
+            return error(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
+        try:
+            columns, rows = _columns(body)
+            if rows > settings.max_entities:
+                raise BadInput(f"inputs: {rows} rows, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)")
+            out = server.infer_vectors(name, columns, rows)
+        except UnknownModel as exc:
+            return error(404, str(exc))
+        except BadInput as exc:
+            return error(422, str(exc))
+        return {
+            "model_name": name,
+            "model_version": str(out["version"]),
+            "id": body.id,
+            "outputs": [{"name": "prediction", "shape": [rows], "datatype": "FP64", "data": out["predictions"]}],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/models")
+    async def admin_models(request: Request):
+        if not keys:
+            return error(403, "admin endpoints are off: set KEEL_SERVE_API_KEYS to enable them")
+        if not authorised(request):
+            return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+        return {
+            "models": {n: m.versions for n, m in server.models.snapshot().items()},
+            "errors": server.models.errors,
+            "swaps": server.models.swaps,
+        }
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        if not keys:
+            return error(403, "admin endpoints are off: set KEEL_SERVE_API_KEYS to enable them")
+        if not authorised(request):
+            return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+        t = time.perf_counter()
+        changes = await asyncio.to_thread(server.models.refresh)
+        return {"changes": changes, "seconds": round(time.perf_counter() - t, 3)}
+
+    return app
+
+
+def _columns(body: InferRequest) -> tuple[dict[str, list[Any]], int]:
+    """Named 1-D inputs, one per feature (each of shape [rows])."""
+    columns: dict[str, list[Any]] = {}
+    rows = None
+    for tensor in body.inputs:
+        shape = tensor.shape
+        if len(shape) == 2 and shape[1] != 1:
+            raise BadInput(f"inputs.{tensor.name}: shape {shape}: send one input per feature, of shape [rows]")
+        if shape[0] < 0 or len(tensor.data) != shape[0]:
+            raise BadInput(f"inputs.{tensor.name}: shape {shape} does not match {len(tensor.data)} data values")
+        if rows is not None and shape[0] != rows:
+            raise BadInput(f"inputs.{tensor.name}: {shape[0]} rows, but other inputs have {rows}")
+        rows = shape[0]
+        if tensor.name in columns:
+            raise BadInput(f"inputs.{tensor.name}: given twice")
+        columns[tensor.name] = tensor.data
+    if not rows:
+        raise BadInput("inputs: no rows to score (shape [0])")
+    return columns, rows

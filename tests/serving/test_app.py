@@ -1,0 +1,234 @@
+"""The serving API over a real registry (file-backed MLflow) and a real online store."""
+
+import dataclasses
+import datetime as dt
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+
+from keel import model_registry as registry
+from keel import promotion
+from keel.config import ServingSettings
+from keel.devservers import RedisServer
+from keel.materialize import backfill, day_end
+from keel.models import predict, train
+from keel.online import OnlineStore, RedisOnlineStore
+from keel.online_sync import sync_group
+from keel.project import Project
+from keel.store import FeatureStore
+from serving.app import create_app
+from serving.breaker import CircuitBreaker
+from serving.models import ModelSet
+from serving.server import Server
+from tests.conftest import payment_rows
+from tests.keel.test_models import START, land_labels, spec, synthetic
+from tests.keel.test_store import groups_for, land
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
+LAST = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def online_project(payments, outcomes) -> Project:
+    spend, ratio = groups_for(payments)
+    spend = dataclasses.replace(spend, online=True)
+    ratio = dataclasses.replace(ratio, online=True, upstream=(spend,))
+    return Project(name="t", sources=(payments, outcomes), start_date=START.date(), feature_groups=(spend, ratio))
+
+
+class Recorder:
+    """An inference log that keeps what it is given."""
+
+    def __init__(self):
+        self.records, self.closed = [], False
+
+    def log(self, record):
+        self.records.append(record)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def world(online_project, settings, lake, payments, outcomes, buyer):
+    """Events, labels, both groups published and synced online, v1 champion, v2 challenger."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    rows, labels = synthetic(4)
+    land(lake, payments, rows, "p")
+    land_labels(lake, outcomes, labels, "l")
+    store = FeatureStore(lake, online_project)
+    model = spec(buyer, outcomes)
+    v1 = registry.log_and_register(settings, model, train(store, model, now=NOW))
+    promotion.promote(settings, "churn", v1.version)
+    other = spec(buyer, outcomes, params={"n_estimators": 10, "max_depth": 2})
+    v2 = registry.log_and_register(settings, other, train(store, other, now=NOW))
+    # Yesterday's payments of u0..u6, published and synced, so the online values are fresh.
+    land(lake, payments, payment_rows(LAST, 40, prefix="fresh", amount=5.0), "fresh")
+    online = OnlineStore.from_settings(settings)
+    for group in online_project.feature_groups:
+        assert backfill(store, group, LAST, LAST, run_id=f"fg-{group.name}")[2] is not None
+        sync_group(lake, online, group)
+    return {"store": store, "online": online, "model": model, "v1": v1, "v2": v2}
+
+
+def client_for(world, settings, online_project, **overrides):
+    serving = dataclasses.replace(ServingSettings(), **overrides)
+    models = ModelSet(settings, online_project, ["churn"])
+    models.refresh()
+    server = Server(
+        models=models,
+        online=world["online"],
+        project=online_project,
+        canary=serving.canary,
+        shadow=serving.shadow,
+        breaker=CircuitBreaker(serving.breaker_failures, serving.breaker_reset_s),
+        inference_log=Recorder(),
+    )
+    return TestClient(create_app(server, serving)), server
+
+
+def test_predict_hydrates_online_values_and_matches_the_offline_prediction(world, settings, online_project):
+    client, server = client_for(world, settings, online_project)
+    assert client.get("/health/ready").json()["models"] == {"churn": {"champion": 1, "challenger": 2}}
+
+    users = ["u1", "u2", "u3"]
+    answer = client.post("/v1/models/churn/predict", json={"entity_ids": users})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["model"], body["version"], body["alias"], body["degraded"]) == ("churn", 1, "champion", False)
+
+    # The same values offline, point-in-time at the synced day's end, give the same predictions.
+    spine = pa.table({"user_id": users, "ts": [day_end(LAST)] * 3})
+    offline = world["store"].get_training_set(spine, world["model"].feature_refs(online_project), timestamp="ts")
+    loaded, features, _ = registry.load_model(settings, "churn", "champion")
+    baseline = registry.load_baseline(settings, world["v1"].run_id)["features"]
+    table = offline.table
+    for f in features:  # the server fills a missing value with the baseline default
+        col = table.column(f)
+        if col.null_count:
+            table = table.set_column(
+                table.column_names.index(f),
+                f,
+                pa.array([baseline[f]["default"] if v is None else v for v in col.to_pylist()], col.type),
+            )
+    expected = predict(loaded, world["model"], table, features)
+    np.testing.assert_allclose(body["predictions"], expected, rtol=1e-6)
+
+    one = client.post("/v1/models/churn/predict", json={"entity_id": "u1"}).json()
+    assert one["predictions"] == pytest.approx(body["predictions"][:1])
+    assert isinstance(one["missing_features"], list)
+    logged = server.inference_log.records
+    assert [r["entity_id"] for r in logged] == [*users, "u1"]
+    assert logged[0]["version"] == 1 and logged[0]["features"].keys() == set(features)
+
+
+def test_unknown_users_get_defaults_and_request_values_override(world, settings, online_project):
+    client, _ = client_for(world, settings, online_project)
+    body = client.post("/v1/models/churn/predict", json={"entity_id": "nobody"}).json()
+    assert sorted(body["missing_features"]) == sorted(world["v1"].features)
+    given = client.post(
+        "/v1/models/churn/predict", json={"entity_id": "nobody", "features": {"n_7d": 9, "big_spender": True}}
+    ).json()
+    assert "n_7d" not in given["missing_features"] and "big_spender" not in given["missing_features"]
+
+
+def test_bad_requests_answer_4xx_naming_the_field(world, settings, online_project):
+    client, _ = client_for(world, settings, online_project, max_entities=2, max_body_bytes=2000)
+    cases = [
+        ({}, 422, "give exactly one of entity_id and entity_ids"),
+        ({"entity_id": "u1", "entity_ids": ["u2"]}, 422, "exactly one"),
+        ({"entity_id": 1.5}, 422, "entity_id"),
+        ({"entity_ids": []}, 422, "entity_ids"),
+        ({"entity_ids": ["a", "b", "c"]}, 422, "more than 2"),
+        ({"entity_id": "u1", "features": {"nope": 1}}, 422, "['nope'] are not inputs of model 'churn'"),
+        ({"entity_id": "u1", "features": {"n_7d": "many"}}, 422, "does not fit"),
+        ({"entity_id": "u1", "colour": "red"}, 422, "colour"),
+    ]
+    for body, status, message in cases:
+        answer = client.post("/v1/models/churn/predict", json=body)
+        assert answer.status_code == status and message in answer.json()["error"], (body, answer.text)
+    assert client.post("/v1/models/nope/predict", json={"entity_id": "u1"}).status_code == 404
+    big = client.post("/v1/models/churn/predict", json={"entity_id": "x" * 3000})
+    assert big.status_code == 413
+    assert (
+        client.post(
+            "/v1/models/churn/predict", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_canary_is_sticky_per_entity_and_shadow_logs_without_answering(world, settings, online_project):
+    client, server = client_for(world, settings, online_project, canary=0.5, shadow=True)
+    users = [f"u{i}" for i in range(40)]
+    first = {u: client.post("/v1/models/churn/predict", json={"entity_id": u}).json()["alias"] for u in users}
+    again = {u: client.post("/v1/models/churn/predict", json={"entity_id": u}).json()["alias"] for u in users}
+    assert first == again
+    assert 5 < sum(a == "challenger" for a in first.values()) < 35
+    shadows = [r for r in server.inference_log.records if r["shadow"]]
+    champions = [r for r in server.inference_log.records if r["alias"] == "champion" and not r["shadow"]]
+    assert len(shadows) == len(champions) > 0 and {r["version"] for r in shadows} == {2}
+    assert 'keel_serving_shadow_predictions_total{model="churn",version="2"}' in client.get("/metrics").text
+
+
+def test_redis_stopped_mid_load_gives_degraded_answers_and_the_breaker_opens(world, settings, lake, online_project):
+    with RedisServer() as redis_server:
+        redis = RedisOnlineStore(redis_server.url, socket_timeout=0.05, socket_connect_timeout=0.05)
+        for group in online_project.feature_groups:
+            sync_group(lake, redis, group, full=True)
+        client, server = client_for(world, settings, online_project, breaker_failures=2, breaker_reset_s=60)
+        server.online = redis
+        healthy = client.post("/v1/models/churn/predict", json={"entity_id": "u1"}).json()
+        assert healthy["degraded"] is False and healthy["missing_features"] == []
+    # The server process is gone: every answer is the defaults', marked degraded, never an error.
+    for _ in range(4):
+        answer = client.post("/v1/models/churn/predict", json={"entity_id": "u1"})
+        assert answer.status_code == 200 and answer.json()["degraded"] is True
+    assert server.breaker.state == "open" and server.breaker.opened == 1
+    metrics = client.get("/metrics").text
+    assert 'keel_serving_degraded_responses_total{model="churn"} 4.0' in metrics
+    assert "keel_serving_breaker_open 1.0" in metrics
+
+
+def test_open_inference_protocol(world, settings, online_project):
+    client, _ = client_for(world, settings, online_project)
+    meta = client.get("/v2/models/churn").json()
+    names = [i["name"] for i in meta["inputs"]]
+    assert names == world["v1"].features
+    inputs = [{"name": n, "shape": [2], "datatype": "FP64", "data": [1.0, None]} for n in names if n != "big_spender"]
+    inputs.append({"name": "big_spender", "shape": [2], "datatype": "BOOL", "data": [True, False]})
+    answer = client.post("/v2/models/churn/infer", json={"id": "r1", "inputs": inputs})
+    assert answer.status_code == 200, answer.text
+    out = answer.json()
+    assert out["model_version"] == "1" and out["id"] == "r1" and len(out["outputs"][0]["data"]) == 2
+    assert client.post("/v2/models/churn/infer", json={"inputs": inputs[:-1]}).status_code == 422
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_admin_endpoints_need_a_key(world, settings, online_project):
+    client, _ = client_for(world, settings, online_project, api_keys=("s3cret",))
+    assert client.get("/admin/models").status_code == 401
+    assert client.get("/admin/models", headers={"x-api-key": "wrong"}).status_code == 401
+    ok = client.get("/admin/models", headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["models"] == {"churn": {"champion": 1, "challenger": 2}}
+    open_client, _ = client_for(world, settings, online_project)
+    assert open_client.get("/admin/models").status_code == 403
+    guarded, _ = client_for(world, settings, online_project, api_keys=("k",), protect_predict=True)
+    assert guarded.post("/v1/models/churn/predict", json={"entity_id": "u1"}).status_code == 401
+    assert (
+        guarded.post("/v1/models/churn/predict", json={"entity_id": "u1"}, headers={"x-api-key": "k"}).status_code
+        == 200
+    )
+
+
+def test_a_promotion_is_swapped_in_by_refresh(world, settings, online_project):
+    client, server = client_for(world, settings, online_project)
+    assert client.post("/v1/models/churn/predict", json={"entity_id": "u1"}).json()["version"] == 1
+    promotion.promote(settings, "churn", 2)
+    assert server.models.refresh() == ["churn: {'champion': 2}"]
+    assert client.post("/v1/models/churn/predict", json={"entity_id": "u1"}).json()["version"] == 2
+    assert server.models.swaps == 1
