@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from keel import cli_features, cli_models, cli_online, cli_stream
+from keel import cli_features, cli_models, cli_online, cli_serve, cli_stream
 from keel.config import ConfigError, Settings
 from keel.dsl import DeclarationError
 
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_online.add_commands(sub)
     cli_stream.add_commands(sub)
     cli_models.add_commands(sub)
+    cli_serve.add_commands(sub)
 
     p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
     p.set_defaults(func=cmd_demo)

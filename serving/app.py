@@ -146,11 +146,25 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
                 422, f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
             )
         try:
-            return server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
+            out = server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
         except UnknownModel as exc:
             return error(404, str(exc))
         except BadInput as exc:
+            log.info("rejected", extra={"model": name, "status": 422, "reason": str(exc)})
             return error(422, str(exc))
+        log.info(
+            "predicted",
+            extra={
+                "request_id": out["request_id"],
+                "model": name,
+                "version": out["version"],
+                "alias": out["alias"],
+                "entities": len(ids),
+                "latency_ms": out["latency_ms"],
+                "degraded": out["degraded"],
+            },
+        )
+        return out
 
     @app.get("/v2/models/{name}")
     async def metadata(name: str):

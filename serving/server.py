@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from keel.online import OnlineStore
-from keel.online_lookup import LookupPlan, lookup, plan_lookup
+from keel.online import OnlineStore, OnlineStoreError
+from keel.online_lookup import LookupPlan, key_rows, lookup, plan_lookup
 from keel.project import Project
 from serving.breaker import CircuitBreaker
 from serving.metrics import ServingMetrics
@@ -129,6 +129,10 @@ class Server:
         degraded, online_s = False, 0.0
         wanted = [i for i in positions if version.features[i] not in extra]
         if plan is not None and wanted and self.online is not None:
+            try:
+                key_rows(plan.key_columns, list(entity_ids))
+            except OnlineStoreError as exc:
+                raise BadInput(str(exc)) from None
             if not self.breaker.allow():
                 degraded = True
             else:

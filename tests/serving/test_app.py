@@ -7,7 +7,12 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from schemathesis.generation.modes import GenerationMode
 
 from keel import model_registry as registry
 from keel import promotion
@@ -147,6 +152,7 @@ def test_bad_requests_answer_4xx_naming_the_field(world, settings, online_projec
         ({"entity_id": "u1", "features": {"nope": 1}}, 422, "['nope'] are not inputs of model 'churn'"),
         ({"entity_id": "u1", "features": {"n_7d": "many"}}, 422, "does not fit"),
         ({"entity_id": "u1", "colour": "red"}, 422, "colour"),
+        ({"entity_id": {"customer": "u1"}}, 422, "lacks key(s) user_id"),
     ]
     for body, status, message in cases:
         answer = client.post("/v1/models/churn/predict", json=body)
@@ -232,3 +238,32 @@ def test_a_promotion_is_swapped_in_by_refresh(world, settings, online_project):
     assert server.models.refresh() == ["churn: {'champion': 2}"]
     assert client.post("/v1/models/churn/predict", json={"entity_id": "u1"}).json()["version"] == 2
     assert server.models.swaps == 1
+
+
+def test_fuzzed_requests_never_get_a_server_error(world, settings, online_project):
+    """Schemathesis draws valid and invalid requests from the app's own OpenAPI schema."""
+    client, _ = client_for(world, settings, online_project, api_keys=("k",), max_entities=20)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    operations = [
+        (schema["/v1/models/{name}/predict"]["POST"], {"name": "churn"}),
+        (schema["/v2/models/{name}/infer"]["POST"], {"name": "churn"}),
+        (schema["/v2/models/{name}"]["GET"], None),
+        (schema["/v1/models/{name}/predict"]["POST"], None),
+    ]
+    strategies = [
+        op.as_strategy(mode, path_parameters=path)
+        for op, path in operations
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    ]
+    seen: dict[int, int] = {}
+
+    @given(case=st.one_of(strategies))
+    @hsettings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case):
+        response = case.call()
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
+
+    fuzz()
+    # Both answers and refusals were exercised.
+    assert seen.get(200, 0) >= 3 and sum(n for code, n in seen.items() if 400 <= code < 500) > 10, seen
