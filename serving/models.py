@@ -142,12 +142,15 @@ class ModelSet:
                             f"model '{name}' has no champion yet: train it, or `keel models promote {name} VERSION`"
                         )
                         continue
+                    if aliases.get(registry.CHALLENGER) == aliases[registry.CHAMPION]:
+                        # A promoted challenger keeps its alias until the next one: it is served once.
+                        del aliases[registry.CHALLENGER]
                     if current is not None and current.versions == aliases:
                         continue
                     champion = self._version(current, name, registry.CHAMPION, aliases)
                     challenger = (
                         self._version(current, name, registry.CHALLENGER, aliases)
-                        if aliases.get(registry.CHALLENGER) not in (None, aliases[registry.CHAMPION])
+                        if registry.CHALLENGER in aliases
                         else None
                     )
                     served = ServedModel(name, champion, challenger)

@@ -3,6 +3,7 @@
 import dataclasses
 import datetime as dt
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -267,3 +268,81 @@ def test_fuzzed_requests_never_get_a_server_error(world, settings, online_projec
     fuzz()
     # Both answers and refusals were exercised.
     assert seen.get(200, 0) >= 3 and sum(n for code, n in seen.items() if 400 <= code < 500) > 10, seen
+
+
+def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(world, settings, online_project):
+    """A real uvicorn server, its registry poller at 0.2 s, four clients in a loop; v2 is promoted mid-load."""
+    import threading
+
+    import httpx2
+    import uvicorn
+
+    from keel.devservers import free_port
+    from serving.models import RegistryPoller
+
+    serving = dataclasses.replace(ServingSettings(), poll_s=0.2)
+    models = ModelSet(settings, online_project, ["churn"])
+    models.refresh()
+    server = Server(models=models, online=world["online"], project=online_project)
+    app = create_app(server, serving, RegistryPoller(models, serving.poll_s))
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    runner = threading.Thread(target=http.run, daemon=True)
+    runner.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while not http.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert http.started
+
+    # What each version answers for each user, to check every answer against its stated version.
+    users = [f"u{i}" for i in range(7)]
+    expected = {}
+    for version in (1, 2):
+        loaded, features, _ = registry.load_model(settings, "churn", version)
+        served = {v.version: v for v in (models.get("churn").champion, models.get("churn").challenger)}[version]
+        for u in users:
+            row = server.hydrate(served, [u], {}).rows[0]
+            expected[(version, u)] = float(served.score([served.with_defaults(row)[0]])[0])
+
+    results, stop = [], threading.Event()
+
+    def client(seed: int) -> None:
+        with httpx2.Client(base_url=url, timeout=5) as http_client:
+            i = seed
+            while not stop.is_set():
+                user = users[i % len(users)]
+                i += 1
+                try:
+                    answer = http_client.post("/v1/models/churn/predict", json={"entity_id": user})
+                    results.append((time.monotonic(), answer.status_code, user, answer.json()))
+                except Exception as exc:  # noqa: BLE001 - a failed request is what the test counts
+                    results.append((time.monotonic(), None, user, repr(exc)))
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(1.0)
+        promotion.promote(settings, "churn", 2)
+        promoted_at = time.monotonic()
+        deadline = promoted_at + 15
+        while not any(r[1] == 200 and r[3]["version"] == 2 and r[0] > promoted_at for r in results):
+            assert time.monotonic() < deadline, "the promotion was not swapped in"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+        http.should_exit = True
+        runner.join(timeout=10)
+
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, failed[:3]
+    assert len(results) > 100
+    for _, _, user, body in results:
+        assert body["predictions"][0] == pytest.approx(expected[(body["version"], user)], abs=1e-9), body
+    versions = {body["version"] for _, _, _, body in results}
+    assert versions == {1, 2}
+    assert models.swaps == 1
