@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets.feature_groups import feature_group_definitions
+from assets.inference_log import inference_log_definitions
 from assets.maintenance import maintenance_definitions
 from assets.models import model_definitions
 from assets.online import online_definitions
@@ -24,6 +25,7 @@ defs = dg.Definitions.merge(
     maintenance_definitions(),
     model_definitions(project, MODELS),
     prediction_definitions(project, MODELS),
+    inference_log_definitions(project),
     sensor_definitions(project, list(raw.jobs)),
     stream_sensor_definitions(project),
     retrain_sensor_definitions(MODELS),

@@ -104,10 +104,13 @@ def mlflow_resource(settings: Settings | None = None) -> MlflowResource:
 
 
 def resource_definitions(settings: Settings | None = None) -> dg.Definitions:
+    from resources.kafka import kafka_resource
+
     return dg.Definitions(
         resources={
             "lakehouse": lakehouse_resource(settings),
             "online": online_resource(settings),
             "mlflow": mlflow_resource(settings),
+            "kafka": kafka_resource(settings),
         }
     )

@@ -8,7 +8,7 @@ import dagster as dg
 from keel.project import Project
 from keel.stream_io import group_lag, newest_event
 from resources import LakehouseResource
-from resources.kafka import KafkaResource, kafka_resource
+from resources.kafka import KafkaResource
 
 
 def stream_health_sensor(project: Project) -> dg.SensorDefinition:
@@ -70,4 +70,4 @@ def stream_health_sensor(project: Project) -> dg.SensorDefinition:
 
 
 def stream_sensor_definitions(project: Project) -> dg.Definitions:
-    return dg.Definitions(sensors=[stream_health_sensor(project)], resources={"kafka": kafka_resource()})
+    return dg.Definitions(sensors=[stream_health_sensor(project)])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
 
@@ -346,3 +347,29 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
     versions = {body["version"] for _, _, _, body in results}
     assert versions == {1, 2}
     assert models.swaps == 1
+
+
+def test_predictions_reach_the_inference_log_table(world, settings, lake, online_project):
+    """Train, promote, serve with online hydration, shut down gracefully, load the day: every answer is a row."""
+    from keel import wap
+    from keel.inference_log import TABLE, InferenceLogWriter
+    from keel.inference_log_load import audit_inference_log, stage_inference_log
+
+    client, server = client_for(world, settings, online_project, canary=0.0, shadow=True)
+    server.inference_log = InferenceLogWriter.from_settings(settings, flush_interval_s=60)
+    with client:  # the lifespan's shutdown closes the writer, which must drain its buffer
+        answers = [client.post("/v1/models/churn/predict", json={"entity_id": u}).json() for u in ("u1", "u2", "u3")]
+    today = dt.datetime.now(dt.UTC).date()
+    loaded = stage_inference_log(lake, settings, [today], run_id="load-1")
+    report = audit_inference_log(lake, loaded.staged)
+    assert report.success, report.summary()
+    wap.publish(lake, loaded.staged)
+    rows = lake.read(TABLE).to_pylist()
+    served = {(r["request_id"], r["shadow"]): r for r in rows}
+    assert len(rows) == 6  # three answers and three shadow scores of the challenger
+    for user, answer in zip(("u1", "u2", "u3"), answers, strict=True):
+        row = served[(answer["request_id"], False)]
+        assert (row["entity_id"], row["version"], row["alias"]) == (user, 1, "champion")
+        assert row["prediction"] == pytest.approx(answer["predictions"][0])
+        assert list(json.loads(row["features"])) == world["v1"].features
+        assert served[(answer["request_id"], True)]["version"] == 2

@@ -1,0 +1,96 @@
+"""The inference log assets: staged -> blocking audit -> published, per day partition."""
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from assets.inference_log import JOB_NAME, PUBLISHED_KEY, SOURCE_KEY, STAGED_KEY, inference_log_definitions
+from keel.inference_log import TABLE, InferenceLogWriter
+from keel.project import Project
+from resources import resource_definitions
+from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from tests.keel.test_inference_log import on_day
+
+FIRST = dt.date(2026, 3, 10)
+LAST = FIRST + dt.timedelta(days=1)
+
+
+@pytest.fixture
+def defs(payments, settings):
+    project = Project(name="t", sources=(payments,), start_date=dt.date(2026, 3, 1))
+    return dg.Definitions.merge(
+        inference_log_definitions(project),
+        resource_definitions(settings),
+    )
+
+
+@pytest.fixture
+def instance(keel_home):
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def materialized(result, key: dg.AssetKey) -> dict:
+    """The metadata of the step's materializations (one per partition, all alike)."""
+    events = result.asset_materializations_for_node("__".join(key.path))
+    assert events
+    return {k: v.value for k, v in events[0].metadata.items()}
+
+
+def check_of(result):
+    (check,) = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    return check
+
+
+def test_definitions_hold_the_assets_check_job_and_schedule(defs):
+    graph = defs.resolve_asset_graph()
+    assert graph.get(STAGED_KEY).parent_keys == {SOURCE_KEY}
+    assert graph.get(PUBLISHED_KEY).parent_keys == {STAGED_KEY}
+    (audit,) = graph.get_check_keys_for_assets({STAGED_KEY})
+    assert audit.name == "audit" and graph.get_check_spec(audit).blocking
+    staged = defs.resolve_assets_def(STAGED_KEY)
+    assert staged.partitions_def.start.date() == dt.date(2026, 3, 1)
+    assert staged.backfill_policy == dg.BackfillPolicy.single_run()
+    schedule = defs.resolve_schedule_def(f"{JOB_NAME}_daily")
+    assert (schedule.cron_schedule, schedule.job_name) == ("30 0 * * *", JOB_NAME)
+
+
+def test_a_range_is_loaded_audited_and_published_in_one_run(defs, settings, lake, instance):
+    writer = InferenceLogWriter.from_settings(settings, flush_interval_s=0.01)
+    records = on_day(FIRST, 20) + on_day(LAST, 12, start=100, alias="challenger", shadow=True, degraded=True)
+    for r in records:
+        writer.log(r)
+    assert writer.close().written == 32
+
+    job = defs.resolve_job_def(JOB_NAME)
+    tags = {ASSET_PARTITION_RANGE_START_TAG: FIRST.isoformat(), ASSET_PARTITION_RANGE_END_TAG: LAST.isoformat()}
+    result = job.execute_in_process(instance=instance, tags=tags)
+    assert result.success
+    assert check_of(result).passed
+    staged = materialized(result, STAGED_KEY)
+    assert staged["dagster/row_count"] == 32 and staged["partitions"] == f"{FIRST}..{LAST}"
+    assert f"| {FIRST} | 20 |" in staged["rows_per_day"] and f"| {LAST} | 12 |" in staged["rows_per_day"]
+    assert "| churn | 3 | challenger | yes | 12 |" in staged["rows_per_model"]
+    assert "| churn | 3 | champion |  | 20 |" in staged["rows_per_model"]
+    assert 1 <= staged["latency_ms_p50"] <= staged["latency_ms_p95"] <= staged["latency_ms_p99"] <= 10
+    assert staged["degraded_share"] == pytest.approx(sum(r.degraded for r in records) / 32)
+    assert staged["kafka_records_read"] == "kafka not configured" and staged["records_quarantined"] == 0
+    assert "req-100:churn:challenger:shadow" in staged["preview"]
+    assert materialized(result, PUBLISHED_KEY)["dagster/row_count"] == 32
+    assert lake.partition_rows(TABLE) == {FIRST: 20, LAST: 12}
+
+
+def test_an_empty_day_is_not_published_unless_allowed(defs, lake, instance):
+    job = defs.resolve_job_def(JOB_NAME)
+    failed = job.execute_in_process(instance=instance, partition_key=FIRST.isoformat(), raise_on_error=False)
+    check = check_of(failed)
+    assert not check.passed and "rerun with allow_empty_days" in check.description
+    assert not failed.asset_materializations_for_node("monitoring__inference_log")
+    assert lake.partition_rows(TABLE) == {}
+    head = lake.head(TABLE)
+
+    config = {"ops": {"monitoring__inference_log_staged_audit": {"config": {"allow_empty_days": True}}}}
+    allowed = job.execute_in_process(instance=instance, partition_key=FIRST.isoformat(), run_config=config)
+    assert allowed.success and check_of(allowed).passed
+    assert lake.head(TABLE) != head and lake.partition_rows(TABLE) == {}
