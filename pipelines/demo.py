@@ -72,7 +72,7 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    steps = 4 + len(project.sources) + len(project.feature_groups) + 3 * len(MODELS)
+    steps = 4 + len(project.sources) + len(project.feature_groups) + 4 * len(MODELS)
     # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
     start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     step = iter(range(1, steps + 1))
@@ -161,6 +161,15 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
             print(text, flush=True)
             if not identical:
                 failed.append(f"reproduce {spec.name}")
+
+        print(f"[{next(step)}/{steps}] serving {spec.name}: keel serve, a few predictions, stop ...", flush=True)
+        if failed:
+            print("        skipped: an earlier step failed", flush=True)
+        else:
+            text, ok = serving_summary(settings, lake, spec, last)
+            print(text, flush=True)
+            if not ok:
+                failed.append(f"serve {spec.name}")
 
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
@@ -310,6 +319,68 @@ def reproduction_summary(settings: Settings, spec) -> tuple[str, bool]:
         f"in {time.perf_counter() - t:.1f}s",
         out.identical,
     )
+
+
+def serving_summary(settings: Settings, lake: Lakehouse, spec, day: dt.date) -> tuple[str, bool]:
+    """Start ``keel serve`` on a free port, ask for three users' churn risk, print the answers
+    and their latency, and stop it gracefully (its inference log is flushed on the way out)."""
+    import json
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from keel.batch_predict import predictions_table
+    from keel.devservers import free_port
+    from keel.lakehouse import day_filter
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = settings.home / "serve.log"
+    keel = Path(sys.executable).with_name("keel")
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(keel), "serve", "--port", str(port)], env={**os.environ, **settings.as_env()}, stdout=log, stderr=log
+        )
+    lines, ok = [], False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as answer:
+                    ready = json.load(answer)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        else:
+            return f"        the server did not become ready; see {log_path}", False
+        lines.append(f"        ready in {time.perf_counter() - t:.1f}s at {url}, serving {ready['models']}")
+        scored = lake.read(predictions_table(spec), row_filter=day_filter("feature_ts", [day]))
+        users = scored.sort_by([("prediction", "descending")]).column("user_id").to_pylist()[:2] + ["u00001"]
+        for user in users:
+            body = json.dumps({"entity_id": user}).encode()
+            request = urllib.request.Request(
+                f"{url}/v1/models/{spec.name}/predict", body, {"content-type": "application/json"}
+            )
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                out = json.load(answer)
+            lines.append(
+                f"        POST /v1/models/{spec.name}/predict {user}: {out['predictions'][0]:.3f} "
+                f"(v{out['version']} {out['alias']}, {len(out['missing_features'])} features missing, "
+                f"server {out['latency_ms']:.2f} ms, round trip {1000 * (time.perf_counter() - t0):.1f} ms)"
+            )
+        ok = True
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            ok = False
+    lines.append(f"        stopped; its log is {log_path}, its inference log under {settings.home / 'inference_log'}")
+    return "\n".join(lines), ok
 
 
 def _cell(value, status: str) -> str:

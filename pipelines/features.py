@@ -53,6 +53,8 @@ user_profile = FeatureGroup(
     name="user_profile",
     entity=user,
     source=signups,
+    # Online too: the churn model reads the plan, country, device and age at serving time.
+    online=True,
     owner="growth@shop.example",
     description="What the user told us at sign-up.",
     tags={"domain": "growth"},

@@ -57,6 +57,10 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert f"{scored.num_rows:,} users scored into predictions.churn" in out
     # The champion's training set rebuilds identically from its recorded snapshots.
     assert "churn v1: training set identical" in out
+    # keel serve answered from the online store and stopped gracefully.
+    served = [line for line in out.splitlines() if "POST /v1/models/churn/predict" in line]
+    assert len(served) == 3 and all("(v1 champion" in line for line in served), served
+    assert "stopped; its log is" in out
 
     # The same through the CLI, on the demo's KEEL_HOME.
     code, text, _ = run_cli(capsys, "models", "reproduce", "churn", "champion")
