@@ -97,8 +97,21 @@ def _project(settings: Settings):
 
 
 def cmd_config(args) -> int:
+    from dataclasses import fields
+
+    from keel.config import SERVING_VARIABLES, ServingSettings
+
     for key, value in Settings.from_env().as_env().items():
         print(f"{key}={value}")
+    serving = ServingSettings.from_env()
+    for f in fields(serving):
+        value = getattr(serving, f.name)
+        shown = (
+            ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else value
+        )
+        if f.name == "api_keys" and value:
+            shown = f"<{len(value)} key(s)>"
+        print(f"{SERVING_VARIABLES[f.name].name}={shown}")
     return 0
 
 

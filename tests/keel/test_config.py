@@ -233,3 +233,36 @@ def test_code_version_defaults_to_the_git_sha(tmp_path):
     assert settings.code_version == git_sha() == (expected or "unknown")
     if expected:
         assert len(settings.code_version) == 40
+
+
+def test_serving_settings_read_their_variables_and_name_a_bad_one():
+    from keel.config import ServingSettings
+
+    assert ServingSettings.from_env({}) == ServingSettings()
+    got = ServingSettings.from_env(
+        {
+            "KEEL_SERVE_MODELS": "churn, ltv",
+            "KEEL_SERVE_CANARY": "0.1",
+            "KEEL_SERVE_SHADOW": "yes",
+            "KEEL_SERVE_API_KEYS": "a,b",
+            "KEEL_SERVE_MAX_ENTITIES": "50",
+            "KEEL_SERVE_POLL_S": "2.5",
+        }
+    )
+    assert (got.models, got.canary, got.shadow, got.api_keys, got.max_entities, got.poll_s) == (
+        ("churn", "ltv"),
+        0.1,
+        True,
+        ("a", "b"),
+        50,
+        2.5,
+    )
+    for env, message in [
+        ({"KEEL_SERVE_CANARY": "1.5"}, "KEEL_SERVE_CANARY='1.5' is not usable: give a number from 0 to 1"),
+        ({"KEEL_SERVE_SHADOW": "maybe"}, "KEEL_SERVE_SHADOW='maybe' is not usable: use true or false"),
+        ({"KEEL_SERVE_MAX_ENTITIES": "0"}, "KEEL_SERVE_MAX_ENTITIES='0' is not usable: give a positive int"),
+        ({"KEEL_SERVE_TIMEOUT_MS": "soon"}, "KEEL_SERVE_TIMEOUT_MS='soon' is not usable: give a positive float"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            ServingSettings.from_env(env)
+        assert message in str(err.value)
