@@ -62,7 +62,7 @@ def test_config_prints_every_setting_in_force(home, capsys):
 
     root = home.resolve()
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert out.splitlines()[:7] == [
         f"KEEL_HOME={root}",
         f"KEEL_CATALOG_URI=sqlite:///{root}/catalog.db",
         f"KEEL_WAREHOUSE=file://{root}/warehouse",
@@ -71,6 +71,9 @@ def test_config_prints_every_setting_in_force(home, capsys):
         f"KEEL_LANDING={root}/landing",
         "KEEL_CODE_VERSION=test-sha",
     ]
+    # Then the serving settings, every one shown with its value.
+    assert out.splitlines()[7:10] == ["KEEL_SERVE_MODELS=", "KEEL_SERVE_POLL_S=30.0", "KEEL_SERVE_CANARY=0.0"]
+    assert "KEEL_SERVE_SHADOW=false" in out and "KEEL_SERVE_BREAKER_RESET_S=5.0" in out
 
 
 def test_an_unusable_setting_fails_naming_the_variable(home, capsys, monkeypatch):
