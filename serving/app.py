@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 from typing import Annotated, Any
@@ -89,7 +90,6 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
 
     app = FastAPI(title="Keel serving", version="1", lifespan=lifespan)
     keys = [k.encode() for k in settings.api_keys]
-    timeout_s = settings.timeout_ms / 1000
 
     def authorised(request: Request) -> bool:
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -100,15 +100,7 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.middleware("http")
-    async def bounds(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error(413, f"request body larger than {settings.max_body_bytes} bytes (KEEL_SERVE_MAX_BODY_BYTES)")
-        try:
-            return await asyncio.wait_for(call_next(request), timeout_s)
-        except TimeoutError:
-            return error(503, f"request took longer than {settings.timeout_ms:g} ms (KEEL_SERVE_TIMEOUT_MS)")
+    app.add_middleware(BoundedRequests, max_body_bytes=settings.max_body_bytes, timeout_ms=settings.timeout_ms)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
@@ -220,6 +212,71 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
         return {"changes": changes, "seconds": round(time.perf_counter() - t, 3)}
 
     return app
+
+
+class BoundedRequests:
+    """Pure ASGI middleware: a body over ``max_body_bytes`` (declared or streamed) answers 413
+    before the app sees it, and a request not answered within ``timeout_ms`` answers 503."""
+
+    def __init__(self, app, *, max_body_bytes: int, timeout_ms: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_ms / 1000
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = f"request body larger than {self.max_body_bytes} bytes (KEEL_SERVE_MAX_BODY_BYTES)"
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _answer(send, 413, too_big)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await _answer(send, 413, too_big)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, replay, watch), self.timeout_s)
+        except TimeoutError:
+            if not started:
+                await _answer(
+                    send, 503, f"request took longer than {self.timeout_s * 1000:g} ms (KEEL_SERVE_TIMEOUT_MS)"
+                )
+
+
+async def _answer(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _columns(body: InferRequest) -> tuple[dict[str, list[Any]], int]:
