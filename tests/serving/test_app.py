@@ -355,13 +355,17 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
     assert models.swaps == 1
 
 
-def test_predictions_reach_the_inference_log_table(world, settings, lake, online_project):
-    """Train, promote, serve with online hydration, shut down gracefully, load the day: every answer is a row."""
+def test_predictions_reach_the_inference_log_table(world, settings, lake, online_project, clean_redis_url):
+    """Train, promote, serve with hydration from Redis, shut down gracefully, load the day: every answer is a row."""
     from keel import wap
     from keel.inference_log import TABLE, InferenceLogWriter
     from keel.inference_log_load import audit_inference_log, stage_inference_log
 
+    redis = RedisOnlineStore(clean_redis_url)
+    for group in online_project.feature_groups:
+        sync_group(lake, redis, group, full=True)
     client, server = client_for(world, settings, online_project, canary=0.0, shadow=True)
+    server.online = redis
     server.inference_log = InferenceLogWriter.from_settings(settings, flush_interval_s=60)
     with client:  # the lifespan's shutdown closes the writer, which must drain its buffer
         answers = [client.post("/v1/models/churn/predict", json={"entity_id": u}).json() for u in ("u1", "u2", "u3")]
@@ -374,6 +378,7 @@ def test_predictions_reach_the_inference_log_table(world, settings, lake, online
     served = {(r["request_id"], r["shadow"]): r for r in rows}
     assert len(rows) == 6  # three answers and three shadow scores of the challenger
     for user, answer in zip(("u1", "u2", "u3"), answers, strict=True):
+        assert answer["missing_features"] == [] and answer["degraded"] is False
         row = served[(answer["request_id"], False)]
         assert (row["entity_id"], row["version"], row["alias"]) == (user, 1, "champion")
         assert row["prediction"] == pytest.approx(answer["predictions"][0])
