@@ -138,7 +138,6 @@ SERVING_VARIABLES = {
     "protect_predict": Variable("KEEL_SERVE_PROTECT_PREDICT", "true: predictions need an API key too (default false)"),
     "max_body_bytes": Variable("KEEL_SERVE_MAX_BODY_BYTES", "largest request body accepted, in bytes (default 65536)"),
     "max_entities": Variable("KEEL_SERVE_MAX_ENTITIES", "most entity ids in one request (default 1000)"),
-    "timeout_ms": Variable("KEEL_SERVE_TIMEOUT_MS", "time bound of one request, in ms (default 2000)"),
     "online_timeout_ms": Variable(
         "KEEL_SERVE_ONLINE_TIMEOUT_MS", "time bound of an online-store read, in ms (default 50)"
     ),
@@ -163,7 +162,6 @@ class ServingSettings:
     protect_predict: bool = False
     max_body_bytes: int = 65536
     max_entities: int = 1000
-    timeout_ms: float = 2000.0
     online_timeout_ms: float = 50.0
     breaker_failures: int = 5
     breaker_reset_s: float = 5.0

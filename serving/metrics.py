@@ -76,6 +76,21 @@ class ServingMetrics:
         )
         self.swaps = Counter("keel_serving_model_swaps", "Versions swapped in after a promotion", ["model"], registry=r)
 
+        self._children: dict = {}
+
+    def answered(self, model: str, version: int, alias: str):
+        """The latency histogram and the 'ok' counter of one served version (looked up once)."""
+        key = (model, version, alias)
+        children = self._children.get(key)
+        if children is None:
+            labels = (model, str(version), alias)
+            children = self._children[key] = (
+                self.latency.labels(*labels),
+                self.requests.labels(*labels, "ok"),
+                self.online_latency.labels(model),
+            )
+        return children
+
     def render(self) -> bytes:
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if folder:

@@ -15,6 +15,7 @@ replaced, so a swap never fails a request nor mixes two versions in one answer.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -194,7 +195,9 @@ class RegistryPoller:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.models.refresh()
+                if self.models.refresh():
+                    # A new version's objects live as long as it serves: keep full collections off them.
+                    gc.freeze()
             except Exception as exc:  # noqa: BLE001 - the registry may be briefly unreachable
                 log.warning("registry poll failed: %s", exc)
             self.last_poll = dt.datetime.now(dt.UTC)

@@ -96,9 +96,9 @@ class Server:
             raise BadInput(f"features: a value does not fit model '{name}' v{version.version}: {exc}") from None
         missing = [names for _, names in filled]
         elapsed = time.perf_counter() - t0
-        labels = (name, str(version.version), version.alias)
-        self.metrics.latency.labels(*labels).observe(elapsed)
-        self.metrics.requests.labels(*labels, "ok").inc()
+        latency, answered, _ = self.metrics.answered(name, version.version, version.alias)
+        latency.observe(elapsed)
+        answered.inc()
         for names in missing:
             for feature in names:
                 self.metrics.missing.labels(name, feature).inc()
@@ -150,8 +150,8 @@ class Server:
                         for r in range(len(rows)):
                             rows[r][i] = column[r]
                 online_s = time.perf_counter() - t
-                self.metrics.online_latency.labels(version.name).observe(online_s)
-        self.metrics.breaker_open.set(1 if self.breaker.state != "closed" else 0)
+                self.metrics.answered(version.name, version.version, version.alias)[2].observe(online_s)
+            self.metrics.breaker_open.set(0 if self.breaker.state == "closed" else 1)
         return Hydrated(rows, degraded, online_s)
 
     def infer_vectors(self, name: str, columns: dict[str, list[Any]], rows: int) -> dict:
@@ -169,9 +169,9 @@ class Server:
         except (TypeError, ValueError) as exc:
             raise BadInput(f"inputs: a value does not fit model '{name}' v{version.version}: {exc}") from None
         elapsed = time.perf_counter() - t0
-        labels = (name, str(version.version), version.alias)
-        self.metrics.latency.labels(*labels).observe(elapsed)
-        self.metrics.requests.labels(*labels, "ok").inc()
+        latency, answered, _ = self.metrics.answered(name, version.version, version.alias)
+        latency.observe(elapsed)
+        answered.inc()
         return {"version": version.version, "predictions": np.asarray(scores, dtype=np.float64).tolist()}
 
     def _plan(self, version: ServedVersion) -> tuple[LookupPlan | None, list[int]]:

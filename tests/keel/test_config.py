@@ -261,7 +261,10 @@ def test_serving_settings_read_their_variables_and_name_a_bad_one():
         ({"KEEL_SERVE_CANARY": "1.5"}, "KEEL_SERVE_CANARY='1.5' is not usable: give a number from 0 to 1"),
         ({"KEEL_SERVE_SHADOW": "maybe"}, "KEEL_SERVE_SHADOW='maybe' is not usable: use true or false"),
         ({"KEEL_SERVE_MAX_ENTITIES": "0"}, "KEEL_SERVE_MAX_ENTITIES='0' is not usable: give a positive int"),
-        ({"KEEL_SERVE_TIMEOUT_MS": "soon"}, "KEEL_SERVE_TIMEOUT_MS='soon' is not usable: give a positive float"),
+        (
+            {"KEEL_SERVE_ONLINE_TIMEOUT_MS": "soon"},
+            "KEEL_SERVE_ONLINE_TIMEOUT_MS='soon' is not usable: give a positive float",
+        ),
     ]:
         with pytest.raises(ConfigError) as err:
             ServingSettings.from_env(env)
