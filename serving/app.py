@@ -22,13 +22,25 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from keel.config import ServingSettings
 from serving.models import RegistryPoller
 from serving.server import BadInput, Server, UnknownModel
 
 log = logging.getLogger("keel.serving")
+# Predictions take a fast path in BoundedRequests; the FastAPI route documents them (OpenAPI).
+PREDICT_PREFIX = "/v1/models/"
 
 EntityKey = StrictStr | StrictInt | dict[str, StrictStr | StrictInt]
 Value = StrictBool | StrictInt | StrictFloat | StrictStr | None
@@ -96,23 +108,14 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
     keys = [k.encode() for k in settings.api_keys]
 
     def authorised(request: Request) -> bool:
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        token = given.strip().encode()
-        # Every key is compared, so the time taken does not say which one nearly matched.
-        return bool(token) and sum(hmac.compare_digest(token, k) for k in keys) > 0
+        return _authorised(keys, request.headers.get("x-api-key"), request.headers.get("authorization"))
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    app.add_middleware(BoundedRequests, max_body_bytes=settings.max_body_bytes)
-
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        problems = []
-        for item in exc.errors():
-            where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {item.get('msg', 'invalid')}")
-        return error(422, "; ".join(problems[:10]))
+        return error(422, validation_message(exc.errors()))
 
     @app.get("/health/live")
     async def live():
@@ -136,33 +139,19 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
     # would cost ~10% of a request. The model documents it in the OpenAPI schema.
     @app.post("/v1/models/{name}/predict", responses={200: {"model": PredictResponse}})
     async def predict(name: str, body: PredictRequest, request: Request):
-        if settings.protect_predict and not authorised(request):
-            return error(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
-        ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
-        if len(ids) > settings.max_entities:
-            return error(
-                422, f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
-            )
+        status, out = answer_predict(server, settings, name, body, authorised(request))
+        return JSONResponse(out, status_code=status)
+
+    def fast_predict(name: str, raw: bytes, headers: dict[bytes, bytes]) -> tuple[int, dict]:
+        """The same answer as the route above, without FastAPI's per-request machinery."""
         try:
-            out = server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
-        except UnknownModel as exc:
-            return error(404, str(exc))
-        except BadInput as exc:
-            log.info("rejected", extra={"model": name, "status": 422, "reason": str(exc)})
-            return error(422, str(exc))
-        log.info(
-            "predicted",
-            extra={
-                "request_id": out["request_id"],
-                "model": name,
-                "version": out["version"],
-                "alias": out["alias"],
-                "entities": len(ids),
-                "latency_ms": out["latency_ms"],
-                "degraded": out["degraded"],
-            },
-        )
-        return JSONResponse(out)
+            body = PredictRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            return 422, {"error": validation_message(exc.errors())}
+        allowed = _authorised(keys, _text(headers.get(b"x-api-key")), _text(headers.get(b"authorization")))
+        return answer_predict(server, settings, name, body, allowed)
+
+    app.add_middleware(BoundedRequests, max_body_bytes=settings.max_body_bytes, predict=fast_predict)
 
     @app.get("/v2/models/{name}")
     async def metadata(name: str):
@@ -220,6 +209,59 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
     return app
 
 
+def answer_predict(
+    server: Server, settings: ServingSettings, name: str, body: PredictRequest, authorised: bool
+) -> tuple[int, dict]:
+    """Status and JSON body of ``POST /v1/models/{name}/predict``."""
+    if settings.protect_predict and not authorised:
+        return 401, {"error": "an API key is required (Authorization: Bearer KEY or X-API-Key)"}
+    ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
+    if len(ids) > settings.max_entities:
+        return 422, {
+            "error": f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
+        }
+    try:
+        out = server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
+    except UnknownModel as exc:
+        return 404, {"error": str(exc)}
+    except BadInput as exc:
+        log.info("rejected", extra={"model": name, "status": 422, "reason": str(exc)})
+        return 422, {"error": str(exc)}
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "predicted",
+            extra={
+                "request_id": out["request_id"],
+                "model": name,
+                "version": out["version"],
+                "alias": out["alias"],
+                "entities": len(ids),
+                "latency_ms": out["latency_ms"],
+                "degraded": out["degraded"],
+            },
+        )
+    return 200, out
+
+
+def validation_message(errors) -> str:
+    """Pydantic's errors as one line naming each field: ``entity_ids.0: Input should be ...``."""
+    problems = []
+    for item in errors:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(problems[:10])
+
+
+def _authorised(keys: list[bytes], api_key: str | None, authorization: str | None) -> bool:
+    token = (api_key or (authorization or "").removeprefix("Bearer ")).strip().encode()
+    # Every key is compared, so the time taken does not say which one nearly matched.
+    return bool(token) and sum(hmac.compare_digest(token, k) for k in keys) > 0
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
 class BoundedRequests:
     """Pure ASGI middleware: a body over ``max_body_bytes`` (declared or streamed) answers 413
     before the app sees it.
@@ -231,16 +273,18 @@ class BoundedRequests:
     interrupt it anyway.
     """
 
-    def __init__(self, app, *, max_body_bytes: int) -> None:
+    def __init__(self, app, *, max_body_bytes: int, predict=None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.predict = predict
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         too_big = f"request body larger than {self.max_body_bytes} bytes (KEEL_SERVE_MAX_BODY_BYTES)"
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await _answer(send, 413, too_big)
             return
@@ -253,6 +297,13 @@ class BoundedRequests:
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
                 await _answer(send, 413, too_big)
+                return
+        path = scope.get("path", "")
+        if self.predict is not None and scope.get("method") == "POST" and path.startswith(PREDICT_PREFIX):
+            name = path[len(PREDICT_PREFIX) :].removesuffix("/predict")
+            if path.endswith("/predict") and name and "/" not in name:
+                status, out = self.predict(name, body, headers)
+                await _answer_json(send, status, out)
                 return
         replayed = False
 
@@ -267,7 +318,11 @@ class BoundedRequests:
 
 
 async def _answer(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+    await _answer_json(send, status, {"error": message})
+
+
+async def _answer_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
     await send(
         {
             "type": "http.response.start",
