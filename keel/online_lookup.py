@@ -115,8 +115,8 @@ def lookup(
     online: OnlineStore, plan: LookupPlan, entity_ids: Sequence, *, now: dt.datetime | None = None
 ) -> OnlineFeatures:
     """Read the plan's features for ``entity_ids``: key values, or dicts / tuples of them for composite keys."""
-    rows = key_rows(plan.key_columns, entity_ids)
-    keys = [entity_key(k) for k in rows]
+    entities = key_rows(plan.key_columns, entity_ids)
+    keys = [entity_key(k) for k in entities]
     raw = online._read(plan.reads, keys)  # noqa: SLF001 - the plan carries the prepared reads
     now_us = to_us(now) if now is not None else wall_clock_us()
     values: dict[str, list] = {}
@@ -141,7 +141,7 @@ def lookup(
                     stat.append(NULL if v is None else PRESENT)
             values[name], ages[name], statuses[name] = vals, age, stat
     return OnlineFeatures(
-        keys={k: [row[i] for row in rows] for i, k in enumerate(plan.key_columns)},
+        keys={k: [entity[i] for entity in entities] for i, k in enumerate(plan.key_columns)},
         features=list(plan.outputs),
         values={n: values[n] for n in plan.outputs},
         age_s={n: ages[n] for n in plan.outputs},
