@@ -162,7 +162,10 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
             if not identical:
                 failed.append(f"reproduce {spec.name}")
 
-        print(f"[{next(step)}/{steps}] serving {spec.name}: keel serve, a few predictions, stop ...", flush=True)
+        print(
+            f"[{next(step)}/{steps}] serving {spec.name}: keel serve --workers 2, a few predictions, stop ...",
+            flush=True,
+        )
         if failed:
             print("        skipped: an earlier step failed", flush=True)
         else:
@@ -341,7 +344,10 @@ def serving_summary(settings: Settings, lake: Lakehouse, spec, day: dt.date) -> 
     t = time.perf_counter()
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [str(keel), "serve", "--port", str(port)], env={**os.environ, **settings.as_env()}, stdout=log, stderr=log
+            [str(keel), "serve", "--port", str(port), "--workers", "2"],
+            env={**os.environ, **settings.as_env()},
+            stdout=log,
+            stderr=log,
         )
     lines, ok = [], False
     try:
@@ -371,7 +377,15 @@ def serving_summary(settings: Settings, lake: Lakehouse, spec, day: dt.date) -> 
                 f"(v{out['version']} {out['alias']}, {len(out['missing_features'])} features missing, "
                 f"server {out['latency_ms']:.2f} ms, round trip {1000 * (time.perf_counter() - t0):.1f} ms)"
             )
-        ok = True
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("keel_serving_requests_total{") and 'status="ok"' in line
+        )
+        lines.append(f"        /metrics counts {counted:.0f} answered requests over the server's 2 workers")
+        ok = counted == len(users)
     finally:
         server.send_signal(signal.SIGTERM)
         try:

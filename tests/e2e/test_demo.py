@@ -61,6 +61,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     served = [line for line in out.splitlines() if "POST /v1/models/churn/predict" in line]
     assert len(served) == 3 and all("(v1 champion" in line for line in served), served
     assert "stopped; its log is" in out
+    assert "/metrics counts 3 answered requests over the server's 2 workers" in out
 
     # The same through the CLI, on the demo's KEEL_HOME.
     code, text, _ = run_cli(capsys, "models", "reproduce", "churn", "champion")
