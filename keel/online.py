@@ -321,6 +321,7 @@ class RedisOnlineStore(OnlineStore):
         self.client = redis.Redis(connection_pool=self.pool)
         self._script = self.client.register_script(_WRITE_SCRIPT)
         self._errors = (redis.ConnectionError, redis.TimeoutError)
+        self._framed: dict[tuple[bytes, ...], tuple[bytes, bytes]] = {}
 
     @property
     def location(self) -> str:
@@ -351,12 +352,17 @@ class RedisOnlineStore(OnlineStore):
         return int(self._call(self._script, [prefix + key for key, *_ in records], [batch]))
 
     def _read(self, reads, keys):
-        pipe = self.client.pipeline(transaction=False)
+        # One HMGET per (group, entity), all sent at once on one pooled connection: one
+        # round trip. The commands are framed here (RESP) from each group's fields, framed
+        # once; redis-py's pipeline spends ~50 us more per request packing the same bytes.
+        commands = []
         for read in reads:
+            head, fields = self._framing(read)
             prefix = f"{self.prefix}:{read.record}:"
             for key in keys:
-                pipe.hmget(prefix + key, read.fields)
-        replies = self._call(pipe.execute)
+                name = (prefix + key).encode()
+                commands.append(b"%s$%d\r\n%s\r\n%s" % (head, len(name), name, fields))
+        replies = self._call(self._send, b"".join(commands), len(commands))
         out, i = [], 0
         for _read in reads:
             part = []
@@ -366,6 +372,28 @@ class RedisOnlineStore(OnlineStore):
                 part.append(None if reply[0] is None else (int(reply[0]), reply[1:]))
             out.append(part)
         return out
+
+    def _framing(self, read: Read) -> tuple[bytes, bytes]:
+        """``HMGET``'s array header and the framed field names of ``read`` (made once per read)."""
+        framed = self._framed.get(read.fields)
+        if framed is None:
+            head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(read.fields) + 2)
+            fields = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in read.fields)
+            framed = self._framed[read.fields] = (head, fields)
+        return framed
+
+    def _send(self, packed: bytes, replies: int) -> list:
+        # The pool hands out a connection only once it is connected with nothing left to read.
+        connection = self.pool.get_connection()
+        try:
+            connection.send_packed_command([packed])
+            return [connection.read_response() for _ in range(replies)]
+        except BaseException:
+            # Replies may be left unread on it: it reconnects before its next use.
+            connection.disconnect()
+            raise
+        finally:
+            self.pool.release(connection)
 
     def sample(self, group, n, seed=0):
         pattern = self._key(record_name(group), "*")

@@ -4,8 +4,9 @@ from MLflow, and swapped whole when the registry moves an alias.
 A ``ServedVersion`` knows its features in input order, where each is read online
 (``group.feature``), the value to use when one is missing (the baseline's median or mode),
 and how to score rows of raw values. An XGBoost booster scores a ready float vector
-(categories as the booster's own codes) with one thread, the fast path STYLE.md measures;
-other flavours go through ``keel.models``' encoding.
+(categories as the booster's own codes) with one thread, the fast path STYLE.md measures,
+and a single row through ``serving.booster.OneRow`` (the C call without the Python
+wrapper's per-call work); other flavours go through ``keel.models``' encoding.
 
 ``ModelSet`` holds one immutable ``ServedModel`` per name. A request reads it once and
 uses that object to the end, and a new version is loaded completely before the mapping is
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from keel import model_registry as registry
 from keel.models import model_frame, predict_frame
+from serving.booster import OneRow
 
 if TYPE_CHECKING:
     from keel.config import Settings
@@ -257,22 +259,29 @@ def _xgboost_scorer(model, features: Sequence[str], kinds: Sequence[str]) -> Cal
         if kind == CATEGORY:
             values = stored.get(feature)
             codes[i] = {v: c for c, v in enumerate(values.to_pylist())} if values is not None else {}
-    width = len(features)
+    one_row = OneRow.for_booster(booster, len(features))
+
+    def encode(row: Sequence[Any]) -> list[float]:
+        out = []
+        for i, value in enumerate(row):
+            if value is None:
+                out.append(np.nan)
+            elif i in codes:
+                code = codes[i].get(value)
+                out.append(np.nan if code is None else code)
+            elif isinstance(value, dt.datetime):
+                out.append(value.timestamp())
+            else:
+                out.append(float(value))
+        return out
 
     def score(rows: list[list[Any]]) -> np.ndarray:
-        matrix = np.full((len(rows), width), np.nan, dtype=np.float64)
-        for r, row in enumerate(rows):
-            for i, value in enumerate(row):
-                if value is None:
-                    continue
-                if i in codes:
-                    code = codes[i].get(value)
-                    if code is not None:
-                        matrix[r, i] = code
-                elif isinstance(value, dt.datetime):
-                    matrix[r, i] = value.timestamp()
-                else:
-                    matrix[r, i] = float(value)
+        encoded = [encode(row) for row in rows]
+        if len(encoded) == 1 and one_row is not None:
+            scores = one_row.try_score(encoded[0])
+            if scores is not None:
+                return scores
+        matrix = np.asarray(encoded, dtype=np.float64).reshape(len(encoded), len(features))
         return np.asarray(booster.inplace_predict(matrix, validate_features=False), dtype=np.float64).reshape(-1)
 
     return score

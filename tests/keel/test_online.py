@@ -173,6 +173,27 @@ def test_redis_keeps_one_hash_per_group_and_entity_with_an_expiry(redis_url, pay
     client.close()
 
 
+def test_redis_reads_survive_killed_connections_and_error_replies(redis_url, payments):
+    typed = typed_group(payments)
+    store = RedisOnlineStore(redis_url, prefix="conn")
+    now = dt.datetime.now(UTC)
+    store.write(typed, rows(typed, [typed_row(u, now - dt.timedelta(hours=1)) for u in ("ann", "bob")]))
+    wanted = [(typed, ["n", "amount_sum"])]
+    expected = store.read(wanted, ["ann", "bob"])
+    client = redis.Redis.from_url(redis_url)
+    # The server drops every client connection (as a restart does): the pooled one is stale.
+    client.client_kill_filter(_type="normal", skipme=True)
+    assert store.read(wanted, ["ann", "bob"]) == expected
+    # An error reply in the middle of a batch: the read fails and the connection is not
+    # reused with the rest of the replies unread.
+    client.set(f"conn:{record_name(typed)}:eve", "not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store.read(wanted, ["ann", "eve", "bob"])
+    assert store.read(wanted, ["ann", "bob"]) == expected
+    store.close()
+    client.close()
+
+
 def test_lookups_name_what_is_wrong(online, payments):
     spend, ratio = online_groups(payments)
     offline_only = dataclasses.replace(typed_group(payments), name="offline_only", online=False)
