@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from keel import cli_features, cli_models, cli_online, cli_serve, cli_stream
+from keel import cli_features, cli_models, cli_monitor, cli_online, cli_serve, cli_stream
 from keel.config import ConfigError, Settings
 from keel.dsl import DeclarationError
 
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_stream.add_commands(sub)
     cli_models.add_commands(sub)
     cli_serve.add_commands(sub)
+    cli_monitor.add_commands(sub)
 
     p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
     p.set_defaults(func=cmd_demo)
@@ -99,10 +100,11 @@ def _project(settings: Settings):
 def cmd_config(args) -> int:
     from dataclasses import fields
 
-    from keel.config import SERVING_VARIABLES, ServingSettings
+    from keel.config import SERVING_VARIABLES, ServingSettings, redact_url
 
     for key, value in Settings.from_env().as_env().items():
-        print(f"{key}={value}")
+        # A webhook URL carries its token in the path: shown redacted, like the API keys below.
+        print(f"{key}={redact_url(value) if key == 'KEEL_ALERT_WEBHOOK' else value}")
     serving = ServingSettings.from_env()
     for f in fields(serving):
         value = getattr(serving, f.name)

@@ -42,6 +42,15 @@ VARIABLES = {
     "project": Variable("KEEL_PROJECT", "Python module holding the project's declarations (default 'pipelines')"),
     "landing": Variable("KEEL_LANDING", "folder where files to ingest are dropped, one sub-folder per source"),
     "code_version": Variable("KEEL_CODE_VERSION", "code version stamped on every snapshot (default: the git sha)"),
+    "alert_webhook": Variable(
+        "KEEL_ALERT_WEBHOOK", "Slack-compatible incoming webhook for monitoring alerts, http(s)://...; unset sends none"
+    ),
+    "alert_file": Variable(
+        "KEEL_ALERT_FILE", "JSONL file every monitoring alert is appended to (default KEEL_HOME/alerts.jsonl)"
+    ),
+    "dagster_url": Variable(
+        "KEEL_DAGSTER_URL", "address of the Dagster UI, for run links in alerts (default http://127.0.0.1:3000)"
+    ),
 }
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -58,6 +67,9 @@ class Settings:
     project: str
     landing: Path
     code_version: str
+    alert_webhook: str | None
+    alert_file: Path
+    dagster_url: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,6 +111,24 @@ class Settings:
 
         landing = Path(get("landing") or home / "landing").expanduser().resolve()
 
+        # A Slack webhook URL is a secret: errors show it redacted.
+        alert_webhook = get("alert_webhook")
+        if alert_webhook and not _is_http_url(alert_webhook):
+            _fail(
+                "alert_webhook",
+                redact_url(alert_webhook),
+                "use an http(s) URL such as https://hooks.slack.com/services/...",
+            )
+
+        alert_file = Path(get("alert_file") or home / "alerts.jsonl").expanduser().resolve()
+        if alert_file.is_dir():
+            _fail("alert_file", str(alert_file), "give a file path such as /var/log/keel/alerts.jsonl, not a folder")
+
+        dagster_url = get("dagster_url") or "http://127.0.0.1:3000"
+        if not _is_http_url(dagster_url):
+            _fail("dagster_url", dagster_url, "use the UI's http(s) address, e.g. http://dagster.internal:3000")
+        dagster_url = dagster_url.rstrip("/")
+
         return cls(
             home=home,
             catalog_uri=catalog_uri,
@@ -109,6 +139,9 @@ class Settings:
             project=project,
             landing=landing,
             code_version=get("code_version") or git_sha(),
+            alert_webhook=alert_webhook,
+            alert_file=alert_file,
+            dagster_url=dagster_url,
         )
 
     def as_env(self) -> dict[str, str]:
@@ -197,6 +230,22 @@ class ServingSettings:
 def _fail(key: str, value: str, fix: str) -> None:
     var = VARIABLES[key]
     raise ConfigError(f"{var.name}={value!r} is not usable: {fix} ({var.help})")
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlparse(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to print: scheme and host only, since webhook URLs carry their token in
+    the path (and may carry credentials before the host)."""
+    parts = urlparse(url)
+    if parts.scheme and parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        hidden = parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
+        return f"{parts.scheme}://{host}/***" if hidden else f"{parts.scheme}://{host}"
+    return f"<{len(url)} characters, hidden>"
 
 
 def _check_catalog_uri(uri: str) -> None:

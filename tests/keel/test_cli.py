@@ -62,7 +62,7 @@ def test_config_prints_every_setting_in_force(home, capsys):
 
     root = home.resolve()
     assert (code, err) == (0, "")
-    assert out.splitlines()[:7] == [
+    assert out.splitlines()[:9] == [
         f"KEEL_HOME={root}",
         f"KEEL_CATALOG_URI=sqlite:///{root}/catalog.db",
         f"KEEL_WAREHOUSE=file://{root}/warehouse",
@@ -70,9 +70,11 @@ def test_config_prints_every_setting_in_force(home, capsys):
         "KEEL_PROJECT=pipelines",
         f"KEEL_LANDING={root}/landing",
         "KEEL_CODE_VERSION=test-sha",
+        f"KEEL_ALERT_FILE={root}/alerts.jsonl",
+        "KEEL_DAGSTER_URL=http://127.0.0.1:3000",
     ]
     # Then the serving settings, every one shown with its value.
-    assert out.splitlines()[7:10] == ["KEEL_SERVE_MODELS=", "KEEL_SERVE_POLL_S=30.0", "KEEL_SERVE_CANARY=0.0"]
+    assert out.splitlines()[9:12] == ["KEEL_SERVE_MODELS=", "KEEL_SERVE_POLL_S=30.0", "KEEL_SERVE_CANARY=0.0"]
     assert "KEEL_SERVE_SHADOW=false" in out and "KEEL_SERVE_BREAKER_RESET_S=5.0" in out
 
 
@@ -400,3 +402,10 @@ def test_installed_keel_command_exits_with_the_documented_codes(home, tmp_path):
     assert keel().returncode == 2
     missing = keel("ingest", str(tmp_path / "x.csv"), "--source", "transactions")
     assert missing.returncode == 1 and "does not exist or is not a file; nothing was published" in missing.stderr
+
+
+def test_config_hides_the_alert_webhook_token(home, capsys, monkeypatch):
+    monkeypatch.setenv("KEEL_ALERT_WEBHOOK", "https://hooks.slack.com/services/T000/B000/secret-token")
+    code, out, _ = run(capsys, "config")
+    assert code == 0
+    assert "secret-token" not in out and "KEEL_ALERT_WEBHOOK=https://hooks.slack.com/***" in out

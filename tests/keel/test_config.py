@@ -24,6 +24,9 @@ def test_defaults_live_under_keel_home(keel_home):
     assert settings.kafka_bootstrap is None
     assert settings.project == "pipelines"
     assert settings.code_version == "test-sha"
+    assert settings.alert_webhook is None
+    assert settings.alert_file == keel_home.resolve() / "alerts.jsonl"
+    assert settings.dagster_url == "http://127.0.0.1:3000"
 
 
 def test_keel_home_defaults_to_dot_keel_in_the_working_folder(tmp_path, monkeypatch):
@@ -144,6 +147,9 @@ def test_other_object_stores_are_accepted(tmp_path, warehouse):
         ("KEEL_PROJECT", "my-project", "importable module name"),
         ("KEEL_PROJECT", "1pipelines", "importable module name"),
         ("KEEL_PROJECT", "pipelines/defs", "importable module name"),
+        ("KEEL_DAGSTER_URL", "dagster.internal:3000", "use the UI's http(s) address"),
+        ("KEEL_DAGSTER_URL", "grpc://dagster:4000", "use the UI's http(s) address"),
+        ("KEEL_DAGSTER_URL", "http://", "use the UI's http(s) address"),
     ],
 )
 def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, value, fix):
@@ -193,6 +199,9 @@ def test_as_env_round_trips(tmp_path):
             "KEEL_PROJECT": "acme.features",
             "KEEL_LANDING": str(tmp_path / "landing"),
             "KEEL_CODE_VERSION": "deadbeef",
+            "KEEL_ALERT_WEBHOOK": "https://hooks.slack.com/services/T0/B0/token",
+            "KEEL_ALERT_FILE": str(tmp_path / "logs" / "alerts.jsonl"),
+            "KEEL_DAGSTER_URL": "https://dagster.internal",
         }
     )
 
@@ -209,7 +218,7 @@ def test_as_env_leaves_out_unset_backends_and_round_trips(keel_home):
 
     env = original.as_env()
 
-    assert "KEEL_REDIS_URL" not in env and "KEEL_KAFKA_BOOTSTRAP" not in env
+    assert "KEEL_REDIS_URL" not in env and "KEEL_KAFKA_BOOTSTRAP" not in env and "KEEL_ALERT_WEBHOOK" not in env
     assert env["KEEL_CATALOG_URI"] == original.catalog_uri
     assert env["KEEL_CODE_VERSION"] == "test-sha"
     assert Settings.from_env(env) == original
@@ -269,3 +278,51 @@ def test_serving_settings_read_their_variables_and_name_a_bad_one():
         with pytest.raises(ConfigError) as err:
             ServingSettings.from_env(env)
         assert message in str(err.value)
+
+
+# Alerts ---------------------------------------------------------------------------------------
+
+
+def test_alert_settings_are_read_and_the_dagster_url_loses_its_trailing_slash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env(
+        {
+            "KEEL_HOME": str(tmp_path / "home"),
+            "KEEL_ALERT_WEBHOOK": " https://hooks.slack.com/services/T0/B0/token ",
+            "KEEL_ALERT_FILE": "logs/alerts.jsonl",
+            "KEEL_DAGSTER_URL": "https://dagster.internal:3000/",
+        }
+    )
+
+    assert settings.alert_webhook == "https://hooks.slack.com/services/T0/B0/token"
+    assert settings.alert_file == tmp_path.resolve() / "logs" / "alerts.jsonl"
+    assert not settings.alert_file.parent.exists(), "reading the settings must not create folders"
+    assert settings.dagster_url == "https://dagster.internal:3000"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("hooks.slack.com/services/T0/B0/s3cr3t", "<37 characters, hidden>"),
+        ("ftp://hooks.example/services/T0/B0/s3cr3t", "ftp://hooks.example/***"),
+        ("https:///services/T0/B0/s3cr3t", "<30 characters, hidden>"),
+    ],
+)
+def test_a_bad_alert_webhook_is_named_without_printing_its_secret(tmp_path, value, shown):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_ALERT_WEBHOOK": value})
+
+    message = str(caught.value)
+    assert message.startswith(f"KEEL_ALERT_WEBHOOK={shown!r} is not usable: use an http(s) URL")
+    assert "s3cr3t" not in message
+    assert message.endswith(f"({VARIABLES['alert_webhook'].help})")
+
+
+def test_an_alert_file_that_is_a_folder_fails(tmp_path):
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_ALERT_FILE": str(folder)})
+
+    assert str(caught.value).startswith(f"KEEL_ALERT_FILE={str(folder.resolve())!r} is not usable: give a file path")
