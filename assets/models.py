@@ -10,6 +10,7 @@ the challenger is better by the declared margin. The job ``train_<name>`` runs b
 schedule starts it at 02:00 UTC and sensors/retrain.py starts it when monitoring fails.
 """
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 
 import dagster as dg
@@ -20,6 +21,7 @@ from keel import model_registry as registry
 from keel import promotion
 from keel.models import METRICS, ModelError, ModelSpec, TrainResult, train
 from keel.project import Project
+from keel.reference import feature_importances
 from keel.store import FeatureStore
 from resources import LakehouseResource, MlflowResource
 
@@ -29,6 +31,26 @@ DEFAULT_FLOORS = {"roc_auc": 0.6, "average_precision": 0.1, "accuracy": 0.5, "r2
 TOP_IMPORTANCES = 15
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 DAILY_AT_2 = "0 2 * * *"
+
+
+class TrainConfig(dg.Config):
+    """``label_cutoff``: train on the label rows timed at or before this ISO time (UTC) only, to
+    train as the model would have been trained then; empty (the default) uses every label."""
+
+    label_cutoff: str = ""
+
+    def cutoff(self) -> dt.datetime | None:
+        if not self.label_cutoff:
+            return None
+        try:
+            moment = dt.datetime.fromisoformat(self.label_cutoff)
+        except ValueError:
+            raise dg.Failure(
+                f"label_cutoff {self.label_cutoff!r} is not an ISO time (use e.g. '2026-03-01' or "
+                "'2026-03-01T12:00:00+00:00')",
+                allow_retries=False,
+            ) from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def challenger_key(spec: ModelSpec) -> dg.AssetKey:
@@ -88,10 +110,12 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         ),
         **shared,
     )
-    def challenger(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
+    def challenger(
+        context: dg.AssetExecutionContext, config: TrainConfig, lakehouse: LakehouseResource, mlflow: MlflowResource
+    ):
         store = FeatureStore(lakehouse.lakehouse(), project)
         try:
-            result = train(store, spec)
+            result = train(store, spec, now=config.cutoff())
         except ModelError as exc:
             # Bad data or a bad declaration: retrying cannot help, unlike a lost connection.
             raise dg.Failure(str(exc), allow_retries=False) from None
@@ -208,13 +232,9 @@ def latest_gates(instance: dg.DagsterInstance, spec: ModelSpec) -> tuple[bool, s
 
 def top_importances(result: TrainResult, n: int = TOP_IMPORTANCES) -> list[list]:
     """The model's largest feature importances, when it has one per input feature."""
-    model = result.model
-    estimator = model.steps[-1][1] if hasattr(model, "steps") else model
-    values = getattr(estimator, "feature_importances_", None)
-    if values is None or len(values) != len(result.features):
-        return []
-    order = np.argsort(-np.asarray(values, dtype=np.float64))[:n]
-    return [[result.features[i], f"{float(values[i]):.4f}"] for i in order]
+    values = feature_importances(result.model, list(result.features))
+    ranked = sorted(values.items(), key=lambda item: -item[1])[:n]
+    return [[name, f"{value:.4f}"] for name, value in ranked]
 
 
 def _number(value: float | None):

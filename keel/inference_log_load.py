@@ -131,6 +131,7 @@ def stage_inference_log(
 
     def chunks() -> Iterator[pa.Table]:
         nonlocal read, duplicates, kafka_records
+        waiting: list[pa.Table] = []
         for day in days:
             lines, day_files = _file_lines(root, day)
             files.extend(day_files)
@@ -144,7 +145,14 @@ def stage_inference_log(
             rows_per_day[day] = good.num_rows
             if rejected.num_rows:
                 bad.append(rejected)
-            yield good
+            # Whole days go together into one commit up to CHUNK_ROWS: a commit per day of a
+            # long range would cost more than the rows.
+            waiting.append(good)
+            if sum(t.num_rows for t in waiting) >= CHUNK_ROWS:
+                yield pa.concat_tables(waiting)
+                waiting.clear()
+        if waiting:
+            yield pa.concat_tables(waiting)
 
     try:
         staged = wap.stage(

@@ -23,7 +23,7 @@ from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
 from pyiceberg.table import Table
 from pyiceberg.table.refs import SnapshotRefType
-from pyiceberg.transforms import DayTransform, IdentityTransform
+from pyiceberg.transforms import DayTransform, IdentityTransform, MonthTransform
 
 from keel.config import Settings
 
@@ -126,9 +126,13 @@ class Lakehouse:
         *,
         day_column: str | None = None,
         identity_column: str | None = None,
+        month_column: str | None = None,
         properties: dict[str, str] | None = None,
     ) -> Table:
-        """Create the table, or evolve an existing one by adding the columns it lacks."""
+        """Create the table, or evolve an existing one by adding the columns it lacks.
+
+        ``month_column`` partitions by month instead of day, for tables with few rows a day
+        (monitoring results), where a file per day would be mostly overhead."""
         namespace = name.split(".")[0]
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(namespace)
@@ -139,6 +143,8 @@ class Lakehouse:
             with table.update_spec() as spec:
                 if day_column:
                     spec.add_field(day_column, DayTransform(), f"{day_column}_day")
+                if month_column:
+                    spec.add_field(month_column, MonthTransform(), f"{month_column}_month")
                 if identity_column:
                     spec.add_field(identity_column, IdentityTransform(), identity_column)
             # Branches can only be cut from a snapshot, so a new table starts with an empty one.

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from keel.baseline import baseline_stats, prediction_stats
+from keel.reference import log_reference
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -167,6 +168,7 @@ def log_and_register(
         # Group metadata may hold timestamps; they are recorded as ISO strings.
         mlflow.log_text(json.dumps(lineage, indent=1, default=_iso), "training_set.json")
         mlflow.log_dict(baseline, "baseline.json")
+        log_reference(spec, result)
         flavour = _flavour(spec.algorithm)
         extra = {"skops_trusted_types": SKOPS_TRUSTED_TYPES} if spec.algorithm.startswith("sklearn:") else {}
         model_info = flavour.log_model(

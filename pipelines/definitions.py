@@ -2,21 +2,29 @@
 
 import dagster as dg
 
+from assets.data_quality import quality_definitions
 from assets.feature_groups import feature_group_definitions
 from assets.inference_log import inference_log_definitions
 from assets.maintenance import maintenance_definitions
 from assets.models import model_definitions
+from assets.monitoring import monitoring_definitions
 from assets.online import online_definitions
 from assets.predictions import prediction_definitions
 from assets.raw_events import raw_event_definitions
+from keel.monitoring import monitors_for
 from pipelines import project
 from pipelines.models import MODELS
+from pipelines.monitoring import MONITORS
 from resources import resource_definitions
+from sensors.alerts import alert_sensor_definitions
 from sensors.landing import sensor_definitions
 from sensors.retrain import retrain_sensor_definitions
 from sensors.stream import stream_sensor_definitions
 
 raw = raw_event_definitions(project)
+monitoring = monitoring_definitions(project, monitors_for(MODELS, MONITORS))
+quality = quality_definitions(project)
+watched = [key for d in (monitoring, quality) for a in d.assets for key in a.check_keys]
 
 defs = dg.Definitions.merge(
     raw,
@@ -26,8 +34,11 @@ defs = dg.Definitions.merge(
     model_definitions(project, MODELS),
     prediction_definitions(project, MODELS),
     inference_log_definitions(project),
+    monitoring,
+    quality,
     sensor_definitions(project, list(raw.jobs)),
     stream_sensor_definitions(project),
     retrain_sensor_definitions(MODELS),
+    alert_sensor_definitions(watched),
     resource_definitions(),
 )

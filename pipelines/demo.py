@@ -22,6 +22,8 @@ from keel.lakehouse import Lakehouse
 
 DAYS = 90
 USERS = 1000
+# The data drifts after the first third of the window: labels (30 days late) exist on both sides.
+DRIFT_AFTER_PART = 3
 
 
 def _dagster_instance(settings: Settings):
@@ -63,6 +65,7 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     from assets.raw_events import ingest_job_name, landing_files
     from pipelines import project
     from pipelines.definitions import defs
+    from pipelines.demo_monitoring import monitoring_loop
     from pipelines.generate import generate, write_files
     from pipelines.models import MODELS
     from sensors.landing import staged_op_name
@@ -72,17 +75,20 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    steps = 4 + len(project.sources) + len(project.feature_groups) + 4 * len(MODELS)
+    steps = 4 + len(project.sources) + len(project.feature_groups) + 5 * len(MODELS)
     # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
     start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     step = iter(range(1, steps + 1))
     t0 = time.perf_counter()
 
+    drift_after = days // DRIFT_AFTER_PART
+    drift_day = start + dt.timedelta(days=drift_after)
     print(
-        f"[{next(step)}/{steps}] generating {days} days of shop data for {users} users into {settings.landing}",
+        f"[{next(step)}/{steps}] generating {days} days of shop data for {users} users into {settings.landing} "
+        f"(drifting from {drift_day})",
         flush=True,
     )
-    tables = generate(days=days, users=users, start=start)
+    tables = generate(days=days, users=users, start=start, drift_after=drift_after)
     write_files(tables, settings.landing)
     first = tables["transactions"].slice(0, 1).to_pylist()[0]
     write_corrections(settings.landing / "transactions", first)
@@ -132,11 +138,16 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
         print("skipped: an earlier step failed", flush=True)
 
     for spec in MODELS:
-        print(f"[{next(step)}/{steps}] training model {spec.name} ({spec.algorithm}) ...", end=" ", flush=True)
+        print(
+            f"[{next(step)}/{steps}] training model {spec.name} ({spec.algorithm}) on the labels before {drift_day} ...",
+            end=" ",
+            flush=True,
+        )
         if failed:
             print("skipped: an earlier step failed", flush=True)
             continue
-        result = _run_job(defs, train_job_name(spec), instance, None, {})
+        cutoff = {"ops": {f"models__{spec.name}_challenger": {"config": {"label_cutoff": drift_day.isoformat()}}}}
+        result = _run_job(defs, train_job_name(spec), instance, None, cutoff)
         if result.success:
             print(model_summary(result, settings, spec), flush=True)
         else:
@@ -173,6 +184,17 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
             print(text, flush=True)
             if not ok:
                 failed.append(f"serve {spec.name}")
+
+        print(
+            f"[{next(step)}/{steps}] monitoring {spec.name} across the drift: traffic, drift, alerts, retrain ...",
+            flush=True,
+        )
+        if failed:
+            print("        skipped: an earlier step failed", flush=True)
+        else:
+            text, broken = monitoring_loop(defs, instance, settings, lake, spec, span, drift_day, _run_job)
+            print("\n".join(text), flush=True)
+            failed += broken
 
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))

@@ -1,4 +1,4 @@
-"""Retrain sensors: a failed drift or performance check on a model's monitoring starts its train job.
+"""Retrain sensors: a drift or performance check failing with ERROR severity starts the model's train job.
 
 The cursor holds the id of the newest check evaluation seen and when the sensor last
 started a retrain; failures seen within the cool-down after a retrain are consumed
@@ -13,6 +13,7 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from assets.models import train_job_name
+from assets.monitoring import drift_key, performance_key
 from keel.models import ModelSpec
 
 COOL_DOWN_SECONDS = 6 * 3600
@@ -21,9 +22,19 @@ HISTORY = 50
 
 
 def monitoring_checks(spec: ModelSpec) -> list[dg.AssetCheckKey]:
-    """The checks watched by default: ``drift`` and ``performance`` on ``monitoring/<name>``."""
-    key = dg.AssetKey(["monitoring", spec.name])
-    return [dg.AssetCheckKey(key, "drift"), dg.AssetCheckKey(key, "performance")]
+    """The checks watched by default: ``drift`` on ``monitoring/<name>_drift`` and
+    ``performance`` on ``monitoring/<name>_performance``."""
+    return [
+        dg.AssetCheckKey(drift_key(spec.name), "drift"),
+        dg.AssetCheckKey(performance_key(spec.name), "performance"),
+    ]
+
+
+def is_error(record) -> bool:
+    """Whether a failed evaluation has ERROR severity (a WARN is an alert, not a reason to retrain)."""
+    entry = getattr(record, "event", None)
+    evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+    return getattr(evaluation, "severity", dg.AssetCheckSeverity.ERROR) == dg.AssetCheckSeverity.ERROR
 
 
 def retrain_sensor(
@@ -55,7 +66,7 @@ def retrain_sensor(
             records = context.instance.event_log_storage.get_asset_check_execution_history(
                 key, limit=HISTORY, status={AssetCheckExecutionRecordStatus.FAILED}
             )
-            failed += [r for r in records if r.id > last_seen]
+            failed += [r for r in records if r.id > last_seen and is_error(r)]
         if not failed:
             return dg.SensorResult(skip_reason=f"no failed evaluation of {names} since the last tick")
         newest = max(failed, key=lambda r: r.id)

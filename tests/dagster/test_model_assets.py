@@ -119,13 +119,14 @@ def test_a_failed_gate_blocks_promotion(project, lake, payments, outcomes, buyer
 
 # The retrain sensor -----------------------------------------------------------------------
 
-MONITORING = dg.AssetKey(["monitoring", "churn"])
+MONITORING = dg.AssetKey(["monitoring", "churn_drift"])
 
 
-def monitoring_run(instance, *, drift_passes: bool) -> None:
+def monitoring_run(instance, *, drift_passes: bool, severity=dg.AssetCheckSeverity.ERROR) -> None:
     @dg.asset(key=MONITORING, check_specs=[dg.AssetCheckSpec("drift", asset=MONITORING)])
     def monitoring():
-        return dg.MaterializeResult(check_results=[dg.AssetCheckResult(check_name="drift", passed=drift_passes)])
+        result = dg.AssetCheckResult(check_name="drift", passed=drift_passes, severity=severity)
+        return dg.MaterializeResult(check_results=[result])
 
     assert dg.materialize([monitoring], instance=instance).success
 
@@ -145,7 +146,7 @@ def test_the_retrain_sensor_fires_once_per_failure_and_not_again_within_its_cool
 
     monitoring_run(instance, drift_passes=False)
     requests, cursor = tick(sensor, instance, cursor)
-    assert len(requests) == 1 and requests[0].tags["keel/trigger"] == "monitoring/churn:drift"
+    assert len(requests) == 1 and requests[0].tags["keel/trigger"] == "monitoring/churn_drift:drift"
     # The same failure is not seen twice.
     assert tick(sensor, instance, cursor)[0] == []
 
@@ -168,3 +169,12 @@ def test_the_retrain_sensor_watches_only_its_checks(buyer, outcomes, instance):
     sensor = retrain_sensor(spec(buyer, outcomes), checks=[other])
     monitoring_run(instance, drift_passes=False)
     assert tick(sensor, instance, None)[0] == []
+
+
+def test_a_warning_alerts_but_does_not_retrain(buyer, outcomes, instance):
+    sensor = retrain_sensor(spec(buyer, outcomes))
+    monitoring_run(instance, drift_passes=False, severity=dg.AssetCheckSeverity.WARN)
+    requests, cursor = tick(sensor, instance, None)
+    assert requests == []
+    monitoring_run(instance, drift_passes=False)
+    assert len(tick(sensor, instance, cursor)[0]) == 1

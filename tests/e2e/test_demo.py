@@ -1,14 +1,19 @@
 """`make demo` end to end at a small size: Dagster runs on a persistent instance, data in Iceberg."""
 
+import json
+
 import dagster as dg
 
 from keel.cli import main
 from keel.ingest import QUARANTINE_TABLE
 from pipelines import demo
 
+# Three months: the drift comes after the first, and churn labels (30 days late) exist on both sides of it.
+DAYS, USERS = 90, 100
+
 
 def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(settings, lake, capsys):
-    assert demo.run(settings, days=60, users=100) == 0
+    assert demo.run(settings, days=DAYS, users=USERS) == 0
 
     out = capsys.readouterr().out
     assert "] summary" in out and "training set for the churn label" in out
@@ -23,6 +28,7 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     instance = dg.DagsterInstance.get()
     runs = instance.get_runs()
     assert sorted(run.job_name for run in runs) == [
+        "data_quality",
         "features_user_clicks",
         "features_user_engagement",
         "features_user_profile",
@@ -31,9 +37,12 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
         "ingest_clicks",
         "ingest_signups",
         "ingest_transactions",
+        "load_inference_log",
+        "monitor_churn",
         "online_sync",
         "predict_churn",
         "train_churn",
+        "train_churn",  # the retrain the drift check started
     ]
     for group in ("user_transactions", "user_clicks", "user_profile", "user_engagement"):
         assert lake.partition_rows(f"features.{group}"), f"features.{group} is empty"
@@ -63,7 +72,26 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert "stopped; its log is" in out
     assert "/metrics counts 3 answered requests over the server's 2 workers" in out
 
+    # The loop: traffic across the drift, monitoring, the drift check failing, an alert, a retrain.
+    assert "dataset drift: 0 of 14 windows before the drift" in out
+    assert "check drift            FAILED (ERROR): dataset drift:" in out
+    assert "firing monitoring/churn_drift:drift (ERROR)" in out
+    assert "retrain sensor fired on monitoring/churn_drift:drift" in out and "new challenger v2" in out
+    assert "promoted to champion: " in out.split("new challenger v2")[1]
+    retrain = [run for run in runs if run.job_name == "train_churn"][-1]
+    assert retrain.tags["keel/trigger"] == "monitoring/churn_drift:drift"
+    drift = lake.read("monitoring.drift")
+    assert drift.num_rows > 0 and lake.read("monitoring.performance").num_rows > 0
+    reports = list((settings.home / "reports" / "drift" / "churn").glob("*.html"))
+    assert reports and "<svg" in reports[0].read_text()
+    alerts = [json.loads(line) for line in settings.alert_file.read_text().splitlines()]
+    assert any(a["condition"] == "monitoring/churn_drift:drift" and a["status"] == "firing" for a in alerts)
+
     # The same through the CLI, on the demo's KEEL_HOME.
+    code, text, _ = run_cli(capsys, "drift", "report", "churn", "--out", str(settings.home / "report.html"))
+    assert code == 0 and (settings.home / "report.html").read_text().count("<section") > 20
+    code, text, _ = run_cli(capsys, "monitoring", "metrics", "--once")
+    assert code == 0 and 'keel_dataset_drift{model="churn"} 1.0' in text and "keel_model_age_seconds" in text
     code, text, _ = run_cli(capsys, "models", "reproduce", "churn", "champion")
     assert code == 0 and "training set identical" in text
     day = scored.column("feature_ts")[0].as_py().date().isoformat()
@@ -73,10 +101,10 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     code, _, err = run_cli(capsys, "models", "score", "churn", "--start", "2001-01-01")
     assert code == 1 and "no feature rows on 2001-01-01" in err and "nothing was published" in err
 
-    # A second demo changes no content: ingests merge by event id.
-    before = {t: sum(lake.partition_rows(t).values()) for t in lake.tables()}
-    assert demo.run(settings, days=60, users=100) == 0
-    assert {t: sum(lake.partition_rows(t).values()) for t in lake.tables()} == before
+    # A second demo changes no event or feature table: ingests merge by event id.
+    before = {t: sum(lake.partition_rows(t).values()) for t in lake.tables() if t.startswith(("raw.", "features."))}
+    assert demo.run(settings, days=DAYS, users=USERS) == 0
+    assert {t: sum(lake.partition_rows(t).values()) for t in before} == before
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -1,0 +1,406 @@
+"""Model monitoring as Dagster assets: drift and live performance per model, by window.
+
+Per monitored model: ``monitoring/<name>_drift`` compares each window's logged traffic with
+the version's training reference (checks ``drift``, ``prediction_drift``, ``label_drift``) and
+draws an HTML report; ``monitoring/<name>_performance`` joins the labels that arrived to the
+logged predictions (check ``performance``). Both are partitioned like the monitor (daily, or
+hourly), backfill a range in one run, and update when the inference log is published
+(eager). ``monitor_<name>`` runs both; its schedule judges yesterday at 01:00 UTC and again
+the window whose labels have landed since (``label_delay`` + ``label_window`` ago).
+
+Checks judge the latest window of the run; their metadata lists every window. A WARN check
+is an alert; an ERROR ``drift`` or ``performance`` check is what the retrain sensor acts on.
+"""
+
+import datetime as dt
+from collections.abc import Sequence
+
+import dagster as dg
+
+from assets import single_run_backfills
+from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
+from assets.metadata import markdown_table
+from keel import drift_report
+from keel.drift import DriftError, DriftReport, TargetDrift
+from keel.monitor import DriftRun, PerformanceRun, References, drift_history, run_drift, run_performance
+from keel.monitoring import MonitorSpec
+from keel.project import Project
+from keel.reference import ReferenceSampleError
+from resources import LakehouseResource, MlflowResource
+
+WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
+HOUR_OF_DAY = 1
+
+
+def drift_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["monitoring", f"{name}_drift"])
+
+
+def performance_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["monitoring", f"{name}_performance"])
+
+
+def monitor_job_name(name: str) -> str:
+    return f"monitor_{name}"
+
+
+def monitor_partitions(project: Project, monitor: MonitorSpec) -> dg.PartitionsDefinition:
+    start = project.start_date.isoformat()
+    if monitor.partitions == "hourly":
+        return dg.HourlyPartitionsDefinition(start_date=f"{start}-00:00", timezone="UTC")
+    return dg.DailyPartitionsDefinition(start_date=start, timezone="UTC")
+
+
+def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
+    spec = monitor.model
+    labels_key = dg.AssetKey(["raw", spec.labels.name])
+    shared = {
+        "partitions_def": monitor_partitions(project, monitor),
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+        "group_name": "monitoring",
+        "automation_condition": dg.AutomationCondition.eager(),
+        "tags": {"keel/model": spec.name},
+        "kinds": {"iceberg", "duckdb"},
+    }
+
+    @dg.asset(
+        key=drift_key(spec.name),
+        deps=[INFERENCE_LOG_KEY, labels_key],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "drift",
+                asset=drift_key(spec.name),
+                description=(
+                    f"Feature drift of '{spec.name}' in the latest window: ERROR when at least "
+                    f"{monitor.drift_share:.0%} of features drifted{' (by importance)' if monitor.weighted else ''}, "
+                    "WARN when some feature or the prediction moved."
+                ),
+            ),
+            dg.AssetCheckSpec(
+                "prediction_drift",
+                asset=drift_key(spec.name),
+                description=f"The distribution of '{spec.name}''s scores against its hold-out scores "
+                f"({monitor.prediction.statistic} >= {monitor.prediction.threshold:g} is ERROR).",
+            ),
+            dg.AssetCheckSpec(
+                "label_drift",
+                asset=drift_key(spec.name),
+                description="The labels that arrived for the window against the training labels (WARN).",
+            ),
+        ],
+        description=(
+            f"Drift of '{spec.name}': each window's answers in monitoring.inference_log against the serving version's "
+            f"training reference, per feature (numeric: {monitor.numeric.statistic}, categorical: "
+            f"{monitor.categorical.statistic}; every statistic is recorded), for the prediction and for the labels. "
+            "Rows go to monitoring.drift, one per window, version and target; each run writes an HTML report."
+        ),
+        **shared,
+    )
+    def drift_asset(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
+        settings = mlflow.settings()
+        lake = lakehouse.lakehouse()
+        window = context.partition_time_window
+        try:
+            run = run_drift(lake, settings, monitor, window.start, window.end, context.run.run_id)
+        except (DriftError, ReferenceSampleError) as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
+        metadata = drift_metadata(run)
+        latest = run.latest()
+        if latest:
+            path = drift_report.report_path(settings.home, spec.name, latest[0].start)
+            drift_report.write(drift_history(lake, spec.name, until=window.end), path, model=spec.name)
+            metadata["report"] = dg.MetadataValue.path(str(path))
+            metadata["report_url"] = dg.MetadataValue.url(path.as_uri())
+            context.log.info(f"drift report: {path}")
+        return dg.MaterializeResult(metadata=metadata, check_results=drift_checks(run, monitor))
+
+    @dg.asset(
+        key=performance_key(spec.name),
+        deps=[INFERENCE_LOG_KEY, labels_key],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "performance",
+                asset=performance_key(spec.name),
+                description=(
+                    f"Live {spec.metric} of '{spec.name}' on the latest window with at least {monitor.min_labels} "
+                    f"labels against the training hold-out: a drop over {monitor.tolerance:g} is ERROR, over "
+                    f"{monitor.tolerance / 2:g} WARN."
+                ),
+            )
+        ],
+        description=(
+            f"Performance of '{spec.name}': logged predictions joined to the first label of their entity timed up to "
+            f"{monitor.label_window} after them, per window and version (metrics, calibration), in "
+            "monitoring.performance. Windows are judged again as labels arrive."
+        ),
+        **shared,
+    )
+    def performance_asset(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
+        settings = mlflow.settings()
+        window = context.partition_time_window
+        try:
+            run = run_performance(
+                lakehouse.lakehouse(),
+                settings,
+                monitor,
+                window.start,
+                window.end,
+                context.run.run_id,
+                references=References(settings, spec.name),
+            )
+        except (DriftError, ReferenceSampleError) as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
+        return dg.MaterializeResult(
+            metadata=performance_metadata(run, spec.metric), check_results=[performance_check(run, monitor)]
+        )
+
+    return [drift_asset, performance_asset]
+
+
+# Check results ----------------------------------------------------------------------------
+
+
+def drift_checks(run: DriftRun, monitor: MonitorSpec) -> list[dg.AssetCheckResult]:
+    latest = run.latest()
+    main = max(latest, key=lambda r: r.rows) if latest else None
+    return [
+        _feature_check(main, monitor),
+        _target_check("prediction_drift", main, main.prediction if main else None, ERROR),
+        _target_check("label_drift", main, main.label if main else None, WARN),
+    ]
+
+
+def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheckResult:
+    if r is None:
+        return dg.AssetCheckResult(check_name="drift", passed=True, description="no traffic in the windows run")
+    meta = {
+        "window": r.start.isoformat(),
+        "version": r.version,
+        "rows": r.rows,
+        "sample_rows": r.sample_rows,
+        "drift_share": float(r.drift_share),
+        "drift_share_threshold": float(monitor.drift_share),
+        "drifted": dg.MetadataValue.json([f.name for f in r.drifted]),
+        "warned": dg.MetadataValue.json([f.name for f in r.warned]),
+    }
+    if not r.judged:
+        why = f"not judged: {r.rows} answers in {r.start:%Y-%m-%d %H:%M}, fewer than min_rows={r.min_rows}"
+        return dg.AssetCheckResult(check_name="drift", passed=True, description=why, metadata=meta)
+    level = r.level
+    described = (
+        f"{len(r.drifted)} of {len(r.features)} features drifted ({r.drift_share:.0%}) in {r.start:%Y-%m-%d %H:%M}"
+        + (f": {', '.join(f.name for f in r.drifted[:8])}" if r.drifted else "")
+    )
+    return dg.AssetCheckResult(
+        check_name="drift",
+        passed=level == "ok",
+        severity=ERROR if level == "drift" else WARN,
+        description=("dataset drift: " if level == "drift" else "") + described,
+        metadata=meta,
+    )
+
+
+def _target_check(name: str, r: DriftReport | None, t: TargetDrift | None, severity) -> dg.AssetCheckResult:
+    if r is None or t is None:
+        why = "no traffic in the windows run" if r is None else "no labels in the window yet"
+        return dg.AssetCheckResult(check_name=name, passed=True, description=why)
+    level = t.level if r.judged else "unknown"
+    meta = {"window": r.start.isoformat(), "version": r.version, **_stat_meta(t)}
+    text = f"{t.threshold.statistic}={_fmt(t.value)} (threshold {t.threshold.threshold:g}) in {r.start:%Y-%m-%d %H:%M}"
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=level in ("ok", "unknown"),
+        severity=severity if level == "drift" else WARN,
+        description=f"{level}: {text}",
+        metadata=meta,
+    )
+
+
+def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetCheckResult:
+    judged = run.latest_judged()
+    if not judged:
+        labelled = sum(r.labelled for r in run.reports)
+        return dg.AssetCheckResult(
+            check_name="performance",
+            passed=True,
+            description=f"not judged yet: {labelled} labelled predictions (needs {monitor.min_labels} in a window)",
+        )
+    r = max(judged, key=lambda r: r.labelled)
+    text = (
+        f"live {r.metric} {r.live.get(r.metric, float('nan')):.4f} against {r.training.get(r.metric, float('nan')):.4f} "
+        f"in training (drop {r.drop:+.4f}, tolerance {r.tolerance:g}) on {r.labelled} labelled predictions of "
+        f"{r.start:%Y-%m-%d %H:%M}"
+    )
+    return dg.AssetCheckResult(
+        check_name="performance",
+        passed=r.level == "ok",
+        severity=ERROR if r.level == "drop" else WARN,
+        description=text,
+        metadata={
+            "window": r.start.isoformat(),
+            "version": r.version,
+            "labelled": r.labelled,
+            "drop": float(r.drop),
+            **{f"live_{k}": float(v) for k, v in r.live.items() if v == v},
+        },
+    )
+
+
+# Metadata ---------------------------------------------------------------------------------
+
+
+def drift_metadata(run: DriftRun) -> dict:
+    windows = [
+        [f"{r.start:%Y-%m-%d %H:%M}", r.version, r.rows, r.sample_rows, f"{r.drift_share:.0%}", r.level]
+        for r in run.reports
+    ]
+    out = {
+        "table": "monitoring.drift",
+        "snapshot_id": str(run.snapshot_id),
+        "dagster/row_count": run.rows_written,
+        "windows": dg.MetadataValue.md(
+            markdown_table(["window", "version", "answers", "compared", "drifted", "level"], windows[-60:])
+            if windows
+            else "no traffic"
+        ),
+        "windows_drifted": sum(r.level == "drift" for r in run.reports),
+    }
+    latest = run.latest()
+    if latest:
+        r = max(latest, key=lambda r: r.rows)
+        rows = [
+            [t.name, t.kind, t.threshold.statistic, _fmt(t.value), t.level, *(_fmt(v) for v in t.statistics().values())]
+            for t in sorted(
+                r.features, key=lambda t: -(t.value or 0) if t.threshold.larger_is_worse else (t.value or 1)
+            )
+        ]
+        out["latest_features"] = dg.MetadataValue.md(
+            markdown_table(
+                ["feature", "kind", "judged by", "value", "level", "psi", "ks", "ks_p", "wass", "js", "chi2_p"], rows
+            )
+        )
+        out["latest_drift_share"] = float(r.drift_share)
+        out["sample_rows"] = r.sample_rows
+        if r.prediction:
+            out["latest_prediction_psi"] = float(r.prediction.stats.psi)
+        for note in r.notes:
+            out["note"] = note
+    return out
+
+
+def performance_metadata(run: PerformanceRun, metric: str) -> dict:
+    rows = [
+        [
+            f"{r.start:%Y-%m-%d %H:%M}",
+            r.version,
+            r.predictions,
+            r.labelled,
+            _fmt(r.live.get(metric)),
+            _fmt(r.training.get(metric)),
+            _fmt(r.live.get("precision")),
+            _fmt(r.live.get("recall")),
+            _fmt(r.live.get("ece")),
+            r.level,
+        ]
+        for r in run.reports
+    ]
+    out = {
+        "table": "monitoring.performance",
+        "snapshot_id": str(run.snapshot_id),
+        "windows": dg.MetadataValue.md(
+            markdown_table(
+                [
+                    "window",
+                    "version",
+                    "predictions",
+                    "labelled",
+                    metric,
+                    f"training {metric}",
+                    "precision",
+                    "recall",
+                    "ece",
+                    "level",
+                ],
+                rows[-60:],
+            )
+            if rows
+            else "no traffic"
+        ),
+        "labelled_predictions": sum(r.labelled for r in run.reports),
+    }
+    judged = run.latest_judged()
+    if judged:
+        r = max(judged, key=lambda r: r.labelled)
+        out["calibration"] = dg.MetadataValue.md(
+            markdown_table(
+                ["bin", "rows", "mean predicted", "observed rate"],
+                [
+                    [b["bin"], b["count"], f"{b['mean_prediction']:.3f}", f"{b['observed_rate']:.3f}"]
+                    for b in r.calibration
+                ],
+            )
+        )
+        out[f"latest_{metric}"] = float(r.live.get(metric, float("nan")))
+    return out
+
+
+def _stat_meta(t: TargetDrift) -> dict:
+    return {k: float(v) for k, v in t.statistics().items() if v is not None}
+
+
+def _fmt(value) -> str:
+    return "" if value is None or value != value else f"{value:.4g}"
+
+
+# Definitions ------------------------------------------------------------------------------
+
+
+def monitoring_schedule(monitor: MonitorSpec, job: dg.JobDefinition) -> dg.ScheduleDefinition:
+    """Yesterday's windows at 01:00 UTC, and the windows whose labels have landed since."""
+
+    @dg.schedule(
+        name=f"{job.name}_daily",
+        job=job,
+        cron_schedule=f"0 {HOUR_OF_DAY} * * *",
+        execution_timezone="UTC",
+        description=(
+            f"Monitor '{monitor.name}' every day at 01:00 UTC: yesterday, and the day "
+            f"{monitor.label_delay} + {monitor.label_window} before it once its labels can have landed."
+        ),
+    )
+    def schedule(context: dg.ScheduleEvaluationContext):
+        today = context.scheduled_execution_time.astimezone(dt.UTC).date()
+        yesterday = today - dt.timedelta(days=1)
+        matured = yesterday - monitor.label_delay_delta - monitor.label_window_delta
+        requests = []
+        for day in sorted({yesterday, matured}):
+            if monitor.partitions == "hourly":
+                first, last = f"{day:%Y-%m-%d}-00:00", f"{day:%Y-%m-%d}-23:00"
+            else:
+                first = last = day.isoformat()
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{job.name}-{day}",
+                    tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+                )
+            )
+        return requests
+
+    return schedule
+
+
+def monitoring_definitions(project: Project, monitors: Sequence[MonitorSpec]) -> dg.Definitions:
+    assets, jobs, schedules = [], [], []
+    for monitor in monitors:
+        with single_run_backfills():
+            pair = monitoring_assets(project, monitor)
+        job = dg.define_asset_job(
+            monitor_job_name(monitor.name),
+            selection=dg.AssetSelection.assets(*pair),
+            description=f"Drift and performance of '{monitor.name}' over a range of windows.",
+            tags={"keel/model": monitor.name},
+        )
+        assets += pair
+        jobs.append(job)
+        schedules.append(monitoring_schedule(monitor, job))
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules)

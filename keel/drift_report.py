@@ -1,0 +1,258 @@
+"""The drift report: one self-contained HTML page per model and window, drawn from ``monitoring.drift``.
+
+The page holds the window's verdict, a table of every feature's statistics, the drifted
+share over time, and per target a histogram of reference against current and its judged
+statistic over time with the threshold drawn in. Plots are inline SVG, so the file opens
+anywhere (from the Dagster UI's link, a CI artifact, an e-mail) with nothing to fetch.
+Everything comes from the table's rows, so a report of any past window can be drawn again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+LEVEL_COLOURS = {"drift": "#c0392b", "warn": "#d68910", "ok": "#1e8449", "unknown": "#7f8c8d"}
+REFERENCE_COLOUR, CURRENT_COLOUR = "#5d6d7e", "#2e86c1"
+ORDER = {"drift": 0, "warn": 1, "unknown": 2, "ok": 3}
+
+
+def render(
+    history: pa.Table, *, model: str, window_start: dt.datetime | None = None, version: int | None = None
+) -> str:
+    """The report of ``model``'s window (default: the latest in ``history``) as HTML."""
+    rows = history.filter(pc.equal(history.column("model"), model)).to_pylist()
+    if not rows:
+        raise ValueError(
+            f"drift report: monitoring.drift has no rows for model {model!r}; run its drift monitoring first "
+            f"(the monitor_{model} job, or backfill monitoring/{model}_drift)"
+        )
+    starts = sorted({r["window_start"] for r in rows})
+    start = window_start or starts[-1]
+    current = [r for r in rows if r["window_start"] == start]
+    if not current:
+        shown = ", ".join(s.isoformat() for s in starts[-5:])
+        raise ValueError(f"drift report: model {model!r} has no window starting {start.isoformat()} (latest: {shown})")
+    versions = sorted({r["version"] for r in current})
+    version = version if version is not None else versions[-1]
+    current = [r for r in current if r["version"] == version]
+    dataset = next((r for r in current if r["target"] == "dataset"), None)
+    targets = sorted(
+        (r for r in current if r["target"] != "dataset"),
+        key=lambda r: (r["target"] != "feature", ORDER.get(r["level"], 9), -(r["value"] or 0)),
+    )
+    over_time = _series(rows, version)
+    parts = [
+        _head(model, version, start, current[0]["window_end"], dataset, current[0]),
+        _summary_table(targets),
+        "<h2>Share of features drifted, by window</h2>",
+        _line_chart(over_time.get(("dataset", "share_drifted"), []), dataset["threshold"] if dataset else None),
+        "<h2>Each target</h2>",
+    ]
+    for r in targets:
+        parts.append(_target_section(r, over_time.get((r["target"], r["name"]), [])))
+    return _page(f"Drift: {model} v{version}, {start:%Y-%m-%d %H:%M}", "\n".join(parts))
+
+
+def write(history: pa.Table, path: Path, **kwargs) -> Path:
+    """Render and write atomically (a reader never sees half a page)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(render(history, **kwargs), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def report_path(home: Path, model: str, window_start: dt.datetime) -> Path:
+    return home / "reports" / "drift" / model / f"{window_start:%Y-%m-%dT%H%M}.html"
+
+
+def _series(rows: list[dict], version: int) -> dict[tuple[str, str], list[tuple[dt.datetime, float | None, str]]]:
+    out: dict[tuple[str, str], list] = {}
+    for r in sorted(rows, key=lambda r: r["window_start"]):
+        if r["version"] == version:
+            out.setdefault((r["target"], r["name"]), []).append((r["window_start"], r["value"], r["level"]))
+    return out
+
+
+def _head(model, version, start, end, dataset, first) -> str:
+    level = dataset["level"] if dataset else "unknown"
+    share = (
+        f"{dataset['value']:.0%} of features drifted (dataset drift at {dataset['threshold']:.0%})" if dataset else ""
+    )
+    notes = json.loads(dataset["plot"]).get("notes", []) if dataset and dataset["plot"] else []
+    facts = [
+        ("window", f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"),
+        ("answers", f"{first['current_rows']:,} (compared: {first['sample_rows']:,})"),
+        ("reference rows", f"{first['reference_rows']:,}"),
+        ("computed", f"{first['computed_at']:%Y-%m-%d %H:%M} UTC, run {first['run_id']}"),
+    ]
+    lines = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
+    return (
+        f"<h1>{html.escape(model)} v{version} <span class='badge' style='background:{LEVEL_COLOURS[level]}'>"
+        f"{html.escape(level)}</span></h1><p>{html.escape(share)}</p><table class='facts'>{lines}</table>"
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+    )
+
+
+def _summary_table(targets: list[dict]) -> str:
+    header = [
+        "target",
+        "name",
+        "kind",
+        "judged by",
+        "value",
+        "threshold",
+        "level",
+        "psi",
+        "ks",
+        "ks p",
+        "wass.",
+        "js",
+        "chi2 p",
+        "null ref/cur",
+    ]
+    body = []
+    for r in targets:
+        cells = [
+            r["target"],
+            f"<a href='#{_anchor(r)}'>{html.escape(r['name'])}</a>",
+            r["kind"] or "",
+            r["statistic"] or "",
+            _fmt(r["value"]),
+            _fmt(r["threshold"]),
+            f"<b style='color:{LEVEL_COLOURS.get(r['level'], '#000')}'>{r['level']}</b>",
+            *(_fmt(r[k]) for k in ("psi", "ks", "ks_pvalue", "wasserstein_norm", "js", "chi2_pvalue")),
+            f"{_pct(r['reference_null_rate'])} / {_pct(r['current_null_rate'])}",
+        ]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return f"<table class='grid'><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _target_section(r: dict, series: list) -> str:
+    plot = json.loads(r["plot"]) if r["plot"] else {}
+    new = json.loads(r["new_categories"] or "[]")
+    extra = f"<p>new categories: {html.escape(', '.join(map(str, new[:20])))}</p>" if new else ""
+    return (
+        f"<section id='{_anchor(r)}'><h3>{html.escape(r['target'])}: {html.escape(r['name'])} "
+        f"<small style='color:{LEVEL_COLOURS.get(r['level'], '#000')}'>{r['level']} "
+        f"({html.escape(r['statistic'] or '')} {_fmt(r['value'])}, threshold {_fmt(r['threshold'])})</small></h3>"
+        f"<div class='row'>{_histogram(plot)}{_line_chart(series, r['threshold'])}</div>{extra}</section>"
+    )
+
+
+def _histogram(plot: dict, width: int = 420, height: int = 180) -> str:
+    """Reference and current shares side by side per bin (numeric) or category."""
+    if "categories" in plot:
+        labels = [str(c) for c in plot["categories"]]
+        ref, cur = _shares(plot["reference"]), _shares(plot["current"])
+    elif plot.get("edges"):
+        edges = plot["edges"]
+        labels = [f"{_fmt(edges[i])}" for i in range(len(edges) - 1)]
+        ref, cur = [v or 0.0 for v in plot["reference"]], [v or 0.0 for v in plot["current"]]
+    else:
+        return "<p>no values to plot</p>"
+    n = max(len(labels), 1)
+    top = max([*ref, *cur, 1e-12])
+    slot = (width - 40) / n
+    bars = []
+    for i in range(len(labels)):
+        for j, (values, colour) in enumerate(((ref, REFERENCE_COLOUR), (cur, CURRENT_COLOUR))):
+            value = values[i] if i < len(values) else 0.0
+            h = (height - 40) * value / top
+            x = 30 + i * slot + j * slot / 2
+            bars.append(
+                f"<rect x='{x:.1f}' y='{height - 20 - h:.1f}' width='{max(slot / 2 - 1, 1):.1f}' height='{h:.1f}' "
+                f"fill='{colour}'><title>{html.escape(labels[i])}: {value:.3f}</title></rect>"
+            )
+    ticks = "".join(
+        f"<text x='{30 + i * slot:.1f}' y='{height - 5}' font-size='9'>{html.escape(labels[i][:10])}</text>"
+        for i in range(0, len(labels), max(1, len(labels) // 6))
+    )
+    legend = (
+        f"<text x='30' y='12' font-size='11' fill='{REFERENCE_COLOUR}'>reference</text>"
+        f"<text x='110' y='12' font-size='11' fill='{CURRENT_COLOUR}'>current</text>"
+    )
+    return f"<svg width='{width}' height='{height}' role='img'>{legend}{''.join(bars)}{ticks}</svg>"
+
+
+def _line_chart(series: list, threshold: float | None, width: int = 420, height: int = 180) -> str:
+    """The judged statistic by window, coloured by level, with the threshold as a dashed line."""
+    points = [(t, v, level) for t, v, level in series if v is not None]
+    if not points:
+        return "<p>no history yet</p>"
+    values = [v for _, v, _ in points] + ([threshold] if threshold is not None else [])
+    lo, hi = min(0.0, *values), max(values) or 1.0
+    t0, t1 = points[0][0].timestamp(), points[-1][0].timestamp()
+    span = (t1 - t0) or 1.0
+
+    def xy(t, v):
+        return 40 + (width - 50) * (t.timestamp() - t0) / span, height - 25 - (height - 40) * (v - lo) / (
+            (hi - lo) or 1.0
+        )
+
+    path = " ".join(
+        f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(xy(t, v) for t, v, _ in points)
+    )
+    dots = "".join(
+        f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{LEVEL_COLOURS.get(level, '#000')}'>"
+        f"<title>{t:%Y-%m-%d %H:%M}: {v:.4g} ({level})</title></circle>"
+        for (t, v, level), (x, y) in ((p, xy(p[0], p[1])) for p in points)
+    )
+    line = ""
+    if threshold is not None:
+        _, y = xy(points[0][0], threshold)
+        line = f"<line x1='40' x2='{width - 10}' y1='{y:.1f}' y2='{y:.1f}' stroke='#c0392b' stroke-dasharray='4 3'/>"
+    axis = (
+        f"<text x='2' y='{height - 25}' font-size='9'>{_fmt(lo)}</text><text x='2' y='20' font-size='9'>{_fmt(hi)}</text>"
+        f"<text x='40' y='{height - 5}' font-size='9'>{points[0][0]:%m-%d}</text>"
+        f"<text x='{width - 50}' y='{height - 5}' font-size='9'>{points[-1][0]:%m-%d}</text>"
+    )
+    return (
+        f"<svg width='{width}' height='{height}' role='img'>{line}"
+        f"<path d='{path}' fill='none' stroke='#34495e'/>{dots}{axis}</svg>"
+    )
+
+
+def _shares(counts: list) -> list[float]:
+    total = sum(c or 0 for c in counts)
+    return [(c or 0) / total if total else 0.0 for c in counts]
+
+
+def _anchor(r: dict) -> str:
+    return "t-" + "".join(ch if ch.isalnum() else "-" for ch in f"{r['target']}-{r['name']}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _page(title: str, body: str) -> str:
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:24px;color:#222}"
+        "table.grid{border-collapse:collapse;font-size:12px}"
+        "table.grid td,table.grid th{border:1px solid #ddd;padding:3px 6px;text-align:right}"
+        "table.grid td:nth-child(2){text-align:left}"
+        "table.facts th{text-align:left;padding-right:12px}"
+        ".badge{color:#fff;border-radius:4px;padding:2px 8px;font-size:14px}"
+        ".row{display:flex;gap:24px;flex-wrap:wrap}.note{color:#7f8c8d}"
+        "section{border-top:1px solid #eee;margin-top:12px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>"
+    )
