@@ -36,7 +36,8 @@ from dagster._core.storage.asset_check_execution_record import (
 )
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
-from keel.alerts import Evaluation, PendingAlert, Sink, flush_outbox, plain_metadata, reconcile, sinks_from_settings
+from keel.alert_sinks import Sink, sinks_from_settings
+from keel.alerts import Evaluation, PendingAlert, flush_outbox, plain_metadata, reconcile
 from keel.config import Settings
 
 # Evaluations read per check and tick; beyond this only the newest count (the state they end in is right).

@@ -6,7 +6,7 @@ import json
 import dagster as dg
 import pytest
 
-from keel.alerts import sinks_from_settings
+from keel.alert_sinks import sinks_from_settings
 from keel.config import Settings
 from sensors.alerts import alert_sensor, alert_sensor_definitions
 from tests.keel.test_alerts import SECRET, FakeWebhook, Waits, closed_port

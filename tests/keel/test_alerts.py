@@ -14,21 +14,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.alerts import (
-    Alert,
+from keel.alert_sinks import (
     ConsoleSink,
-    Evaluation,
     JsonlSink,
-    PendingAlert,
     WebhookError,
     WebhookSink,
-    deliver,
-    flush_outbox,
     format_line,
-    plain_metadata,
-    reconcile,
     sinks_from_settings,
     slack_payload,
+)
+from keel.alerts import (
+    Alert,
+    Evaluation,
+    PendingAlert,
+    deliver,
+    flush_outbox,
+    plain_metadata,
+    reconcile,
 )
 from keel.config import Settings, redact_url
 
