@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install lock demo test ui mlflow-ui lint format dagster-home clean
 
-install: $(STAMP)
+install: $(STAMP) $(BIN)/promtool
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,21 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# promtool checks deploy/prometheus (config, rules, rule unit tests) in tests/deploy. It is not on PyPI:
+# take the binary (Go, libc only) out of Debian's prometheus package, without installing the package
+# or starting its service. A promtool already on PATH is linked instead. Without either, say how to get it.
+$(BIN)/promtool: | $(STAMP)
+	@if command -v promtool >/dev/null 2>&1; then \
+		ln -sf "$$(command -v promtool)" $@; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then \
+		tmp=$$(mktemp -d) && \
+		( cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1 ) && \
+		dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && \
+		install -m 755 $$tmp/root/usr/bin/promtool $@; \
+		rm -rf $$tmp; \
+	fi
+	@test -x $@ || echo "promtool: not installed (no promtool on PATH, and 'apt-get download prometheus' failed or apt is missing); tests/deploy skips its promtool checks. Install Prometheus' promtool and run 'make install' again, or 'ln -s \$$(command -v promtool) $@'."
 
 # Pin every dependency for reproducible installs: run `make lock` after changing pyproject.toml.
 # (Not a file rule: a fresh clone's mtimes must never trigger a re-resolve.)

@@ -34,7 +34,7 @@ from keel import drift_stats
 from keel.drift_stats import CategoricalDrift, NumericDrift
 from keel.inference_log import TABLE as LOG_TABLE
 from keel.lakehouse import Lakehouse
-from keel.monitoring import MonitorSpec, Threshold
+from keel.monitoring import WINDOW_FIELDS, MonitorSpec, Threshold
 from keel.reference import HOLDOUT, LABEL, PREDICTION, SPLIT
 
 DRIFT_TABLE = "monitoring.drift"
@@ -42,10 +42,7 @@ STAT_COLUMNS = ("psi", "ks", "ks_pvalue", "wasserstein_norm", "js", "chi2_pvalue
 LEVELS = ("ok", "warn", "drift", "unknown")
 SCHEMA = pa.schema(
     [
-        pa.field("window_start", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("window_end", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("version", pa.int64(), nullable=False),
+        *WINDOW_FIELDS,
         # feature | prediction | label | dataset (the window's verdict)
         pa.field("target", pa.string(), nullable=False),
         pa.field("name", pa.string(), nullable=False),

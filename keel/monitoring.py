@@ -41,6 +41,13 @@ STATISTICS = {
     "chi2_pvalue": ("categorical", False),
 }
 PARTITIONS = ("daily", "hourly")
+# The columns every per-model monitoring table starts with: which window, model and version.
+WINDOW_FIELDS = (
+    pa.field("window_start", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("window_end", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("version", pa.int64(), nullable=False),
+)
 
 
 class MonitorError(ValueError):

@@ -25,17 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.models import METRICS, label_values, score
-from keel.monitoring import MonitorSpec
+from keel.monitoring import WINDOW_FIELDS, MonitorSpec
 from keel.reference import HOLDOUT, LABEL, PREDICTION, SPLIT
 
 PERFORMANCE_TABLE = "monitoring.performance"
 CALIBRATION_BINS = 10
 SCHEMA = pa.schema(
     [
-        pa.field("window_start", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("window_end", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("version", pa.int64(), nullable=False),
+        *WINDOW_FIELDS,
         pa.field("metric", pa.string(), nullable=False),
         pa.field("value", pa.float64()),
         pa.field("training_value", pa.float64()),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -47,13 +48,21 @@ def reference_sample(spec: ModelSpec, result: TrainResult, *, max_rows: int = MA
 
     table = result.training_set.table
     features = list(result.features)
-    mask, _ = spec.split.holdout_mask(table.column(spec.labels.timestamp))
+    ts = spec.labels.timestamp
+    if ts not in table.column_names:
+        raise ReferenceSampleError(
+            f"model {spec.name!r}: the training set has no label time column {ts!r} "
+            f"(columns: {', '.join(table.column_names)}); build it with keel.models.train, which keeps it"
+        )
+    times = table.column(ts)
+    cut = pa.scalar(result.split_time, times.type)
+    mask = pc.greater(times, cut).to_numpy(zero_copy_only=False).astype(bool)
     scores = predict(result.model, spec, table, features)
     sample = pa.table(
         {
             **{name: table.column(name) for name in features},
             LABEL: table.column(spec.label),
-            LABEL_TS: table.column(spec.labels.timestamp),
+            LABEL_TS: times,
             SPLIT: pa.array(np.where(mask, HOLDOUT, TRAIN)),
             PREDICTION: pa.array(np.asarray(scores, dtype=np.float64)),
         }

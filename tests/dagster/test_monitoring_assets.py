@@ -140,3 +140,16 @@ def test_definitions_hold_the_assets_checks_job_and_schedule(model_project, buye
     requests = schedule.evaluate_tick(context).run_requests
     # Yesterday, and the day whose labels (30 days late, matched up to 7 days on) have landed since.
     assert [r.tags["dagster/asset_partition_range_start"] for r in requests] == ["2026-05-13", "2026-06-19"]
+
+
+def test_an_hourly_monitor_has_hourly_partitions_and_windows(model_project, buyer, outcomes, settings):
+    from keel.monitor import windows
+
+    monitor = MonitorSpec(spec(buyer, outcomes), partitions="hourly")
+    defs = dg.Definitions.merge(monitoring_definitions(model_project, [monitor]), resource_definitions(settings))
+    partitions = defs.resolve_assets_def(drift_key("churn")).partitions_def
+    assert isinstance(partitions, dg.HourlyPartitionsDefinition)
+    start = dt.datetime(2026, 5, 1, 22, tzinfo=dt.UTC)
+    tiles = windows(start, start + dt.timedelta(hours=3), "hourly")
+    assert [(a.hour, b.hour) for a, b in tiles] == [(22, 23), (23, 0), (0, 1)]
+    assert len(windows(start, start + dt.timedelta(days=2), "daily")) == 2

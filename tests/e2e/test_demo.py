@@ -1,6 +1,7 @@
 """`make demo` end to end at a small size: Dagster runs on a persistent instance, data in Iceberg."""
 
 import json
+import re
 
 import dagster as dg
 
@@ -73,13 +74,17 @@ def test_demo_ingests_every_source_through_dagster_and_quarantines_the_defects(s
     assert "/metrics counts 3 answered requests over the server's 2 workers" in out
 
     # The loop: traffic across the drift, monitoring, the drift check failing, an alert, a retrain.
-    assert "dataset drift: 0 of 14 windows before the drift" in out
+    # With 100 users the reference sample holds ~200 rows, so noise flags a few early windows
+    # (the 1000-user `make demo` flags none of them); the drifted weeks are flagged nearly all.
+    found = re.search(r"dataset drift: (\d+) of (\d+) windows before the drift, (\d+) of (\d+) from it on", out)
+    before, quiet, after, drifted = map(int, found.groups())
+    assert (quiet, drifted) == (14, 60) and before / quiet < 0.3 and after / drifted > 0.9
     assert "check drift            FAILED (ERROR): dataset drift:" in out
     assert "firing monitoring/churn_drift:drift (ERROR)" in out
     assert "retrain sensor fired on monitoring/churn_drift:drift" in out and "new challenger v2" in out
     assert "promoted to champion: " in out.split("new challenger v2")[1]
-    retrain = [run for run in runs if run.job_name == "train_churn"][-1]
-    assert retrain.tags["keel/trigger"] == "monitoring/churn_drift:drift"
+    triggers = [run.tags.get("keel/trigger") for run in runs if run.job_name == "train_churn"]
+    assert sorted(triggers, key=str) == [None, "monitoring/churn_drift:drift"]
     drift = lake.read("monitoring.drift")
     assert drift.num_rows > 0 and lake.read("monitoring.performance").num_rows > 0
     reports = list((settings.home / "reports" / "drift" / "churn").glob("*.html"))

@@ -14,13 +14,14 @@ import pyarrow as pa
 import pytest
 
 from keel import model_registry as registry
-from keel import promotion
+from keel import promotion, reference
 from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
 from keel.models import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
 from keel.store import TrainingSet
 
 N_TRAIN, N_HOLDOUT = 400, 300
+SPLIT_TIME = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 SNAPSHOTS = {"features.user_demo": 1111, "raw.churn_labels": 2222}
 
 
@@ -32,6 +33,9 @@ def demo_table(seed: int, n: int) -> pa.Table:
     logit = 2.0 * x1 + 1.5 * x2 + np.where(segment == "a", 1.0, 0.0)
     churned = rng.random(n) < 1 / (1 + np.exp(-logit))
     x1_with_nulls = pa.array(x1, mask=rng.random(n) < 0.05)
+    # Label times an hour apart, ending at SPLIT_TIME + the hold-out: rows past N_TRAIN are held out.
+    end = SPLIT_TIME + dt.timedelta(hours=N_HOLDOUT)
+    times = [end - dt.timedelta(hours=n - 1 - i) for i in range(n)]
     return pa.table(
         {
             "user_id": [f"u{i}" for i in range(n)],
@@ -40,6 +44,7 @@ def demo_table(seed: int, n: int) -> pa.Table:
             "noise": noise,
             "segment": segment,
             "churned": churned,
+            "event_ts": pa.array(times, pa.timestamp("us", "UTC")),
         }
     )
 
@@ -78,7 +83,7 @@ def fit(model_spec: ModelSpec, model, features: list[str], data: pa.Table, param
         metrics=score(model_spec, y, predictions),
         holdout=holdout.append_column("prediction", pa.array(predictions)),
         predictions=predictions,
-        split_time=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        split_time=SPLIT_TIME,
         params=model.get_params() if params is None else params,
         algorithm=model_spec.algorithm,
     )
@@ -179,6 +184,25 @@ def test_artifacts_live_under_keel_home(story, tmp_path_factory):
     training_set = json.loads((artifacts / "training_set.json").read_text())
     assert training_set["snapshots"] == SNAPSHOTS
     assert training_set["split"]["train_rows"] == N_TRAIN
+
+
+def test_reference_sample_splits_at_the_training_split_and_keeps_the_holdout_scores(story):
+    v3 = story["v3"]
+    sample = reference.load_reference(story["settings"], "churn", v3.version, v3.run_id)
+    assert sample.num_rows == N_TRAIN + N_HOLDOUT
+    split = np.asarray(sample.column(reference.SPLIT))
+    assert (split == reference.HOLDOUT).sum() == N_HOLDOUT
+    assert (split[:N_TRAIN] == reference.TRAIN).all()
+    holdout_scores = np.asarray(sample.column(reference.PREDICTION))[split == reference.HOLDOUT]
+    assert holdout_scores == pytest.approx(story["r3"].predictions)
+    assert set(sample.column_names) >= {"x1", "x2", "segment", reference.LABEL, reference.LABEL_TS}
+
+
+def test_reference_sample_without_a_label_time_names_the_column():
+    s1 = spec("xgboost")
+    result = fit(s1, xgb(), ["x1", "segment"], demo_table(3, N_TRAIN + N_HOLDOUT).drop_columns(["event_ts"]))
+    with pytest.raises(reference.ReferenceSampleError, match="no label time column 'event_ts'"):
+        reference.reference_sample(s1, result)
 
 
 def test_failed_gates_reject_and_first_passing_version_becomes_champion(story):
