@@ -153,6 +153,8 @@ class MonitoringCollector(Collector):
             return None
         days = [now.date() - dt.timedelta(days=i) for i in range(FRESHNESS_DAYS)]
         data = self.lake.read(target.table, row_filter=day_filter(target.day_column, days), columns=[target.day_column])
+        if not data.num_rows:  # stale: the newest row is older than the recent days, read the column through
+            data = self.lake.read(target.table, columns=[target.day_column])
         newest = pc.max(data.column(target.day_column)).as_py() if data.num_rows else None
         return newest if newest is None or newest.tzinfo else newest.replace(tzinfo=dt.UTC)
 

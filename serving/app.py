@@ -147,6 +147,7 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
         try:
             body = PredictRequest.model_validate_json(raw)
         except ValidationError as exc:
+            server.metrics.refused(served_name(server, name), 422)
             return 422, {"error": validation_message(exc.errors())}
         allowed = _authorised(keys, _text(headers.get(b"x-api-key")), _text(headers.get(b"authorization")))
         return answer_predict(server, settings, name, body, allowed)
@@ -162,17 +163,21 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, body: InferRequest, request: Request):
+        def refuse(status: int, message: str) -> JSONResponse:
+            server.metrics.refused(served_name(server, name), status)
+            return error(status, message)
+
         if settings.protect_predict and not authorised(request):
-            return error(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
+            return refuse(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
         try:
             columns, rows = _columns(body)
             if rows > settings.max_entities:
                 raise BadInput(f"inputs: {rows} rows, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)")
             out = server.infer_vectors(name, columns, rows)
         except UnknownModel as exc:
-            return error(404, str(exc))
+            return refuse(404, str(exc))
         except BadInput as exc:
-            return error(422, str(exc))
+            return refuse(422, str(exc))
         return {
             "model_name": name,
             "model_version": str(out["version"]),
@@ -213,20 +218,10 @@ def answer_predict(
     server: Server, settings: ServingSettings, name: str, body: PredictRequest, authorised: bool
 ) -> tuple[int, dict]:
     """Status and JSON body of ``POST /v1/models/{name}/predict``."""
-    if settings.protect_predict and not authorised:
-        return 401, {"error": "an API key is required (Authorization: Bearer KEY or X-API-Key)"}
-    ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
-    if len(ids) > settings.max_entities:
-        return 422, {
-            "error": f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
-        }
-    try:
-        out = server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
-    except UnknownModel as exc:
-        return 404, {"error": str(exc)}
-    except BadInput as exc:
-        log.info("rejected", extra={"model": name, "status": 422, "reason": str(exc)})
-        return 422, {"error": str(exc)}
+    status, out = _predict_or_refuse(server, settings, name, body, authorised)
+    if status != 200:
+        server.metrics.refused(served_name(server, name), status)
+        return status, out
     if log.isEnabledFor(logging.INFO):
         log.info(
             "predicted",
@@ -235,12 +230,39 @@ def answer_predict(
                 "model": name,
                 "version": out["version"],
                 "alias": out["alias"],
-                "entities": len(ids),
+                "entities": len(out["predictions"]),
                 "latency_ms": out["latency_ms"],
                 "degraded": out["degraded"],
             },
         )
     return 200, out
+
+
+def _predict_or_refuse(
+    server: Server, settings: ServingSettings, name: str, body: PredictRequest, authorised: bool
+) -> tuple[int, dict]:
+    if settings.protect_predict and not authorised:
+        return 401, {"error": "an API key is required (Authorization: Bearer KEY or X-API-Key)"}
+    ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
+    if len(ids) > settings.max_entities:
+        return 422, {
+            "error": f"entity_ids: {len(ids)} ids, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)"
+        }
+    try:
+        return 200, server.predict_entities(name, ids, body.features, single=body.entity_ids is None)
+    except UnknownModel as exc:
+        return 404, {"error": str(exc)}
+    except BadInput as exc:
+        log.info("rejected", extra={"model": name, "status": 422, "reason": str(exc)})
+        return 422, {"error": str(exc)}
+    except Exception:  # a fault of ours (a model that cannot score, a broken artifact): say so, count it
+        log.exception("failed", extra={"model": name, "status": 500})
+        return 500, {"error": f"model {name!r} failed to answer; the server log has the traceback"}
+
+
+def served_name(server: Server, name: str) -> str:
+    """``name`` as a metric label: a served model's name, else ``unknown`` (paths are the client's to choose)."""
+    return name if name in server.models.snapshot() else "unknown"
 
 
 def validation_message(errors) -> str:

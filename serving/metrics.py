@@ -21,7 +21,7 @@ class ServingMetrics:
         r = self.registry
         self.requests = Counter(
             "keel_serving_requests",
-            "Prediction requests by outcome",
+            "Prediction requests by outcome: ok, rejected (4xx) or error (5xx)",
             ["model", "version", "alias", "status"],
             registry=r,
         )
@@ -90,6 +90,14 @@ class ServingMetrics:
                 self.online_latency.labels(model),
             )
         return children
+
+    def refused(self, model: str, status: int) -> None:
+        """Count an answer other than 200: ``rejected`` for the client's fault (4xx), ``error`` for ours (5xx).
+
+        ``model`` is the name as served or ``unknown``: names from request paths would let any
+        client add series without bound. Such answers have no version or alias.
+        """
+        self.requests.labels(model, "", "", "rejected" if status < 500 else "error").inc()
 
     def render(self) -> bytes:
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

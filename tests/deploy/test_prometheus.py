@@ -67,7 +67,7 @@ def test_promtool_rejects_a_broken_rule(promtool, tmp_path, rule, problem):
 # Each change breaks one alert; its unit test must notice.
 MUTATIONS = [
     ("serving.yml", "p99_5m > 0.010", "p99_5m > 0.030", "KeelServingLatencyP99High"),
-    ("serving.yml", 'status!="ok"', 'status="failed"', "KeelServingErrorRatioHigh"),
+    ("serving.yml", 'status="error"', 'status="failed"', "KeelServingErrorRatioHigh"),
     ("stream.yml", "lag:sum > 10000", "lag:sum > 20000", "KeelStreamConsumerLagHigh"),
     ("monitoring.yml", "keel_dataset_drift == 1", "keel_dataset_drift == 0", "KeelDatasetDrift"),
     ("monitoring.yml", "> 0.2 * abs(", "> 0.6 * abs(", "KeelPredictionMeanShift"),

@@ -188,11 +188,15 @@ def test_the_html_report_shows_the_verdict_every_target_and_the_history(monitor)
 
 
 def test_report_text_is_escaped(monitor):
-    sample = reference().rename_columns(["<b>amount", "items", "currency", "is_new", LABEL, LABEL_TS, SPLIT, PREDICTION])
+    sample = reference().rename_columns(
+        ["<b>amount", "items", "currency", "is_new", LABEL, LABEL_TS, SPLIT, PREDICTION]
+    )
     log = traffic(300, 1)
     vectors = [json.loads(v) for v in log.column("features").to_pylist()]
     for v in vectors:
         v["<b>amount"] = v.pop("amount")
     log = log.set_column(2, "features", pa.array([json.dumps(v) for v in vectors]))
-    page = drift_report.render(drift_rows([compare_window(monitor, 1, START, END, log, sample, {})], "r"), model="churn")
+    page = drift_report.render(
+        drift_rows([compare_window(monitor, 1, START, END, log, sample, {})], "r"), model="churn"
+    )
     assert "<b>amount" not in page and "&lt;b&gt;amount" in page

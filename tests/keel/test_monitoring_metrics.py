@@ -1,6 +1,7 @@
 """The Prometheus exporter of monitoring results: what it reads from the tables, and a failing read."""
 
 import datetime as dt
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -84,6 +85,25 @@ def test_the_latest_window_of_each_table_becomes_gauges(lake, settings, monitor)
     assert ("keel_monitoring_updated_timestamp_seconds", (("model", "churn"),)) in got
     # Every exported name is a documented one (deploy/prometheus alerts on these).
     assert {name for name, _ in got} <= set(METRICS)
+
+
+def test_a_stale_table_still_reports_its_age(lake, settings):
+    newest = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=10)
+    events = pa.table({"user_id": ["a"], "ts": pa.array([newest], pa.timestamp("us", tz="UTC"))})
+    lake.ensure_table("raw.stale", events.schema, day_column="ts").append(events)
+    target = QualityTarget("raw.stale", "ts", keys=("user_id",))
+    got = samples(exposition(MonitoringCollector(lake, settings, [], [target], refresh_s=0)))
+    age = got[("keel_table_freshness_seconds", (("table", "raw.stale"),))]
+    assert 10 * 86400 <= age < 10 * 86400 + 60
+
+
+def test_the_deploy_list_of_gauges_is_the_exporters():
+    listed = {}
+    for line in (Path(__file__).parents[2] / "deploy" / "prometheus" / "metrics.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, labels = line.partition(" ")
+            listed[name] = labels.strip()
+    assert listed == {name: labels.replace(" ", "") for name, (labels, _) in METRICS.items()}
 
 
 def test_a_failing_read_reports_down_instead_of_failing_the_scrape(lake, settings, monkeypatch):

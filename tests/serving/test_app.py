@@ -174,6 +174,25 @@ def test_bad_requests_answer_4xx_naming_the_field(world, settings, online_projec
         ).status_code
         == 422
     )
+    # Refusals are counted, as the client's fault, under the served name; other names are "unknown".
+    metrics = client.get("/metrics").text
+    assert 'keel_serving_requests_total{alias="",model="churn",status="rejected",version=""} 10.0' in metrics
+    assert 'keel_serving_requests_total{alias="",model="unknown",status="rejected",version=""} 1.0' in metrics
+    assert 'status="error"' not in metrics
+
+
+def test_a_model_that_fails_answers_500_and_is_counted_as_an_error(world, settings, online_project, monkeypatch):
+    client, server = client_for(world, settings, online_project)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("booster is corrupt")
+
+    monkeypatch.setattr(server, "predict_entities", broken)
+    answer = client.post("/v1/models/churn/predict", json={"entity_id": "u1"})
+    assert answer.status_code == 500 and "model 'churn' failed to answer" in answer.json()["error"]
+    assert "corrupt" not in answer.text
+    metrics = client.get("/metrics").text
+    assert 'keel_serving_requests_total{alias="",model="churn",status="error",version=""} 1.0' in metrics
 
 
 def test_canary_is_sticky_per_entity_and_shadow_logs_without_answering(world, settings, online_project):
