@@ -160,15 +160,16 @@ def profile_days(
     try:
         con.register("t", data)
         profiles = _profiles(con, target.day_column, numeric, text)
+        # Days before the first row read are before the table began, not days without rows.
+        first = min(profiles, default=None)
         out = []
         for d in sorted(days):
             history = [h for h in span if h < d and (d - h).days <= rules.history_days]
             today = profiles.get(d)
             past = [profiles[h] for h in history if h in profiles]
             result = DayQuality(target.table, d, today.rows if today else 0)
-            result.outcomes.append(
-                _volume(d, result.rows, {h: profiles[h].rows if h in profiles else 0 for h in history}, rules)
-            )
+            counts = {h: profiles[h].rows if h in profiles else 0 for h in history if first is not None and h >= first}
+            result.outcomes.append(_volume(d, result.rows, counts, rules))
             result.outcomes.append(_freshness(d, today, past, now, rules))
             for c in [*numeric, *text]:
                 result.outcomes.append(_nulls(c, today, past, rules))
@@ -231,8 +232,9 @@ def _level(value: float | None, bounds: tuple[float, float]) -> str:
 
 
 def _nulls(column: str, today: _Profile | None, past: list[_Profile], rules: QualityRules) -> Outcome:
-    share = 1 - today.non_null[column] / today.rows if today and today.rows else None
-    seen = [1 - p.non_null[column] / p.rows for p in past if p.rows]
+    # From the NULL count, not 1 - non-NULL share: 20 of 100 must be 0.2, not 0.19999999999999996.
+    share = (today.rows - today.non_null[column]) / today.rows if today and today.rows else None
+    seen = [(p.rows - p.non_null[column]) / p.rows for p in past if p.rows]
     base = statistics.fmean(seen) if seen else None
     increase = None if share is None or base is None else max(0.0, share - base)
     warn, error = rules.null_increase

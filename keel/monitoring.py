@@ -153,7 +153,7 @@ class MonitorSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MonitorError(f"{where}: {name}={value!r} must be a positive integer")
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, int | float) or self.tolerance < 0:
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, int | float) or not self.tolerance >= 0:
             raise MonitorError(f"{where}: tolerance={self.tolerance!r} must be a number >= 0, e.g. 0.05")
         for name in ("label_window", "label_delay"):
             duration(getattr(self, name), f"{where}: {name}")
@@ -242,7 +242,8 @@ def replace_window(
         GreaterThanOrEqual("window_start", start.isoformat()),
         And(LessThan("window_start", end.isoformat()), EqualTo("model", model)),
     )
-    days = sorted({start.date(), (end - dt.timedelta(microseconds=1)).date()})
+    last = (end - dt.timedelta(microseconds=1)).date()
+    days = [start.date() + dt.timedelta(days=i) for i in range((last - start.date()).days + 1)]
     source = f"{table_name.split('.')[-1]}:{model}"
     replace_rows(table, rows, where, lake.snapshot_properties(source, days, run_id))
     return lake.head(table_name)
