@@ -156,9 +156,12 @@ def register_model(settings) -> None:
     z = {k: (v - v.mean()) / v.std() for k, v in columns.items()}
     logit = 1.2 * z["a_n_24h"] - 0.8 * z["p_amount_avg_7d"] + 0.6 * z["p_items_sum_7d"] + 0.4 * z["a_amount_max_7d"]
     clicked = rng.random(TRAIN_ROWS) < 1 / (1 + np.exp(-logit))
-    table = pa.table({**columns, "clicked": clicked})
-    spec = ModelSpec(name=MODEL, entity=user, features=tuple(REFS), labels=clicks, label="clicked")
     split = TRAIN_ROWS * 4 // 5
+    # Label times a second apart: the reference sample splits train from hold-out at split_time.
+    split_time = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    times = [split_time + dt.timedelta(seconds=i - split + 1) for i in range(TRAIN_ROWS)]
+    table = pa.table({**columns, "clicked": clicked, "event_ts": pa.array(times, pa.timestamp("us", "UTC"))})
+    spec = ModelSpec(name=MODEL, entity=user, features=tuple(REFS), labels=clicks, label="clicked")
     train, holdout = table.slice(0, split), table.slice(split)
     model = xgboost.XGBClassifier(
         n_estimators=100, max_depth=6, learning_rate=0.1, tree_method="hist", nthread=1, random_state=0
@@ -174,7 +177,7 @@ def register_model(settings) -> None:
         metrics=score(spec, clicked[split:].astype(int), predictions),
         holdout=holdout.append_column("prediction", pa.array(predictions)),
         predictions=predictions,
-        split_time=dt.datetime.now(dt.UTC),
+        split_time=split_time,
         params=model.get_params(),
         algorithm="xgboost",
         refs=list(REFS),
