@@ -86,7 +86,7 @@ def monitoring_loop(defs, instance, settings: Settings, lake: Lakehouse, spec, s
 
     retrain = _tick(defs, f"retrain_{spec.name}", instance)
     if not retrain.run_requests:
-        lines.append(f"        retrain sensor: no retrain ({retrain.skip_reason})")
+        lines.append(f"        retrain sensor: no retrain ({retrain.skip_message or 'nothing failed with ERROR'})")
         return lines, failed
     request = retrain.run_requests[0]
     lines.append(

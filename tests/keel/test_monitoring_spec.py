@@ -271,6 +271,7 @@ def test_the_projects_pipelines_monitor_churn_with_its_label_delay_and_window():
     assert churn.label_delay_delta == dt.timedelta(days=30)
     assert churn.label_window_delta == dt.timedelta(days=7)
     assert (churn.min_rows, churn.tolerance, churn.min_labels, churn.partitions) == (100, 0.05, 50, "daily")
+    assert churn.drift_share == 0.3
 
 
 @pytest.fixture
