@@ -108,7 +108,12 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
         latest = run.latest()
         if latest:
             path = drift_report.report_path(settings.home, spec.name, latest[0].start)
-            drift_report.write(drift_history(lake, spec.name, until=window.end), path, model=spec.name)
+            history = drift_history(lake, spec.name, until=window.end)
+            drift_report.write(history, path, model=spec.name)
+            shown = max(latest, key=lambda r: r.rows)
+            metadata["plots"] = dg.MetadataValue.md(
+                drift_report.plots_markdown(history, model=spec.name, window_start=shown.start, version=shown.version)
+            )
             metadata["report"] = dg.MetadataValue.path(str(path))
             metadata["report_url"] = dg.MetadataValue.url(path.as_uri())
             context.log.info(f"drift report: {path}")

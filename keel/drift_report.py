@@ -9,6 +9,7 @@ Everything comes from the table's rows, so a report of any past window can be dr
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import html
 import json
@@ -57,6 +58,47 @@ def render(
     for r in targets:
         parts.append(_target_section(r, over_time.get((r["target"], r["name"]), [])))
     return _page(f"Drift: {model} v{version}, {start:%Y-%m-%d %H:%M}", "\n".join(parts))
+
+
+def plots_markdown(history: pa.Table, *, model: str, window_start: dt.datetime, version: int, top: int = 4) -> str:
+    """The report's main plots as Markdown for the Dagster UI: the drifted share over time, then
+    reference against current for the prediction and the ``top`` most drifted features.
+
+    The images are SVG data URIs, which the UI's Markdown renderer shows inline, so the plots
+    open from the materialization with nothing to serve.
+    """
+    rows = [r for r in history.filter(pc.equal(history.column("model"), model)).to_pylist() if r["version"] == version]
+    current = [r for r in rows if r["window_start"] == window_start]
+    over_time = _series(rows, version)
+    dataset = next((r for r in current if r["target"] == "dataset"), None)
+    parts = [
+        f"**Share of features drifted, by window** (dashed: {_pct(dataset['threshold']) if dataset else 'no'} threshold)",
+        _image(_line_chart(over_time.get(("dataset", "share_drifted"), []), dataset["threshold"] if dataset else None)),
+    ]
+    features = sorted(
+        (r for r in current if r["target"] == "feature"),
+        key=lambda r: (ORDER.get(r["level"], 9), -(r["value"] or 0)),
+    )
+    shown = [r for r in current if r["target"] == "prediction"] + features[:top]
+    for r in shown:
+        plot = json.loads(r["plot"]) if r["plot"] else {}
+        parts.append(
+            f"**{r['target']}: {r['name']}**, {r['level']} ({r['statistic']} {_fmt(r['value'])}, threshold "
+            f"{_fmt(r['threshold'])}): reference (grey) against current (blue)"
+        )
+        parts.append(_image(_histogram(plot)))
+    return "\n\n".join(parts)
+
+
+def _image(svg: str) -> str:
+    if not svg.startswith("<svg"):
+        return svg
+    return f"![plot](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
+
+
+def _svg_attributes(width: int, height: int) -> str:
+    # The namespace lets the same markup stand alone as an image (a data URI), not only inline in a page.
+    return f"xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'"
 
 
 def write(history: pa.Table, path: Path, **kwargs) -> Path:
@@ -179,7 +221,7 @@ def _histogram(plot: dict, width: int = 420, height: int = 180) -> str:
         f"<text x='30' y='12' font-size='11' fill='{REFERENCE_COLOUR}'>reference</text>"
         f"<text x='110' y='12' font-size='11' fill='{CURRENT_COLOUR}'>current</text>"
     )
-    return f"<svg width='{width}' height='{height}' role='img'>{legend}{''.join(bars)}{ticks}</svg>"
+    return f"<svg {_svg_attributes(width, height)}>{legend}{''.join(bars)}{ticks}</svg>"
 
 
 def _line_chart(series: list, threshold: float | None, width: int = 420, height: int = 180) -> str:
@@ -215,8 +257,7 @@ def _line_chart(series: list, threshold: float | None, width: int = 420, height:
         f"<text x='{width - 50}' y='{height - 5}' font-size='9'>{points[-1][0]:%m-%d}</text>"
     )
     return (
-        f"<svg width='{width}' height='{height}' role='img'>{line}"
-        f"<path d='{path}' fill='none' stroke='#34495e'/>{dots}{axis}</svg>"
+        f"<svg {_svg_attributes(width, height)}>{line}<path d='{path}' fill='none' stroke='#34495e'/>{dots}{axis}</svg>"
     )
 
 

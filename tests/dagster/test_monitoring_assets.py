@@ -35,6 +35,10 @@ def instance(keel_home):
         yield instance
 
 
+def feature_rows(meta) -> list[str]:
+    return [line for line in meta["latest_features"].value.splitlines()[2:] if line.strip()]
+
+
 def log_day(settings, day: dt.date, sample, features, *, scale: float) -> None:
     """400 answers on ``day``: the reference's rows, their numbers multiplied by ``scale``."""
     rng = np.random.default_rng(day.toordinal())
@@ -92,6 +96,10 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     report = meta["report"].value
     assert report.endswith(".html") and "<svg" in Path(report).read_text(encoding="utf-8")
     assert "| feature |" in meta["latest_features"].value and meta["latest_drift_share"].value >= 0.5
+    # The plots open in the UI itself: the drifted share over time, the prediction and the top features.
+    plots = meta["plots"].value
+    assert plots.startswith("**Share of features drifted, by window**")
+    assert plots.count("](data:image/svg+xml;base64,") == 1 + 1 + min(4, len(feature_rows(meta)))
 
     rows = lake.read(DRIFT_TABLE)
     days = {r["window_start"].date(): r["level"] for r in rows.to_pylist() if r["target"] == "dataset"}

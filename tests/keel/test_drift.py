@@ -1,7 +1,10 @@
 """Drift of logged traffic against a version's reference sample: verdicts, rows, the HTML report."""
 
+import base64
 import datetime as dt
 import json
+import re
+from xml.etree import ElementTree
 
 import numpy as np
 import pyarrow as pa
@@ -185,6 +188,30 @@ def test_the_html_report_shows_the_verdict_every_target_and_the_history(monitor)
         drift_report.render(history, model="fraud")
     with pytest.raises(ValueError, match="no window starting"):
         drift_report.render(history, model="churn", window_start=START - dt.timedelta(days=9))
+
+
+def test_the_plots_for_the_dagster_ui_are_standalone_svg_images_most_drifted_first(monitor):
+    days = []
+    for i, shift in enumerate((0.0, 10.0)):
+        start = START + dt.timedelta(days=i)
+        log = traffic(500, i, shift=shift, currency_p=(0.2, 0.3, 0.5) if shift else (0.5, 0.3, 0.2))
+        days.append(compare_window(monitor, 1, start, start + dt.timedelta(days=1), log, reference(), {}))
+    history = drift_rows(days, "run-1")
+
+    text = drift_report.plots_markdown(
+        history, model="churn", window_start=START + dt.timedelta(days=1), version=1, top=2
+    )
+
+    titles = re.findall(r"^\*\*(.+?)\*\*", text, flags=re.M)
+    assert titles[0] == "Share of features drifted, by window"
+    assert titles[1:] == ["prediction: prediction", "feature: amount", "feature: currency"]
+    images = re.findall(r"!\[plot\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert len(images) == 4
+    for encoded in images:
+        root = ElementTree.fromstring(base64.b64decode(encoded))
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    bars = ElementTree.fromstring(base64.b64decode(images[2])).findall("{http://www.w3.org/2000/svg}rect")
+    assert len(bars) >= 4  # reference and current per bin
 
 
 def test_report_text_is_escaped(monitor):
