@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pytest
 
 from keel.lakehouse import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE
-from keel.models import ModelSpec, load_models
+from keel.models import load_models
 from keel.monitoring import (
     STATISTICS,
     WINDOW_FIELDS,
@@ -26,24 +26,6 @@ DAY = dt.timedelta(days=1)
 HOUR = dt.timedelta(hours=1)
 START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 DURATION_HINT = "is not a duration (use e.g. '7d', '36h', or '0d' for none)"
-
-
-@pytest.fixture
-def churn(buyer, outcomes) -> ModelSpec:
-    return ModelSpec(name="churn", entity=buyer, features=("spend",), labels=outcomes, label="churned")
-
-
-@pytest.fixture
-def spend(buyer, outcomes) -> ModelSpec:
-    return ModelSpec(
-        name="spend",
-        entity=buyer,
-        features=("spend",),
-        labels=outcomes,
-        label="spend_next",
-        task="regression",
-        metric="rmse",
-    )
 
 
 # Thresholds ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics
 
-from keel.models import ModelError, ModelSpec
+from keel.models import ModelError
 from keel.monitoring import MonitorSpec
 from keel.performance import (
     SCHEMA,
@@ -28,24 +28,6 @@ END = START + dt.timedelta(days=1)
 WEEK = dt.timedelta(days=7)
 US = dt.timedelta(microseconds=1)
 TS = pa.timestamp("us", tz="UTC")
-
-
-@pytest.fixture
-def churn(buyer, outcomes) -> ModelSpec:
-    return ModelSpec(name="churn", entity=buyer, features=("spend",), labels=outcomes, label="churned")
-
-
-@pytest.fixture
-def spend(buyer, outcomes) -> ModelSpec:
-    return ModelSpec(
-        name="spend",
-        entity=buyer,
-        features=("spend",),
-        labels=outcomes,
-        label="spend_next",
-        task="regression",
-        metric="rmse",
-    )
 
 
 def answers(entities, times, predictions, versions=None) -> pa.Table:
