@@ -27,7 +27,7 @@ def render(
     history: pa.Table, *, model: str, window_start: dt.datetime | None = None, version: int | None = None
 ) -> str:
     """The report of ``model``'s window (default: the latest in ``history``) as HTML."""
-    rows = history.filter(pc.equal(history.column("model"), model)).to_pylist()
+    rows = _rows_of(history, model)
     if not rows:
         raise ValueError(
             f"drift report: monitoring.drift has no rows for model {model!r}; run its drift monitoring first "
@@ -67,13 +67,15 @@ def plots_markdown(history: pa.Table, *, model: str, window_start: dt.datetime, 
     The images are SVG data URIs, which the UI's Markdown renderer shows inline, so the plots
     open from the materialization with nothing to serve.
     """
-    rows = [r for r in history.filter(pc.equal(history.column("model"), model)).to_pylist() if r["version"] == version]
-    current = [r for r in rows if r["window_start"] == window_start]
+    rows = _rows_of(history, model)
+    current = [r for r in rows if r["window_start"] == window_start and r["version"] == version]
     over_time = _series(rows, version)
     dataset = next((r for r in current if r["target"] == "dataset"), None)
+    threshold = dataset["threshold"] if dataset else None
     parts = [
-        f"**Share of features drifted, by window** (dashed: {_pct(dataset['threshold']) if dataset else 'no'} threshold)",
-        _image(_line_chart(over_time.get(("dataset", "share_drifted"), []), dataset["threshold"] if dataset else None)),
+        "**Share of features drifted, by window**"
+        + (f" (dashed: the {_pct(threshold)} threshold)" if threshold is not None else ""),
+        _image(_line_chart(over_time.get(("dataset", "share_drifted"), []), threshold)),
     ]
     features = sorted(
         (r for r in current if r["target"] == "feature"),
@@ -88,6 +90,10 @@ def plots_markdown(history: pa.Table, *, model: str, window_start: dt.datetime, 
         )
         parts.append(_image(_histogram(plot)))
     return "\n\n".join(parts)
+
+
+def _rows_of(history: pa.Table, model: str) -> list[dict]:
+    return history.filter(pc.equal(history.column("model"), model)).to_pylist()
 
 
 def _image(svg: str) -> str:

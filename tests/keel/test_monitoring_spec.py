@@ -314,25 +314,10 @@ def test_a_window_rerun_replaces_that_models_rows_of_the_window_only(lake):
     for model in ("churn", "fraud"):
         replace_window(lake, RESULTS, SCHEMA, model, START, START + 3 * DAY, hourly_rows(model, START, 72, 1.0), "r1")
 
-    head = replace_window(
-        lake,
-        RESULTS,
-        SCHEMA,
-        "churn",
-        START + 10 * HOUR,
-        START + 12 * HOUR,
-        hourly_rows("churn", START + 10 * HOUR, 1, 9.0),
-        "r2",
-    )
-    again = replace_window(
-        lake,
-        RESULTS,
-        SCHEMA,
-        "churn",
-        START + 10 * HOUR,
-        START + 12 * HOUR,
-        hourly_rows("churn", START + 10 * HOUR, 1, 9.0),
-        "r3",
+    start, end = START + 10 * HOUR, START + 12 * HOUR
+    head, again = (
+        replace_window(lake, RESULTS, SCHEMA, "churn", start, end, hourly_rows("churn", start, 1, 9.0), run)
+        for run in ("r2", "r3")
     )
 
     assert head != again and again == lake.head(RESULTS)
