@@ -185,6 +185,11 @@ def ingest_job_name(source: EventSource) -> str:
     return f"ingest_{source.name}"
 
 
+def ingest_run_config(source: EventSource, files) -> dict:
+    """The run config of an ingest run of ``source`` over ``files`` (the landing sensor's, the demo's)."""
+    return {"ops": {f"raw__{source.name}_staged": {"config": {"files": [str(f) for f in files]}}}}
+
+
 def raw_event_definitions(project: Project) -> dg.Definitions:
     partitions = daily_partitions(project)
     assets, checks, specs, jobs = [], [], [], []

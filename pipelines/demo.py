@@ -62,13 +62,12 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     from assets.models import train_job_name
     from assets.online import ONLINE_SYNC_JOB
     from assets.predictions import predict_job_name
-    from assets.raw_events import ingest_job_name, landing_files
+    from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
     from pipelines import project
     from pipelines.definitions import defs
     from pipelines.demo_monitoring import monitoring_loop
     from pipelines.generate import generate, write_files
     from pipelines.models import MODELS
-    from sensors.landing import staged_op_name
 
     instance = _dagster_instance(settings)
     lake = Lakehouse.from_settings(settings)
@@ -106,9 +105,9 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
         if not files:
             print("skipped: the generated span holds none of these events yet", flush=True)
             continue
-        config = {"ops": {staged_op_name(source.name): {"config": {"files": [str(f) for f in files]}}}}
+        config = ingest_run_config(source, files)
         result = _run_job(defs, ingest_job_name(source), instance, span, config)
-        print(f"        {run_summary(result, staged_op_name(source.name))}", flush=True)
+        print(f"        {run_summary(result, f"raw__{source.name}_staged")}", flush=True)
         if not result.success:
             failed.append(source.name)
 

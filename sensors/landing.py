@@ -6,7 +6,7 @@ import time
 
 import dagster as dg
 
-from assets.raw_events import ingest_job_name, landing_files
+from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
 from keel.project import Project
 from keel.readers import FileFormatError, timestamp_range
 from resources import LakehouseResource
@@ -16,10 +16,6 @@ ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 # A file still being copied changes size and mtime; wait until it has been still this long.
 SETTLE_SECONDS = 5.0
-
-
-def staged_op_name(source_name: str) -> str:
-    return f"raw__{source_name}_staged"
 
 
 def landing_sensor(project: Project, jobs: list) -> dg.SensorDefinition:
@@ -66,7 +62,7 @@ def landing_sensor(project: Project, jobs: list) -> dg.SensorDefinition:
                     dg.RunRequest(
                         run_key=f"{path}:{signature}",
                         job_name=ingest_job_name(source),
-                        run_config=dg.RunConfig(ops={staged_op_name(source.name): {"config": {"files": [str(path)]}}}),
+                        run_config=ingest_run_config(source, [path]),
                         tags={
                             ASSET_PARTITION_RANGE_START_TAG: first.isoformat(),
                             ASSET_PARTITION_RANGE_END_TAG: last.isoformat(),

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from assets.raw_events import raw_event_definitions
+from assets.raw_events import ingest_run_config, raw_event_definitions
 from keel.project import Project
 from resources import lakehouse_resource
 from sensors.landing import (
@@ -18,7 +18,6 @@ from sensors.landing import (
     ASSET_PARTITION_RANGE_START_TAG,
     SETTLE_SECONDS,
     landing_sensor,
-    staged_op_name,
 )
 from tests.conftest import payment_rows
 
@@ -51,7 +50,7 @@ def settle(path, age_s: float) -> None:
     os.utime(path, (then, then))
 
 
-def test_new_files_become_runs_over_their_days_and_the_cursor_remembers_them(sensor, settings):
+def test_new_files_become_runs_over_their_days_and_the_cursor_remembers_them(sensor, settings, payments):
     first = drop(settings, "a.jsonl", payment_rows(START, 5) + payment_rows(START + dt.timedelta(days=2), 5))
     second = drop(settings, "b.jsonl", payment_rows(START + dt.timedelta(days=4), 3))
 
@@ -63,7 +62,7 @@ def test_new_files_become_runs_over_their_days_and_the_cursor_remembers_them(sen
     assert a.job_name == "ingest_payments"
     assert a.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-01-01"
     assert a.tags[ASSET_PARTITION_RANGE_END_TAG] == "2026-01-03"
-    assert a.run_config["ops"][staged_op_name("payments")]["config"]["files"] == [first]
+    assert a.run_config == ingest_run_config(payments, [first])
     assert requests[second].tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-01-05"
     cursor = json.loads(result.cursor)
     assert sorted(cursor) == [first, second]

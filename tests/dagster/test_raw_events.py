@@ -6,15 +6,17 @@ import datetime as dt
 import dagster as dg
 import pytest
 
-from assets.raw_events import ingest_job_name, raw_event_definitions
+from assets.raw_events import ingest_job_name, ingest_run_config, raw_event_definitions
 from keel import wap
 from keel.ingest import QUARANTINE_TABLE
+from keel.dsl import Entity
 from keel.project import Project
 from resources import resource_definitions
-from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, staged_op_name
-from tests.conftest import payment_rows
+from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from tests.conftest import payment_rows, payments_source
 
 START = dt.date(2026, 1, 1)
+PAYMENTS = payments_source(Entity(name="buyer", join_keys={"user_id": "string"}))
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def run_ingest(defs, instance, files: list[str], first: dt.date, last: dt.date, 
     job = defs.resolve_job_def(ingest_job_name_for(defs))
     return job.execute_in_process(
         instance=instance,
-        run_config={"ops": {staged_op_name("payments"): {"config": {"files": files}}}},
+        run_config=ingest_run_config(PAYMENTS, files),
         tags={ASSET_PARTITION_RANGE_START_TAG: first.isoformat(), ASSET_PARTITION_RANGE_END_TAG: last.isoformat()},
         raise_on_error=False,
         **kwargs,
