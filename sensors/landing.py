@@ -17,7 +17,7 @@ Its ``state`` is one of
   runs up: one succeeded, the file is ``landed``; one is queued, running or about to be retried
   by Dagster itself, the file waits; all failed or were canceled, the attempt failed.
 - ``retry_waiting``: the attempt failed; the file is asked for again at ``retry_at``.
-- ``landed``: never asked for again until it changes.
+- ``landed``: never asked for again until it changes; only the signature and the run id are kept.
 - ``given_up``: ``MAX_ATTEMPTS`` attempts failed; one alert was sent, and the file waits until it changes.
 - ``unreadable``: the file cannot be ingested at all (unreadable, no timestamps, days outside the
   partitions); one alert was sent.
@@ -199,7 +199,7 @@ def _follow(context, key: str, entry: dict, now: dt.datetime, settings: Settings
     succeeded = next((r for r in runs if r.is_success), None)
     if succeeded is not None:
         tick.landed.append(key)
-        return _keep(entry, state=LANDED, run_id=succeeded.run_id, runs=entry.get("runs", 0) + len(runs))
+        return {"signature": entry["signature"], "state": LANDED, "run_id": succeeded.run_id}
     if any(not r.is_finished or r.is_complete_and_waiting_to_retry for r in runs):
         return entry
     if not runs:
@@ -371,8 +371,8 @@ def _given_up_alert(key: str, entry: dict, now: dt.datetime, settings: Settings,
             (
                 f"{_file_line(key, entry['signature'])} for source '{source}', days {entry.get('days', '?')}",
                 f"{attempts} ingest attempts failed{counted}; {last} failed with: {entry.get('error', '')}",
-                "Not retried until the file changes: fix the cause and replace the file, or launch "
-                f"{job} on it from the Dagster UI.",
+                "Not retried until the file changes: fix the cause, then replace the file or touch it "
+                f"(a changed file starts over), or launch {job} on it from the Dagster UI.",
             )
         ),
         run_url=run_url(settings.dagster_url, entry.get("run_id")),
