@@ -13,7 +13,7 @@ A file's ``signature`` is its size and mtime; a new signature starts the file af
 Its ``state`` is one of
 
 - ``requested``: a run was asked for under ``run_key`` (Dagster tags every run a sensor launches
-  with its run key, and an automatic retry or a re-execution keeps the tag). Each tick looks the
+  with its run key, and its automatic retries keep the tag). Each tick looks the
   runs up: one succeeded, the file is ``landed``; one is queued, running or about to be retried
   by Dagster itself, the file waits; all failed or were canceled, the attempt failed.
 - ``retry_waiting``: the attempt failed; the file is asked for again at ``retry_at``.
@@ -21,6 +21,10 @@ Its ``state`` is one of
 - ``given_up``: ``MAX_ATTEMPTS`` attempts failed; one alert was sent, and the file waits until it changes.
 - ``unreadable``: the file cannot be ingested at all (unreadable, no timestamps, days outside the
   partitions); one alert was sent.
+
+A cursor of the earlier shape, ``{path: signature}``, is read as files requested under the run
+key ``path:signature``: runs that failed before the upgrade are retried, and a file that never
+had a run is looked at afresh.
 
 Alerts go out through keel.alerts.flush_outbox as the monitoring alerts do; those a sink missed
 stay in ``pending`` and are retried on later ticks (see sensors/alerts.py).
