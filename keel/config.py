@@ -27,6 +27,9 @@ class Variable:
     help: str
 
 
+# `make mlflow-ui` serves the MLflow UI of the embedded store here.
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+
 VARIABLES = {
     "home": Variable("KEEL_HOME", "root folder for embedded state (default ./.keel)"),
     "catalog_uri": Variable(
@@ -39,6 +42,11 @@ VARIABLES = {
         "KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"
     ),
     "mlflow_uri": Variable("KEEL_MLFLOW_URI", "MLflow tracking URI (default sqlite under KEEL_HOME)"),
+    "mlflow_ui_url": Variable(
+        "KEEL_MLFLOW_UI_URL",
+        "address of the MLflow UI, for links to drift reports (default: KEEL_MLFLOW_URI when it is an http(s) "
+        f"server, which serves the UI too, else {LOCAL_MLFLOW_UI}, where `make mlflow-ui` serves it)",
+    ),
     "project": Variable("KEEL_PROJECT", "Python module holding the project's declarations (default 'pipelines')"),
     "landing": Variable("KEEL_LANDING", "folder where files to ingest are dropped, one sub-folder per source"),
     "code_version": Variable("KEEL_CODE_VERSION", "code version stamped on every snapshot (default: the git sha)"),
@@ -64,6 +72,7 @@ class Settings:
     redis_url: str | None
     kafka_bootstrap: str | None
     mlflow_uri: str
+    mlflow_ui_url: str
     project: str
     landing: Path
     code_version: str
@@ -105,6 +114,11 @@ class Settings:
         if not re.match(r"^(sqlite|postgresql|mysql|https?|file|databricks)[+:a-z0-9]*:", mlflow_uri):
             _fail("mlflow_uri", mlflow_uri, "use sqlite:///path.db, postgresql://..., or http://host:5000")
 
+        mlflow_ui_url = get("mlflow_ui_url") or _mlflow_ui_default(mlflow_uri)
+        if not _is_http_url(mlflow_ui_url):
+            _fail("mlflow_ui_url", mlflow_ui_url, "use the UI's http(s) address, e.g. http://mlflow.internal:5000")
+        mlflow_ui_url = mlflow_ui_url.rstrip("/")
+
         project = get("project") or "pipelines"
         if not re.match(r"^[A-Za-z_][\w.]*$", project):
             _fail("project", project, "give an importable module name such as 'pipelines'")
@@ -136,6 +150,7 @@ class Settings:
             redis_url=redis_url,
             kafka_bootstrap=kafka,
             mlflow_uri=mlflow_uri,
+            mlflow_ui_url=mlflow_ui_url,
             project=project,
             landing=landing,
             code_version=get("code_version") or git_sha(),
@@ -230,6 +245,15 @@ class ServingSettings:
 def _fail(key: str, value: str, fix: str) -> None:
     var = VARIABLES[key]
     raise ConfigError(f"{var.name}={value!r} is not usable: {fix} ({var.help})")
+
+
+def _mlflow_ui_default(mlflow_uri: str) -> str:
+    """A tracking server serves the UI at its own address (taken without credentials, which would
+    end up in links); a database store serves none, so the UI is where ``make mlflow-ui`` puts it."""
+    if not _is_http_url(mlflow_uri):
+        return LOCAL_MLFLOW_UI
+    parts = urlparse(mlflow_uri)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _is_http_url(url: str) -> bool:

@@ -150,6 +150,9 @@ def test_other_object_stores_are_accepted(tmp_path, warehouse):
         ("KEEL_DAGSTER_URL", "dagster.internal:3000", "use the UI's http(s) address"),
         ("KEEL_DAGSTER_URL", "grpc://dagster:4000", "use the UI's http(s) address"),
         ("KEEL_DAGSTER_URL", "http://", "use the UI's http(s) address"),
+        ("KEEL_MLFLOW_UI_URL", "mlflow.internal:5000", "use the UI's http(s) address"),
+        ("KEEL_MLFLOW_UI_URL", "file:///var/lib/mlflow", "use the UI's http(s) address"),
+        ("KEEL_MLFLOW_UI_URL", "https://", "use the UI's http(s) address"),
     ],
 )
 def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, value, fix):
@@ -202,6 +205,7 @@ def test_as_env_round_trips(tmp_path):
             "KEEL_ALERT_WEBHOOK": "https://hooks.slack.com/services/T0/B0/token",
             "KEEL_ALERT_FILE": str(tmp_path / "logs" / "alerts.jsonl"),
             "KEEL_DAGSTER_URL": "https://dagster.internal",
+            "KEEL_MLFLOW_UI_URL": "https://mlflow.example.com/ui",
         }
     )
 
@@ -326,3 +330,54 @@ def test_an_alert_file_that_is_a_folder_fails(tmp_path):
         Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_ALERT_FILE": str(folder)})
 
     assert str(caught.value).startswith(f"KEEL_ALERT_FILE={str(folder.resolve())!r} is not usable: give a file path")
+
+
+# The MLflow UI -------------------------------------------------------------------------------
+
+
+def test_the_mlflow_ui_of_the_embedded_store_is_where_make_mlflow_ui_serves_it(tmp_path):
+    settings = Settings.from_env({"KEEL_HOME": str(tmp_path)})
+
+    assert settings.mlflow_uri.startswith("sqlite:///")
+    assert settings.mlflow_ui_url == "http://127.0.0.1:5000"
+    assert "--port 5000" in (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+
+
+@pytest.mark.parametrize(
+    ("tracking", "ui"),
+    [
+        ("http://mlflow.internal:5000", "http://mlflow.internal:5000"),
+        ("https://mlflow.example.com/mlflow/", "https://mlflow.example.com/mlflow"),
+        # Credentials in the tracking URI stay out of the links put on materializations.
+        ("https://keel:s3cr3t@mlflow.example.com", "https://mlflow.example.com"),
+        ("postgresql://keel@db.internal/mlflow", "http://127.0.0.1:5000"),
+    ],
+)
+def test_a_tracking_server_is_its_own_mlflow_ui(tmp_path, tracking, ui):
+    settings = Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_MLFLOW_URI": tracking})
+
+    assert settings.mlflow_ui_url == ui
+
+
+def test_an_explicit_mlflow_ui_url_wins_and_loses_its_trailing_slash(tmp_path):
+    settings = Settings.from_env(
+        {
+            "KEEL_HOME": str(tmp_path),
+            "KEEL_MLFLOW_URI": "http://mlflow.svc.cluster.local:5000",
+            "KEEL_MLFLOW_UI_URL": " https://mlflow.example.com/ ",
+        }
+    )
+
+    assert settings.mlflow_uri == "http://mlflow.svc.cluster.local:5000"
+    assert settings.mlflow_ui_url == "https://mlflow.example.com"
+
+
+def test_keel_config_shows_the_mlflow_ui_url(keel_home, monkeypatch, capsys):
+    from keel.cli import main
+
+    monkeypatch.setenv("KEEL_MLFLOW_UI_URL", "https://mlflow.example.com/")
+
+    assert main(["config"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert "KEEL_MLFLOW_UI_URL=https://mlflow.example.com" in lines
