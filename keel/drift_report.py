@@ -5,6 +5,14 @@ share over time, and per target a histogram of reference against current and its
 statistic over time with the threshold drawn in. Plots are inline SVG, so the file opens
 anywhere (from the Dagster UI's link, a CI artifact, an e-mail) with nothing to fetch.
 Everything comes from the table's rows, so a report of any past window can be drawn again.
+
+``log_report`` puts a written report into MLflow as an artifact of the training run of the
+version it judges, and returns the MLflow UI page that shows it: a browser opens an http link
+from the Dagster UI, never a file:// one.
+
+"Most drifted" orders targets by how many times over its drift threshold the judged statistic
+is (``times_threshold``), so PSI, Jensen-Shannon and p-values rank on one scale; the check's
+message, the report's table and the UI's plots all use that order.
 """
 
 from __future__ import annotations
@@ -13,14 +21,45 @@ import base64
 import datetime as dt
 import html
 import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from keel.monitoring import STATISTICS
+
+if TYPE_CHECKING:
+    from keel.config import Settings
+    from keel.drift import TargetDrift
+
 LEVEL_COLOURS = {"drift": "#c0392b", "warn": "#d68910", "ok": "#1e8449", "unknown": "#7f8c8d"}
 REFERENCE_COLOUR, CURRENT_COLOUR = "#5d6d7e", "#2e86c1"
 ORDER = {"drift": 0, "warn": 1, "unknown": 2, "ok": 3}
+# Reports logged to MLflow live under this folder of the version's training run.
+ARTIFACT_FOLDER = "drift_reports"
+
+
+class ReportLogError(RuntimeError):
+    """The report could not be logged to MLflow; the message names the model, version, store and cause."""
+
+
+@dataclass(frozen=True)
+class LoggedReport:
+    """Where a report was logged: the run, the artifact's path in it, and the MLflow UI page showing it."""
+
+    run_id: str
+    experiment_id: str
+    artifact_path: str
+    url: str
+
+    @property
+    def artifact_uri(self) -> str:
+        return f"runs:/{self.run_id}/{self.artifact_path}"
 
 
 def render(
@@ -44,8 +83,7 @@ def render(
     current = [r for r in current if r["version"] == version]
     dataset = next((r for r in current if r["target"] == "dataset"), None)
     targets = sorted(
-        (r for r in current if r["target"] != "dataset"),
-        key=lambda r: (r["target"] != "feature", ORDER.get(r["level"], 9), -(r["value"] or 0)),
+        (r for r in current if r["target"] != "dataset"), key=lambda r: (r["target"] != "feature", *_rank(r))
     )
     over_time = _series(rows, version)
     parts = [
@@ -77,10 +115,7 @@ def plots_markdown(history: pa.Table, *, model: str, window_start: dt.datetime, 
         + (f" (dashed: the {_pct(threshold)} threshold)" if threshold is not None else ""),
         _image(_line_chart(over_time.get(("dataset", "share_drifted"), []), threshold)),
     ]
-    features = sorted(
-        (r for r in current if r["target"] == "feature"),
-        key=lambda r: (ORDER.get(r["level"], 9), -(r["value"] or 0)),
-    )
+    features = sorted((r for r in current if r["target"] == "feature"), key=_rank)
     shown = [r for r in current if r["target"] == "prediction"] + features[:top]
     for r in shown:
         plot = json.loads(r["plot"]) if r["plot"] else {}
@@ -90,6 +125,38 @@ def plots_markdown(history: pa.Table, *, model: str, window_start: dt.datetime, 
         )
         parts.append(_image(_histogram(plot)))
     return "\n\n".join(parts)
+
+
+def times_threshold(statistic: str, value: float | None, threshold: float | None) -> float | None:
+    """How many times over its drift threshold ``value`` is: ``value / threshold`` for a statistic
+    where larger is worse (PSI, KS, Wasserstein, Jensen-Shannon), ``threshold / value`` for a
+    p-value. 1 is at the threshold, 3 three times past it; None when there is no value to judge."""
+    if value is None or threshold is None or value != value:
+        return None
+    worse, bound = (value, threshold) if STATISTICS[statistic][1] else (threshold, value)
+    if bound <= 0:
+        return math.inf if worse > 0 else 1.0
+    return worse / bound
+
+
+def most_drifted(targets: Sequence[TargetDrift]) -> list[TargetDrift]:
+    """``targets`` from the furthest past its threshold to the least (``times_threshold``), then by name."""
+    return sorted(
+        targets,
+        key=lambda t: (_descending(times_threshold(t.threshold.statistic, t.value, t.threshold.threshold)), t.name),
+    )
+
+
+def _rank(row: dict) -> tuple[int, float, str]:
+    """A ``monitoring.drift`` row's place in a report: by level, then as ``most_drifted`` orders."""
+    known = row["statistic"] in STATISTICS
+    times = times_threshold(row["statistic"], row["value"], row["threshold"]) if known else None
+    return (ORDER.get(row["level"], 9), _descending(times), row["name"])
+
+
+def _descending(times: float | None) -> float:
+    # Rounded, so ratios equal but for float noise (0.6 / 0.2 against 0.75 / 0.25) tie and go by name.
+    return math.inf if times is None else -round(times, 9)
 
 
 def _rows_of(history: pa.Table, model: str) -> list[dict]:
@@ -118,6 +185,72 @@ def write(history: pa.Table, path: Path, **kwargs) -> Path:
 
 def report_path(home: Path, model: str, window_start: dt.datetime) -> Path:
     return home / "reports" / "drift" / model / f"{window_start:%Y-%m-%dT%H%M}.html"
+
+
+def artifact_path(model: str, window_start: dt.datetime) -> str:
+    """The report's path in the run: one per model and window, so a rerun of the window replaces it."""
+    return f"{ARTIFACT_FOLDER}/{model}/{window_start:%Y-%m-%dT%H%M}.html"
+
+
+def artifact_url(ui_url: str, experiment_id: str, run_id: str, path: str) -> str:
+    """The MLflow UI page of a run with its artifacts tab open on ``path``.
+
+    Read from MLflow 3.17's UI build (server/js/build): it routes on the URL's fragment (a hash
+    router, as MLflow's own "View run at" links ``<ui>/#/experiments/<id>/runs/<run>`` show); the
+    run page's route ``/experiments/:experimentId/runs/:runUuid/*`` opens the artifacts tab for
+    ``artifacts/...`` (or the older ``artifactPath/...``) and preselects the file after it, the form
+    the UI's own ``getRunPageRoute(experiment, run, path)`` builds; and it shows ``.html`` artifacts
+    rendered, in a sandboxed frame, fetched from ``<ui>/get-artifact?path=...&run_uuid=...``.
+    """
+    return (
+        f"{ui_url.rstrip('/')}/#/experiments/{quote(experiment_id, safe='')}/runs/{quote(run_id, safe='')}"
+        f"/artifacts/{quote(path, safe='/')}"
+    )
+
+
+def log_report(settings: Settings, path: Path, *, model: str, version: int, window_start: dt.datetime) -> LoggedReport:
+    """Log the written report ``path`` (of ``model`` v``version``, window ``window_start``) into the
+    version's training run at ``artifact_path``, replacing an earlier one, and return where it is.
+
+    Raises ``ReportLogError`` when the version, its run or the artifact store cannot be reached
+    or written; the report on disk is left as it is.
+    """
+    from keel.model_registry import get_version, mlflow_client
+
+    artifact = artifact_path(model, window_start)
+    run_id = None
+    try:
+        run_id = get_version(settings, model, version).run_id
+        client = mlflow_client(settings)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        client.log_text(run_id, path.read_text(encoding="utf-8"), artifact)
+    except Exception as exc:  # MLflow raises its own, requests', boto's or OS errors for a store it cannot use
+        run = f" (run {run_id})" if run_id else ""
+        store, cause = _without_credentials(settings.mlflow_uri, settings.mlflow_uri, _first_line(exc))
+        raise ReportLogError(
+            f"drift report of model {model!r} v{version}{run}, window {window_start:%Y-%m-%d %H:%M}: could not log "
+            f"{artifact} to MLflow at {store} ({type(exc).__name__}: {cause}); the report is still at "
+            f"{path}; check that the MLflow store and its artifact store are reachable and writable, then rerun "
+            "the window"
+        ) from exc
+    return LoggedReport(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        artifact_path=artifact,
+        url=artifact_url(settings.mlflow_ui_url, experiment_id, run_id, artifact),
+    )
+
+
+def _without_credentials(uri: str, *texts: str) -> tuple[str, ...]:
+    """``texts`` with the user and password of ``uri`` taken out: the message lands in run logs and
+    metadata, and a database or server URI may carry a password (MLflow's errors repeat the URI)."""
+    credentials = urlsplit(uri).netloc.rpartition("@")[0]
+    return tuple(text.replace(f"{credentials}@", "") for text in texts) if credentials else texts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
 
 
 def _series(rows: list[dict], version: int) -> dict[tuple[str, str], list[tuple[dt.datetime, float | None, str]]]:
