@@ -13,7 +13,9 @@ is an alert; an ERROR ``drift`` or ``performance`` check is what the retrain sen
 """
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import dagster as dg
 
@@ -21,7 +23,9 @@ from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
 from keel import drift_report
+from keel.config import Settings
 from keel.drift import DriftError, DriftReport, TargetDrift
+from keel.drift_report import most_drifted, times_threshold
 from keel.monitor import DriftRun, PerformanceRun, References, drift_history, run_drift, run_performance
 from keel.monitoring import MonitorSpec
 from keel.project import Project
@@ -30,6 +34,8 @@ from resources import LakehouseResource, MlflowResource
 
 WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
 HOUR_OF_DAY = 1
+# Drifted features the drift check's message names; past that, "and N more" (the metadata has all).
+NAMED_IN_MESSAGE = 10
 
 
 def drift_key(name: str) -> dg.AssetKey:
@@ -107,16 +113,16 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
         metadata = drift_metadata(run)
         latest = run.latest()
         if latest:
-            path = drift_report.report_path(settings.home, spec.name, latest[0].start)
-            history = drift_history(lake, spec.name, until=window.end)
-            drift_report.write(history, path, model=spec.name)
+            # The version the checks judge: the one that answered most in the window.
             shown = max(latest, key=lambda r: r.rows)
+            path = drift_report.report_path(settings.home, spec.name, shown.start)
+            history = drift_history(lake, spec.name, until=window.end)
+            drift_report.write(history, path, model=spec.name, window_start=shown.start, version=shown.version)
             metadata["plots"] = dg.MetadataValue.md(
                 drift_report.plots_markdown(history, model=spec.name, window_start=shown.start, version=shown.version)
             )
             metadata["report"] = dg.MetadataValue.path(str(path))
-            metadata["report_url"] = dg.MetadataValue.url(path.as_uri())
-            context.log.info(f"drift report: {path}")
+            metadata.update(report_link_metadata(context.log, settings, path, shown))
         return dg.MaterializeResult(metadata=metadata, check_results=drift_checks(run, monitor))
 
     @dg.asset(
@@ -178,6 +184,7 @@ def drift_checks(run: DriftRun, monitor: MonitorSpec) -> list[dg.AssetCheckResul
 def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheckResult:
     if r is None:
         return dg.AssetCheckResult(check_name="drift", passed=True, description="no traffic in the windows run")
+    drifted = most_drifted(r.drifted)
     meta = {
         "window": r.start.isoformat(),
         "version": r.version,
@@ -185,16 +192,16 @@ def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheck
         "sample_rows": r.sample_rows,
         "drift_share": float(r.drift_share),
         "drift_share_threshold": float(monitor.drift_share),
-        "drifted": dg.MetadataValue.json([f.name for f in r.drifted]),
-        "warned": dg.MetadataValue.json([f.name for f in r.warned]),
+        "drifted": dg.MetadataValue.json([_drifted_entry(t) for t in drifted]),
+        "warned": dg.MetadataValue.json([t.name for t in most_drifted(r.warned)]),
     }
     if not r.judged:
         why = f"not judged: {r.rows} answers in {r.start:%Y-%m-%d %H:%M}, fewer than min_rows={r.min_rows}"
         return dg.AssetCheckResult(check_name="drift", passed=True, description=why, metadata=meta)
     level = r.level
     described = (
-        f"{len(r.drifted)} of {len(r.features)} features drifted ({r.drift_share:.0%}) in {r.start:%Y-%m-%d %H:%M}"
-        + (f": {', '.join(f.name for f in r.drifted[:8])}" if r.drifted else "")
+        f"{len(drifted)} of {len(r.features)} features drifted ({r.drift_share:.0%}) in {r.start:%Y-%m-%d %H:%M}"
+        + _named(drifted)
     )
     return dg.AssetCheckResult(
         check_name="drift",
@@ -203,6 +210,42 @@ def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheck
         description=("dataset drift: " if level == "drift" else "") + described,
         metadata=meta,
     )
+
+
+def _named(drifted: list[TargetDrift]) -> str:
+    """The drifted features for the message, furthest past their threshold first (`most_drifted`)."""
+    if not drifted:
+        return ""
+    shown = drifted[:NAMED_IN_MESSAGE]
+    named = ", ".join(
+        f"{t.name} ({t.threshold.statistic} {_fmt(t.value)}, {_past(_times_threshold(t))})" for t in shown
+    )
+    more = len(drifted) - len(shown)
+    rest = f", and {more} more (all in the metadata's 'drifted')" if more else ""
+    return f"; most drifted first: {named}{rest}"
+
+
+def _drifted_entry(t: TargetDrift) -> dict:
+    times = _times_threshold(t)
+    return {
+        "feature": t.name,
+        "kind": t.kind,
+        "statistic": t.threshold.statistic,
+        "value": t.value,
+        "threshold": float(t.threshold.threshold),
+        # JSON has no infinity: a p-value of 0 is past any threshold, shown as null.
+        "times_threshold": round(times, 4) if times is not None and times != float("inf") else None,
+    }
+
+
+def _times_threshold(t: TargetDrift) -> float | None:
+    return times_threshold(t.threshold.statistic, t.value, t.threshold.threshold)
+
+
+def _past(times: float | None) -> str:
+    if times is None:
+        return "not judged"
+    return "far past its threshold" if times == float("inf") else f"{times:.3g}x its threshold"
 
 
 def _target_check(name: str, r: DriftReport | None, t: TargetDrift | None, severity) -> dg.AssetCheckResult:
@@ -252,6 +295,20 @@ def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetChec
 
 
 # Metadata ---------------------------------------------------------------------------------
+
+
+def report_link_metadata(log: logging.Logger, settings: Settings, path: Path, r: DriftReport) -> dict:
+    """The report logged to the version's MLflow run, linked as the MLflow UI page that shows it."""
+    try:
+        logged = drift_report.log_report(settings, path, model=r.model, version=r.version, window_start=r.start)
+    except drift_report.ReportLogError as exc:
+        # The drift results are already in monitoring.drift; failing the run here would drop this
+        # materialization and its checks (no alert, no retrain) for the sake of a link. So the run
+        # succeeds and says plainly that the report is only on disk; a rerun of the window logs it.
+        log.warning(str(exc))
+        return {"report_url_error": str(exc)}
+    log.info(f"drift report: {logged.url}")
+    return {"report_url": dg.MetadataValue.url(logged.url), "report_artifact": logged.artifact_uri}
 
 
 def drift_metadata(run: DriftRun) -> dict:

@@ -1,21 +1,30 @@
 """The monitoring assets on a real registered model: drift and performance checks, the report, the sensors."""
 
+import dataclasses
 import datetime as dt
 import json
+import logging
+import re
+import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from assets.monitoring import drift_key, monitoring_definitions, performance_key
+from assets.monitoring import NAMED_IN_MESSAGE, drift_checks, drift_key, monitoring_definitions, performance_key
 from keel import model_registry as registry
 from keel import wap
-from keel.drift import DRIFT_TABLE
+from keel.config import LOCAL_MLFLOW_UI
+from keel.drift import DRIFT_TABLE, DriftReport, TargetDrift
+from keel.drift_report import ARTIFACT_FOLDER
+from keel.drift_stats import categorical_drift, numeric_drift
 from keel.inference_log import FileSink, InferenceLogWriter, log_root
 from keel.inference_log_load import stage_inference_log
-from keel.monitoring import MonitorSpec
+from keel.monitor import DriftRun
+from keel.monitoring import MonitorSpec, Threshold
 from keel.performance import PERFORMANCE_TABLE
 from keel.reference import LABEL, PREDICTION, SPLIT, load_reference
 from resources import resource_definitions
@@ -92,9 +101,34 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     assert drift.description.startswith("dataset drift:")
     assert checks["prediction_drift"].passed  # the scores were logged unchanged
 
+    # The message names every drifted feature, most drifted first, as the metadata lists them.
+    listed = drift.metadata["drifted"].value
+    assert listed and [e["statistic"] for e in listed] == ["psi"] * len(listed)
+    assert (
+        re.findall(r"([\w.]+) \(psi [\d.e+-]+, [\d.]+x its threshold\)", drift.description)
+        == [e["feature"] for e in listed][:NAMED_IN_MESSAGE]
+    )
+    times = [e["times_threshold"] for e in listed]
+    assert times == sorted(times, reverse=True) and times[-1] >= 1
+    assert all(e["value"] == pytest.approx(e["times_threshold"] * e["threshold"], rel=1e-3) for e in listed)
+
     meta = drifted.asset_materializations_for_node("monitoring__churn_drift")[0].metadata
     report = meta["report"].value
     assert report.endswith(".html") and "<svg" in Path(report).read_text(encoding="utf-8")
+    drifted_in_table = {row.split("|")[1].strip() for row in feature_rows(meta) if row.split("|")[5].strip() == "drift"}
+    assert drifted_in_table == {e["feature"] for e in listed}
+    # The report is an artifact of the judged version's training run, linked as the MLflow UI page showing it.
+    client = registry.mlflow_client(settings)
+    run = client.get_run(info.run_id)
+    artifact = f"{ARTIFACT_FOLDER}/churn/{DRIFTED:%Y-%m-%d}T0000.html"
+    assert meta["report_artifact"].value == f"runs:/{info.run_id}/{artifact}"
+    url = urlsplit(meta["report_url"].value)
+    assert isinstance(meta["report_url"], dg.UrlMetadataValue)
+    assert f"{url.scheme}://{url.netloc}" == LOCAL_MLFLOW_UI  # the embedded store's UI, `make mlflow-ui`
+    assert url.fragment == f"/experiments/{run.info.experiment_id}/runs/{info.run_id}/artifacts/{artifact}"
+    logged = Path(client.download_artifacts(info.run_id, artifact, str(settings.home / "downloaded")))
+    assert logged.read_text(encoding="utf-8") == Path(report).read_text(encoding="utf-8")
+    assert f"run {drifted.run_id}" in logged.read_text(encoding="utf-8")
     assert "| feature |" in meta["latest_features"].value and meta["latest_drift_share"].value >= 0.5
     # The plots open in the UI itself: the drifted share over time, the prediction and the top features.
     plots = meta["plots"].value
@@ -104,9 +138,28 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     rows = lake.read(DRIFT_TABLE)
     days = {r["window_start"].date(): r["level"] for r in rows.to_pylist() if r["target"] == "dataset"}
     assert days == {QUIET: "ok", DRIFTED: "drift"}
-    # A rerun of a window replaces its rows.
-    job.execute_in_process(instance=instance, partition_key=DRIFTED.isoformat())
+    # A rerun of a window replaces its rows, and its report in the run.
+    rerun = job.execute_in_process(instance=instance, partition_key=DRIFTED.isoformat())
     assert lake.read(DRIFT_TABLE).num_rows == rows.num_rows
+    # One report per window: the quiet day's, and the drifted day's replaced.
+    folder = f"{ARTIFACT_FOLDER}/churn"
+    assert [f.path for f in client.list_artifacts(info.run_id, folder)] == [f"{folder}/{QUIET}T0000.html", artifact]
+    again = Path(client.download_artifacts(info.run_id, artifact, str(settings.home / "downloaded-again")))
+    assert f"run {rerun.run_id}" in again.read_text(encoding="utf-8")
+
+    # A report MLflow will not take (a file where its folder goes) is a warning, not lost drift results.
+    artifacts = Path(urlsplit(run.info.artifact_uri).path)
+    shutil.rmtree(artifacts / ARTIFACT_FOLDER)
+    (artifacts / ARTIFACT_FOLDER).write_text("in the way")
+    unlogged = job.execute_in_process(instance=instance, partition_key=DRIFTED.isoformat())
+    assert unlogged.success
+    assert not evaluations(unlogged)["drift"].passed
+    meta = unlogged.asset_materializations_for_node("monitoring__churn_drift")[0].metadata
+    assert "report_url" not in meta and Path(meta["report"].value).is_file()
+    error = meta["report_url_error"].value
+    assert error.startswith(f"drift report of model 'churn' v{info.version} (run {info.run_id}), window ")
+    warnings = [e.user_message for e in instance.all_logs(unlogged.run_id) if e.level == logging.WARNING]
+    assert error in warnings
 
     # The live metrics were computed on the labels known for each window.
     perf = lake.read(PERFORMANCE_TABLE)
@@ -123,6 +176,80 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     firing = [a for a in sent if a["status"] == "firing"]
     assert [a["condition"] for a in firing if a["severity"] == "ERROR"] == ["monitoring/churn_drift:drift"]
     assert all(a["run_url"].startswith("http://127.0.0.1:3000/runs/") for a in firing)
+
+
+def drifted_report(drifted: dict[str, tuple[str, float]], quiet: int) -> DriftReport:
+    """A judged window whose features ``drifted`` (name -> statistic, value) drifted, and ``quiet`` did not."""
+    rng = np.random.default_rng(0)
+    numeric = numeric_drift(rng.normal(size=300), rng.normal(size=300))
+    categorical = categorical_drift(np.array(["a", "b"] * 150), np.array(["a", "b"] * 150))
+    thresholds = {"psi": Threshold("psi", 0.2, warn=0.1), "js": Threshold("js", 0.1, warn=0.05)}
+    features = []
+    for name, (statistic, value) in drifted.items():
+        stats = dataclasses.replace(numeric if statistic == "psi" else categorical, **{statistic: value})
+        kind = "numeric" if statistic == "psi" else "categorical"
+        features.append(TargetDrift("feature", name, kind, thresholds[statistic], stats))
+    features += [
+        TargetDrift("feature", f"quiet_{i:02d}", "numeric", thresholds["psi"], dataclasses.replace(numeric, psi=0.01))
+        for i in range(quiet)
+    ]
+    start = dt.datetime.combine(DRIFTED, dt.time(), dt.UTC)
+    return DriftReport(
+        model="churn",
+        version=3,
+        start=start,
+        end=start + dt.timedelta(days=1),
+        rows=500,
+        sample_rows=500,
+        reference_rows=1000,
+        min_rows=100,
+        drift_share_threshold=0.5,
+        weighted=False,
+        features=features,
+    )
+
+
+def brute_force_order(drifted: dict[str, tuple[str, float]]) -> list[str]:
+    """Most drifted first, picked one at a time: the largest value over its threshold (PSI 0.2,
+    Jensen-Shannon 0.1) of those left. The tests' values have no ties."""
+    ratios = {name: value / {"psi": 0.2, "js": 0.1}[statistic] for name, (statistic, value) in drifted.items()}
+    out = []
+    while ratios:
+        top = max(ratios, key=ratios.__getitem__)
+        out.append(top)
+        del ratios[top]
+    return out
+
+
+def test_the_drift_message_names_few_drifted_features_all_most_drifted_first(buyer, outcomes):
+    # By value alone amount (0.6) would come before currency (0.4); past its threshold, currency is further.
+    drifted = {"amount": ("psi", 0.6), "currency": ("js", 0.4), "items": ("psi", 1.9)}
+
+    (check, *_) = drift_checks(DriftRun([drifted_report(drifted, quiet=2)]), MonitorSpec(spec(buyer, outcomes)))
+
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert check.description == (
+        "dataset drift: 3 of 5 features drifted (60%) in 2026-05-11 00:00; most drifted first: "
+        "items (psi 1.9, 9.5x its threshold), currency (js 0.4, 4x its threshold), "
+        "amount (psi 0.6, 3x its threshold)"
+    )
+
+
+def test_the_drift_message_names_the_top_drifted_features_and_counts_the_rest(buyer, outcomes):
+    rng = np.random.default_rng(7)
+    values = rng.permutation(np.linspace(0.3, 1.8, 14))
+    drifted = {f"f{i:02d}": ("js", float(v) / 2) if i % 3 == 0 else ("psi", float(v)) for i, v in enumerate(values)}
+    order = brute_force_order(drifted)
+
+    (check, *_) = drift_checks(DriftRun([drifted_report(drifted, quiet=12)]), MonitorSpec(spec(buyer, outcomes)))
+
+    assert check.description.startswith("dataset drift: 14 of 26 features drifted (54%) in 2026-05-11 00:00; ")
+    named = re.findall(r"(f\d\d) \((?:psi|js) ", check.description)
+    assert named == order[:NAMED_IN_MESSAGE] and len(named) == 10
+    assert check.description.endswith(", and 4 more (all in the metadata's 'drifted')")
+    listed = check.metadata["drifted"].value
+    assert [e["feature"] for e in listed] == order
+    assert [(e["statistic"], e["value"]) for e in listed] == [drifted[name] for name in order]
 
 
 def evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
