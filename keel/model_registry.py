@@ -4,9 +4,12 @@ Each training run becomes one MLflow run in the experiment named after the model
 its parameters, hold-out metrics, the model in its native flavour (with signature and
 input example), the ordered feature list, the training set's snapshot ids, the code
 version and the baseline statistics for drift monitoring. The run's model is registered as
-a new version of the registered model ``spec.name`` and takes the alias ``challenger``.
+a new version of the registered model ``spec.name`` and becomes the challenger (alias
+``challenger``, stage Staging).
 
-Promotion (the alias ``champion``) lives in ``keel.promotion``.
+Promotion lives in ``keel.promotion``; roles (champion, challenger, retired), their aliases,
+stages and tags in ``keel.model_roles``. ``champion`` and ``challenger`` given as a version
+resolve to the effective roles, a stage a person moved in the MLflow UI included.
 
 The signature and input example describe the native model's input (``keel.models.model_frame``'s
 encoding). MLflow's pyfunc wrapper cannot score string categories through JSON, so for such
@@ -64,6 +67,7 @@ class ModelVersionInfo:
     snapshots: dict[str, int | None]
     code_version: str
     status: str
+    stage: str = "None"
 
     def as_row(self) -> dict[str, Any]:
         """A flat, JSON-friendly row for listings."""
@@ -180,10 +184,12 @@ def log_and_register(
             registered_model_name=spec.name,
             pip_requirements=_pip_requirements(spec.algorithm),
         )
+    from keel.model_roles import Request, settle
+
     version = str(model_info.registered_model_version)
     for key, value in version_tags.items():
         client.set_model_version_tag(spec.name, version, key, value)
-    client.set_registered_model_alias(spec.name, CHALLENGER, version)
+    settle(client, spec.name, Request("automatic", challenger=int(version)))
     if spec.description or spec.owner:
         client.update_registered_model(spec.name, description=spec.description or None)
         if spec.owner:
@@ -198,10 +204,9 @@ def log_and_register(
 def list_versions(settings: Settings, name: str) -> list[ModelVersionInfo]:
     """Every version of ``name``, newest first, with aliases, hold-out metrics and lineage."""
     client = mlflow_client(settings)
-    _registered(client, name)
     # search_model_versions leaves aliases out; the registered model has them all.
     aliases: dict[str, list[str]] = {}
-    for alias, version in client.get_registered_model(name).aliases.items():
+    for alias, version in registered_model(client, name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     versions = client.search_model_versions(f"name = '{_quote(name)}'")
     infos = [version_info(client, v, aliases=aliases.get(str(v.version), [])) for v in versions]
@@ -225,6 +230,7 @@ def show(settings: Settings, name: str, version: int | str) -> dict[str, Any]:
         "name": name,
         "version": info.version,
         "aliases": list(info.aliases),
+        "stage": info.stage,
         "status": info.status,
         "created": info.created.isoformat(timespec="seconds"),
         "run_id": info.run_id,
@@ -369,11 +375,12 @@ def load_native(settings: Settings, mv: ModelVersion) -> tuple[Any, list[str]]:
     return model, json.loads(mv.tags["features"])
 
 
-def _registered(client: MlflowClient, name: str) -> None:
+def registered_model(client: MlflowClient, name: str):
+    """The registered model ``name``; a ModelRegistryError naming the known ones when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
@@ -385,10 +392,14 @@ def _registered(client: MlflowClient, name: str) -> None:
 
 
 def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str) -> ModelVersion:
+    """A version by number (``3`` or ``v3``), by role (``champion``, ``challenger``: the effective
+    roles of keel.model_roles) or by any other alias."""
     from mlflow.exceptions import MlflowException
 
-    _registered(client, name)
     ref = str(alias_or_version)
+    if ref in (CHAMPION, CHALLENGER):
+        return _role_version(client, name, ref)
+    registered_model(client, name)
     if ref.startswith("v") and ref[1:].isdigit():
         ref = ref[1:]
     if ref.isdigit():
@@ -404,14 +415,28 @@ def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str
             ) from None
     mv = alias_version(client, name, ref)
     if mv is None:
-        if ref == CHAMPION:
-            fix = f"no champion yet: promote a version with `keel models promote {name} VERSION`"
-        elif ref == CHALLENGER:
-            fix = "no challenger: train the model to register one"
-        else:
-            fix = f"give a version number or an alias it has (aliases: {', '.join(_aliases(client, name)) or 'none'})"
+        fix = f"give a version number or an alias it has (aliases: {', '.join(_aliases(client, name)) or 'none'})"
         raise ModelRegistryError(f"model '{name}' has no version with alias '{ref}': {fix}")
     return mv
+
+
+def _role_version(client: MlflowClient, name: str, role: str) -> ModelVersion:
+    from keel.model_roles import read_roles
+
+    roles = read_roles(client, name)
+    version = roles.champion if role == CHAMPION else roles.challenger
+    if version is None:
+        if role == CHALLENGER:
+            fix = "no challenger: train the model to register one (a promoted challenger is the champion)"
+        elif roles.previous_champion is not None:
+            fix = (
+                f"no champion: v{roles.previous_champion} was taken out ({roles.how}, {roles.at}); "
+                f"promote a version with `keel models promote {name} VERSION`"
+            )
+        else:
+            fix = f"no champion yet: promote a version with `keel models promote {name} VERSION`"
+        raise ModelRegistryError(f"model '{name}' has no version with alias '{role}': {fix}")
+    return client.get_model_version(name, str(version))
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -446,6 +471,7 @@ def version_info(
         snapshots=json.loads(tags.get("snapshot_ids", "{}")),
         code_version=tags.get("code_version", ""),
         status=tags.get("validation_status", "unknown"),
+        stage=mv.current_stage or "None",
     )
 
 

@@ -1,15 +1,16 @@
 """Champion/challenger promotion over the model registry.
 
-``promote_if_better`` scores the challenger and the champion on the same hold-out and moves
-the alias ``champion`` only when the challenger is better by the model's declared margin.
+``promote_if_better`` scores the challenger and the champion on the same hold-out and
+promotes the challenger only when it is better by the model's declared margin.
 ``holdout_from_lineage`` rebuilds that hold-out from what the challenger recorded when it
 was trained (label snapshot, split time, feature snapshots), so both versions are judged on
 rows neither was fitted on, with every feature either of them reads.
 
-A promoted version is tagged ``validation_status=passed``; the champion it replaces keeps
-``previous_champion=true``, ``retired_at`` and ``retired_by``, so a rollback can find it; a
-challenger that loses is tagged ``validation_status=rejected`` with the reason.
-``promote`` is the manual path (``keel models promote NAME VERSION``).
+The comparison is recorded on the challenger (``validation_status`` passed or rejected, the
+reason and both metrics). A promotion itself, automatic or by hand (``promote``, i.e.
+``keel models promote NAME VERSION``), goes through ``keel.model_roles.settle``, which moves
+the aliases and stages (the champion to Production, the one it replaces to Archived with
+``retired_by``, so a rollback can find it) and rewrites the role tags.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ import pyarrow.compute as pc
 
 from keel.model_registry import (
     CHALLENGER,
-    CHAMPION,
     ModelVersionInfo,
-    alias_version,
     list_versions,
     load_native,
     mlflow_client,
@@ -35,6 +34,7 @@ from keel.model_registry import (
     utc_now,
     version_info,
 )
+from keel.model_roles import Request, Roles, read_roles, settle
 from keel.models import resolve_refs
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class PromotionDecision:
     champion_metric: float | None = None
     holdout_rows: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    roles: Roles | None = None  # the model's roles after the decision
 
 
 def higher_is_better(metric: str) -> bool:
@@ -90,9 +91,12 @@ def promote_if_better(
 
     client = mlflow_client(settings)
     challenger = resolve_version(client, spec.name, CHALLENGER if version is None else version)
-    champion = alias_version(client, spec.name, CHAMPION)
+    roles = read_roles(client, spec.name)
+    champion = client.get_model_version(spec.name, str(roles.champion)) if roles.champion is not None else None
     metric = spec.metric
-    decision = dict(challenger_version=int(challenger.version), metric=metric, holdout_rows=holdout.num_rows)
+    decision = dict(
+        challenger_version=int(challenger.version), metric=metric, holdout_rows=holdout.num_rows, roles=roles
+    )
 
     if champion is not None and champion.version == challenger.version:
         return PromotionDecision(
@@ -112,7 +116,7 @@ def promote_if_better(
     challenger_value = _metric(evaluate(challenger_model, spec, holdout, challenger_features), metric, challenger)
     if champion is None:
         reason = f"first version of '{spec.name}' to pass the gates ({metric}={challenger_value:.6g})"
-        _promote(client, challenger, None, reason, how="automatic", metric=metric, value=challenger_value)
+        decision["roles"] = _promote(client, challenger, reason, metric=metric, value=challenger_value)
         return PromotionDecision(True, reason, champion_version=None, challenger_metric=challenger_value, **decision)
 
     champion_model, champion_features = load_native(settings, champion)
@@ -127,7 +131,7 @@ def promote_if_better(
         reason = f"{comparison}: the metric is undefined on this hold-out (e.g. one class only)"
     elif improvement > 0 and improvement >= spec.min_improvement:
         reason = f"{comparison}: better by {improvement:.6g} (needs {spec.min_improvement:g})"
-        _promote(client, challenger, champion, reason, how="automatic", metric=metric, value=challenger_value)
+        decision["roles"] = _promote(client, challenger, reason, metric=metric, value=challenger_value)
         return PromotionDecision(True, reason, **values, **decision)
     else:
         reason = f"{comparison}: improvement {improvement:.6g} is below the required {spec.min_improvement:g}"
@@ -146,52 +150,26 @@ def _check_holdout(holdout: pa.Table, spec: ModelSpec, versions: list[ModelVersi
 
 
 def promote(settings: Settings, name: str, version: int | str) -> ModelVersionInfo:
-    """Make ``version`` the champion by hand (e.g. a rollback), tagged like an automatic promotion."""
+    """Make ``version`` the champion by hand (e.g. a rollback): ``promotion=manual``."""
     client = mlflow_client(settings)
     target = resolve_version(client, name, version)
-    champion = alias_version(client, name, CHAMPION)
-    if champion is None or champion.version != target.version:
-        _promote(
-            client,
-            target,
-            champion,
-            f"promoted by hand over v{champion.version}" if champion else "promoted by hand",
-            how="manual",
-        )
+    champion = read_roles(client, name).champion
+    reason = f"promoted by hand over v{champion}" if champion is not None else "promoted by hand"
+    settle(client, name, Request("manual", champion=int(target.version), reason=reason))
     return version_info(client, client.get_model_version(name, target.version))
 
 
-def _promote(
-    client: MlflowClient,
-    new: ModelVersion,
-    old: ModelVersion | None,
-    reason: str,
-    *,
-    how: str,
-    metric: str | None = None,
-    value: float | None = None,
-) -> None:
-    now = utc_now()
-    client.set_registered_model_alias(new.name, CHAMPION, new.version)
+def _promote(client: MlflowClient, new: ModelVersion, reason: str, *, metric: str, value: float) -> Roles:
+    """Record the passed comparison on ``new`` and make it the champion (``promotion=automatic``)."""
     tags = {
         "validation_status": "passed",
         "validation_reason": reason,
-        "validated_at": now,
-        "promoted_at": now,
-        "promotion": how,
+        "validated_at": utc_now(),
+        f"validation.{metric}": repr(value),
     }
-    if metric is not None and value is not None:
-        tags[f"validation.{metric}"] = repr(value)
     for key, value_ in tags.items():
         client.set_model_version_tag(new.name, new.version, key, value_)
-    # A version promoted again (a rollback) is the champion, not a retired one.
-    for key in ("previous_champion", "retired_at", "retired_by"):
-        if key in new.tags:
-            client.delete_model_version_tag(new.name, new.version, key)
-    if old is not None:
-        client.set_model_version_tag(old.name, old.version, "previous_champion", "true")
-        client.set_model_version_tag(old.name, old.version, "retired_at", now)
-        client.set_model_version_tag(old.name, old.version, "retired_by", str(new.version))
+    return settle(client, new.name, Request("automatic", champion=int(new.version), reason=reason))
 
 
 def _reject(
@@ -227,10 +205,11 @@ def comparison_features(settings: Settings, name: str) -> list[str]:
     """The features a hold-out needs so ``promote_if_better`` can score both the challenger
     and the champion: the union of their feature lists, challenger's order first."""
     client = mlflow_client(settings)
+    roles = read_roles(client, name)
     out: list[str] = []
-    for alias in (CHALLENGER, CHAMPION):
-        mv = alias_version(client, name, alias)
-        if mv is not None:
+    for version in (roles.challenger, roles.champion):
+        if version is not None:
+            mv = client.get_model_version(name, str(version))
             out += [f for f in json.loads(mv.tags.get("features", "[]")) if f not in out]
     return out
 
@@ -241,11 +220,15 @@ def holdout_from_lineage(store: FeatureStore, spec: ModelSpec, settings: Setting
     challenger or the champion reads, point-in-time at the snapshots each recorded."""
     from pyiceberg.expressions import And, GreaterThan, LessThanOrEqual
 
-    versions = list_versions(settings, spec.name)
-    challenger = next((v for v in versions if CHALLENGER in v.aliases), None)
+    versions = {v.version: v for v in list_versions(settings, spec.name)}
+    roles = read_roles(mlflow_client(settings), spec.name)
+    challenger = versions.get(roles.challenger)
     if challenger is None:
-        raise ValueError(f"model '{spec.name}' has no challenger to compare; train it to register one")
-    champion = next((v for v in versions if CHAMPION in v.aliases), None)
+        raise ValueError(
+            f"model '{spec.name}' has no challenger to compare (a promoted challenger is the champion); "
+            "train it to register one"
+        )
+    champion = versions.get(roles.champion)
     snapshots = {**(champion.snapshots if champion else {}), **challenger.snapshots}
     split_time = dt.datetime.fromisoformat(challenger.tags["split_time"])
     cutoff = challenger.tags.get("label_cutoff")

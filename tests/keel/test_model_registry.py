@@ -19,6 +19,7 @@ from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
 from keel.models import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
 from keel.store import TrainingSet
+from tests.keel.test_model_roles import assert_in_step, registry_view
 
 N_TRAIN, N_HOLDOUT = 400, 300
 SPLIT_TIME = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -121,7 +122,8 @@ def story(tmp_path_factory):
         settings, s1, recent, gates_passed=False, gate_reason="roc_auc below floor"
     )
     out["first"] = promotion.promote_if_better(settings, s1, recent)
-    out["first_again"] = promotion.promote_if_better(settings, s1, recent)
+    out["first_view"] = registry_view(registry.mlflow_client(settings), "churn")
+    out["first_again_error"] = catch(promotion.promote_if_better, settings, s1, recent)
 
     # v2: a scikit-learn pipeline (keel.models' encoding) on noise only: worse, not promoted.
     s2 = spec("sklearn:sklearn.linear_model.LogisticRegression")
@@ -138,6 +140,7 @@ def story(tmp_path_factory):
     out["comparison_features"] = promotion.comparison_features(settings, "churn")
     out["better"] = promotion.promote_if_better(settings, s3, recent)
     out["after_better"] = {v.version: v for v in registry.list_versions(settings, "churn")}
+    out["better_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
     out["show_v3"] = registry.show(settings, "churn", 3)
     out["loaded_champion"] = registry.load_model(settings, "churn", "champion")
     out["loaded_v2"] = registry.load_model(settings, "churn", 2)
@@ -145,6 +148,7 @@ def story(tmp_path_factory):
     # A rollback by hand: v1 is champion again, v3 is the retired one.
     out["manual"] = promotion.promote(settings, "churn", 1)
     out["after_manual"] = {v.version: v for v in registry.list_versions(settings, "churn")}
+    out["manual_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
     with pytest.raises(ValueError) as missing:
         promotion.promote_if_better(settings, s3, recent.drop(["x1"]), version=2)
     out["missing_column_error"] = str(missing.value)
@@ -156,6 +160,7 @@ def story(tmp_path_factory):
     by_log_loss = spec("xgboost", metric="log_loss")
     out["log_loss_worse"] = promotion.promote_if_better(settings, by_log_loss, recent, version=2)
     out["log_loss_better"] = promotion.promote_if_better(settings, by_log_loss, recent, version=3)
+    out["log_loss_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
     return out
 
 
@@ -213,8 +218,14 @@ def test_failed_gates_reject_and_first_passing_version_becomes_champion(story):
     first = story["first"]
     assert first.promoted and first.champion_version is None and first.challenger_version == 1
     assert "first version" in first.reason
-    again = story["first_again"]
-    assert not again.promoted and "already the champion" in again.reason
+    assert (first.roles.champion, first.roles.challenger, first.roles.how) == (1, None, "automatic")
+    view = story["first_view"]
+    assert view["aliases"] == {"champion": 1} and view["stages"] == {1: "Production"}
+    assert "previous_champion_version" not in view["tags"][1]
+    # A promoted challenger is the champion, no longer a challenger: there is nothing to compare.
+    again = story["first_again_error"]
+    assert "model 'churn' has no version with alias 'challenger'" in again
+    assert "a promoted challenger is the champion" in again
 
 
 def test_worse_challenger_is_rejected_with_reason(story):
@@ -237,23 +248,32 @@ def test_better_challenger_is_promoted_and_previous_champion_stays_findable(stor
     assert better.promoted and (better.challenger_version, better.champion_version) == (3, 1)
     assert better.challenger_metric - better.champion_metric >= 0.01
     versions = story["after_better"]
-    assert versions[3].aliases == ("challenger", "champion")
+    assert versions[3].aliases == ("champion",)
+    assert (versions[3].stage, versions[1].stage, versions[2].stage) == ("Production", "Archived", "None")
     assert versions[3].status == "passed"
     assert versions[3].tags["promotion"] == "automatic"
+    assert versions[3].tags["previous_champion_version"] == "1"
+    assert versions[3].tags["promotion_reason"] == better.reason
     assert versions[1].aliases == ()
-    assert versions[1].tags["previous_champion"] == "true"
-    assert versions[1].tags["retired_by"] == "3"
+    assert versions[1].tags["retired_by"] == "3" and versions[1].tags["retirement"] == "automatic"
     assert dt.datetime.fromisoformat(versions[1].tags["retired_at"]).tzinfo is not None
+    # v1 was the champion: nothing of that role is left on it.
+    assert not {"promotion", "promoted_at", "promotion_reason", "previous_champion"} & set(versions[1].tags)
+    assert story["better_view"]["aliases"] == {"champion": 3}
 
 
 def test_manual_promotion_moves_the_alias_back(story):
     manual = story["manual"]
     assert manual.version == 1 and "champion" in manual.aliases
+    assert manual.stage == "Production"
     versions = story["after_manual"]
-    assert "previous_champion" not in versions[1].tags
-    assert versions[1].tags["promotion"] == "manual"
-    assert versions[3].tags["previous_champion"] == "true"
-    assert "champion" not in versions[3].aliases
+    assert not {"retired_at", "retired_by", "retirement"} & set(versions[1].tags)
+    assert versions[1].tags["promotion"] == "manual" and versions[1].tags["previous_champion_version"] == "3"
+    assert versions[3].tags["retired_by"] == "1" and versions[3].tags["retirement"] == "manual"
+    assert "promotion" not in versions[3].tags and "champion" not in versions[3].aliases
+    assert (versions[1].stage, versions[3].stage) == ("Production", "Archived")
+    # The comparison v1 passed when it was first promoted is kept: it is not a role.
+    assert versions[1].status == "passed"
 
 
 def test_show_reports_lineage(story):
@@ -319,6 +339,10 @@ def test_lower_is_better_metric(story):
     assert not worse.promoted and worse.challenger_metric > worse.champion_metric
     assert better.promoted and better.champion_metric - better.challenger_metric >= 0.01
     assert (better.challenger_version, better.champion_version) == (3, 1)
+    # A retired version promoted again: Production, its retired tags gone, v1 retired by it.
+    view = story["log_loss_view"]
+    assert view["aliases"] == {"champion": 3} and view["stages"] == {1: "Archived", 2: "None", 3: "Production"}
+    assert view["tags"][1]["retired_by"] == "3" and "retired_by" not in view["tags"][3]
 
 
 def test_metric_direction_comes_from_keel_models():

@@ -1,0 +1,302 @@
+"""Model roles against a real file-backed MLflow registry (SQLite): every way a role changes
+(Keel's automatic and manual promotions, a person moving an alias or a stage in MLflow)
+leaves aliases, stages and version tags agreeing, with no tag left from an earlier role.
+
+Versions here are registered without artifacts: roles never load a model. A "person" moves
+stages with MLflow's own client, as its UI and REST API do.
+"""
+
+import json
+import logging
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from keel import model_registry as registry
+from keel import model_roles as roles_
+from keel import promotion
+from keel.config import Settings
+from keel.model_roles import ARCHIVED, NONE, PRODUCTION, RECORD_TAG, STAGING, Request, read_roles, settle
+
+ROLE_TAGS = {t for tags in roles_.ROLE_TAGS.values() for t in tags} | {"previous_champion"}
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    home = tmp_path_factory.mktemp("roles")
+    return Settings.from_env({"KEEL_HOME": str(home), "KEEL_CODE_VERSION": "sha-roles"})
+
+
+@pytest.fixture(scope="module")
+def client(settings) -> MlflowClient:
+    return registry.mlflow_client(settings)
+
+
+@pytest.fixture
+def model(client, request) -> str:
+    """A registered model named after the test, with four versions in no role."""
+    name = request.node.name.removeprefix("test_")[:60]
+    client.create_registered_model(name)
+    experiment = client.create_experiment(name)
+    for _ in range(4):
+        run = client.create_run(experiment)
+        client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    return name
+
+
+def person_moves_stage(client: MlflowClient, name: str, version: int, stage: str) -> None:
+    """What the MLflow UI's stage menu does; MLflow warns that stages are deprecated."""
+    with pytest.warns(FutureWarning, match="transition_model_version_stage"):
+        client.transition_model_version_stage(name, str(version), stage)
+
+
+def registry_view(client: MlflowClient, name: str) -> dict:
+    """Aliases, stages and role tags, read straight from MLflow."""
+    model = client.get_registered_model(name)
+    versions = {int(mv.version): mv for mv in client.search_model_versions(f"name = '{name}'")}
+    return {
+        "aliases": {a: int(v) for a, v in model.aliases.items()},
+        "stages": {v: mv.current_stage for v, mv in versions.items()},
+        "tags": {v: {k: t for k, t in mv.tags.items() if k in ROLE_TAGS} for v, mv in versions.items()},
+        "record": json.loads(model.tags[RECORD_TAG]) if RECORD_TAG in model.tags else None,
+    }
+
+
+def assert_in_step(client: MlflowClient, name: str) -> dict:
+    """Aliases and stages say the same roles, each version carries the tags of its role only,
+    the record says what the registry says, and a settle finds nothing to write."""
+    view = registry_view(client, name)
+    aliases, stages, tags = view["aliases"], view["stages"], view["tags"]
+    production = [v for v, s in stages.items() if s == PRODUCTION]
+    staging = [v for v, s in stages.items() if s == STAGING]
+    assert production == ([aliases["champion"]] if "champion" in aliases else []), view
+    assert staging == ([aliases["challenger"]] if "challenger" in aliases else []), view
+    for version, stage in stages.items():
+        have = set(tags[version])
+        if stage == PRODUCTION:
+            assert {"promotion", "promoted_at"} <= have <= set(roles_.ROLE_TAGS["champion"]), (version, view)
+            assert tags[version]["promotion"] in roles_.HOWS
+        elif stage == STAGING:
+            assert have == {"staging", "staged_at"}, (version, view)
+        elif stage == ARCHIVED:
+            # "retirement" (how) is unknown for a version retired before stages were kept.
+            assert {"retired_at"} <= have <= set(roles_.ROLE_TAGS["retired"]), (version, view)
+        else:
+            assert have == set(), (version, view)
+    record = view["record"]
+    assert record is not None and not record["pending"]
+    assert (record["champion"], record["challenger"]) == (aliases.get("champion"), aliases.get("challenger"))
+    assert {int(v) for v in record["stages"].get(PRODUCTION, [])} == set(production)
+    assert {int(v) for v in record["stages"].get(ARCHIVED, [])} == {v for v, s in stages.items() if s == ARCHIVED}
+    assert settle(client, name).in_step
+    return view
+
+
+def crowned(client, name) -> None:
+    """v1 champion, v2 champion over it (so v1 is retired by v2), v3 the challenger."""
+    settle(client, name, Request("automatic", challenger=1))
+    settle(client, name, Request("automatic", champion=1, reason="first"))
+    settle(client, name, Request("automatic", challenger=2))
+    settle(client, name, Request("automatic", champion=2, reason="better"))
+    settle(client, name, Request("automatic", challenger=3))
+
+
+def test_automatic_promotion_moves_aliases_stages_and_tags(client, model):
+    crowned(client, model)
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 2, "challenger": 3}
+    assert view["stages"] == {1: ARCHIVED, 2: PRODUCTION, 3: STAGING, 4: NONE}
+    assert view["tags"][2]["promotion"] == "automatic" and view["tags"][2]["previous_champion_version"] == "1"
+    assert view["tags"][2]["promotion_reason"] == "better"
+    assert view["tags"][1]["retired_by"] == "2" and view["tags"][1]["retirement"] == "automatic"
+
+
+def test_manual_promotion_of_a_retired_version_removes_its_retired_tags(settings, client, model):
+    crowned(client, model)
+    info = promotion.promote(settings, model, 1)
+    assert info.stage == PRODUCTION and info.aliases == ("champion",)
+    view = assert_in_step(client, model)
+    assert view["tags"][1]["promotion"] == "manual" and view["tags"][1]["previous_champion_version"] == "2"
+    assert view["tags"][1]["promotion_reason"] == "promoted by hand over v2"
+    # v2 no longer says how it was promoted: it says how and by whom it was retired.
+    assert view["tags"][2] == {"retirement": "manual", "retired_at": view["tags"][2]["retired_at"], "retired_by": "1"}
+    assert view["stages"] == {1: PRODUCTION, 2: ARCHIVED, 3: STAGING, 4: NONE}
+
+
+def test_the_champion_alias_moved_in_mlflow_rewrites_the_stale_tags(client, model):
+    """The reported case: the alias moved back to a retired version in the UI."""
+    crowned(client, model)
+    client.set_registered_model_alias(model, "champion", "1")
+    before = registry_view(client, model)
+    read = read_roles(client, model)
+    assert (read.champion, read.how) == (1, "mlflow-alias") and not read.in_step
+    assert registry_view(client, model) == before  # the read wrote nothing
+    settled = settle(client, model)
+    assert settled.changes[0].startswith("v1 champion (mlflow-alias") and "retiring v2" in settled.changes[0]
+    view = assert_in_step(client, model)
+    assert view["stages"] == {1: PRODUCTION, 2: ARCHIVED, 3: STAGING, 4: NONE}
+    assert view["tags"][1]["promotion"] == "mlflow-alias" and "retired_by" not in view["tags"][1]
+    assert view["tags"][2]["retired_by"] == "1" and "promotion" not in view["tags"][2]
+
+
+def test_production_in_mlflow_makes_the_champion_and_read_sees_it_first(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 4, "Production")
+    read = read_roles(client, model)
+    assert (read.champion, read.challenger, read.how) == (4, 3, "mlflow-stage")
+    assert registry_view(client, model)["aliases"] == {"champion": 2, "challenger": 3}  # nothing written yet
+    settle(client, model)
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 4, "challenger": 3}
+    assert view["tags"][4]["promotion"] == "mlflow-stage" and view["tags"][4]["previous_champion_version"] == "2"
+    # The stage's time is MLflow's own stamp of the transition.
+    stamped = client.get_model_version(model, "4").last_updated_timestamp
+    assert view["tags"][4]["promoted_at"] == roles_._iso_ms(stamped)
+
+
+def test_the_challenger_moved_to_production_stops_being_challenger(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 3, "Production")
+    settle(client, model)
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 3}
+    assert view["tags"][3]["promotion"] == "mlflow-stage" and "staging" not in view["tags"][3]
+
+
+def test_staging_in_mlflow_makes_the_challenger_and_frees_the_old_one(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 1, "Staging")  # a retired version, staged again
+    settle(client, model)
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 2, "challenger": 1}
+    assert view["stages"] == {1: STAGING, 2: PRODUCTION, 3: NONE, 4: NONE}
+    assert view["tags"][1]["staging"] == "mlflow-stage" and view["tags"][3] == {}
+
+
+def test_archiving_the_champion_rolls_back_to_the_one_it_retired(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 2, "Archived")
+    assert read_roles(client, model).champion == 1  # served before anything settles
+    settled = settle(client, model)
+    assert settled.changes == (
+        f"champion v2 moved to stage Archived (mlflow-stage, {settled.at})",
+        f"v1 champion (mlflow-stage, {settled.at}): rollback: champion v2 was taken out (mlflow-stage, {settled.at})",
+    )
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 1, "challenger": 3}
+    assert view["tags"][1]["promotion_reason"].startswith("rollback: champion v2 was taken out")
+    # v2 was archived by a person, not retired by a successor: nothing may roll back to it.
+    assert "retired_by" not in view["tags"][2] and view["tags"][2]["retirement"] == "mlflow-stage"
+
+    person_moves_stage(client, model, 1, "Archived")
+    settled = settle(client, model)
+    assert settled.champion is None and settled.previous_champion == 1
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"challenger": 3} and view["stages"][1] == view["stages"][2] == ARCHIVED
+    with pytest.raises(registry.ModelRegistryError, match="no champion: v1 was taken out"):
+        registry.resolve_version(client, model, "champion")
+
+
+def test_archiving_the_first_champion_leaves_no_champion(client, model):
+    settle(client, model, Request("manual", champion=1))
+    person_moves_stage(client, model, 1, "Archived")
+    assert settle(client, model).champion is None
+    assert assert_in_step(client, model)["aliases"] == {}
+
+
+def test_archiving_another_version_changes_no_role(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 4, "Archived")
+    person_moves_stage(client, model, 3, "Archived")  # the challenger
+    settled = settle(client, model)
+    assert (settled.champion, settled.challenger) == (2, None)
+    view = assert_in_step(client, model)
+    assert view["stages"] == {1: ARCHIVED, 2: PRODUCTION, 3: ARCHIVED, 4: ARCHIVED}
+    assert view["tags"][4]["retirement"] == "mlflow-stage" and "retired_by" not in view["tags"][4]
+    # Taken out of the archive, a version sheds its retired tags.
+    person_moves_stage(client, model, 4, "None")
+    settle(client, model)
+    assert assert_in_step(client, model)["tags"][4] == {}
+
+
+def test_stage_transitions_apply_in_the_order_they_happened(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 4, "Production")
+    stamped = client.get_model_version(model, "4").last_updated_timestamp
+    deadline = time.monotonic() + 5
+    while time.time() * 1000 <= stamped:  # MLflow stamps in ms: the next transition must be later
+        assert time.monotonic() < deadline
+    person_moves_stage(client, model, 3, "Production")
+    settle(client, model)
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 3}
+    assert view["tags"][3]["previous_champion_version"] == "4" and view["tags"][4]["retired_by"] == "3"
+    assert view["tags"][2]["retired_by"] == "4"
+
+
+def test_an_alias_and_a_stage_moved_in_one_interval_the_alias_wins(client, model):
+    crowned(client, model)
+    person_moves_stage(client, model, 4, "Production")
+    client.set_registered_model_alias(model, "champion", "1")
+    settled = settle(client, model)
+    assert settled.champion == 1 and settled.how == "mlflow-alias"
+    assert any("alias counts as the newer change" in change for change in settled.changes)
+    view = assert_in_step(client, model)
+    assert view["stages"][4] == ARCHIVED and view["tags"][4]["retired_by"] == "1"
+
+
+def test_a_registry_from_before_stages_is_adopted_from_its_aliases(client, model):
+    """Keel once kept the promoted challenger's alias and marked retired champions by tag only."""
+    client.set_registered_model_alias(model, "champion", "2")
+    client.set_registered_model_alias(model, "challenger", "2")
+    for key, value in {"promotion": "automatic", "promoted_at": "2026-01-02T00:00:00+00:00"}.items():
+        client.set_model_version_tag(model, "2", key, value)
+    for key, value in {
+        "previous_champion": "true",
+        "retired_at": "2026-01-02T00:00:00+00:00",
+        "retired_by": "2",
+    }.items():
+        client.set_model_version_tag(model, "1", key, value)
+    settled = settle(client, model)
+    assert (settled.champion, settled.challenger, settled.how) == (2, None, "automatic")
+    view = assert_in_step(client, model)
+    assert view["aliases"] == {"champion": 2}
+    assert view["stages"] == {1: ARCHIVED, 2: PRODUCTION, 3: NONE, 4: NONE}
+    assert "previous_champion" not in view["tags"][1] and view["tags"][1]["retired_by"] == "2"
+
+
+def test_a_registry_run_on_stages_alone_is_adopted_from_its_stages(client, model):
+    person_moves_stage(client, model, 3, "Production")
+    person_moves_stage(client, model, 4, "Staging")
+    settled = settle(client, model)
+    assert (settled.champion, settled.challenger) == (3, 4)
+    assert assert_in_step(client, model)["aliases"] == {"champion": 3, "challenger": 4}
+
+
+def test_a_pending_record_is_left_to_its_writer_until_it_is_stale(client, model):
+    crowned(client, model)
+    state = roles_.read_state(client, model)
+    planned = roles_.plan(state, Request("manual", champion=4))
+    # A writer recorded its intent and moved the alias, then stopped (or is still going).
+    pending = roles_.Record(**{**planned.record.__dict__, "pending": True, "written_ms": state.read_ms})
+    client.set_registered_model_tag(model, RECORD_TAG, pending.to_json())
+    client.set_registered_model_alias(model, "champion", "4")
+    fresh = settle(client, model)
+    assert fresh.in_progress and fresh.champion == 4 and read_roles(client, model).champion == 4
+    assert registry_view(client, model)["stages"][4] == NONE  # left alone
+
+    stale = roles_.Record(**{**pending.__dict__, "written_ms": state.read_ms - roles_.PENDING_S * 1000 - 1})
+    client.set_registered_model_tag(model, RECORD_TAG, stale.to_json())
+    completed = settle(client, model)
+    assert completed.champion == 4 and any("half written" in change for change in completed.changes)
+    view = assert_in_step(client, model)
+    assert view["tags"][4]["promotion"] == "manual" and view["tags"][2]["retired_by"] == "4"
+
+
+def test_a_request_names_a_version_that_exists(client, model):
+    with pytest.raises(registry.ModelRegistryError, match=r"has no version 9 \(versions: 1, 2, 3, 4\)"):
+        settle(client, model, Request("manual", champion=9))
+    with pytest.raises(ValueError, match="promotion how 'by-hand' is not known"):
+        Request("by-hand", champion=1)
