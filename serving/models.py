@@ -1,5 +1,11 @@
 """Models as the server holds them: each name's champion (and challenger), loaded natively
-from MLflow, and swapped whole when the registry moves an alias.
+from MLflow, and swapped whole when their roles move in the registry.
+
+Roles are read with ``keel.model_roles.read_roles``, which writes nothing: an alias moved or
+a stage transitioned in the MLflow UI is served at the next poll, before anything settles
+it. A model whose champion was taken out with nothing to roll back to stops being served
+(its predictions answer 404 and ``/health/ready`` says why) rather than serve a version a
+person archived.
 
 A ``ServedVersion`` knows its features in input order, where each is read online
 (``group.feature``), the value to use when one is missing (the baseline's median or mode),
@@ -27,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from keel import model_registry as registry
+from keel.model_roles import Roles, read_roles
 from keel.models import model_frame, predict_frame
 from serving.booster import OneRow
 
@@ -78,9 +85,12 @@ class ServedModel:
         return out
 
 
-def load_version(settings: Settings, project: Project, name: str, alias: str) -> ServedVersion:
-    """The version holding ``alias``, loaded natively with its baseline defaults."""
-    model, features, info = registry.load_model(settings, name, alias)
+def load_version(
+    settings: Settings, project: Project, name: str, alias: str, version: int | None = None
+) -> ServedVersion:
+    """``version`` (by default the one in the role ``alias``), loaded natively with its baseline
+    defaults, served as ``alias``."""
+    model, features, info = registry.load_model(settings, name, alias if version is None else version)
     baseline = registry.load_baseline(settings, info.run_id).get("features", {})
     kinds = tuple(_kind(baseline.get(f, {}).get("dtype", "double")) for f in features)
     defaults = tuple(
@@ -110,7 +120,7 @@ def load_version(settings: Settings, project: Project, name: str, alias: str) ->
 
 
 class ModelSet:
-    """The served models by name, each replaced whole when the registry moves an alias."""
+    """The served models by name, each replaced whole when its roles move in the registry."""
 
     def __init__(self, settings: Settings, project: Project, names: Sequence[str]) -> None:
         self.settings = settings
@@ -132,28 +142,30 @@ class ModelSet:
         return self._models
 
     def refresh(self) -> list[str]:
-        """Load any version whose alias moved since the last refresh; returns what changed."""
+        """Load any version whose role moved since the last refresh; returns what changed."""
         changes = []
         with self._lock:
             client = registry.mlflow_client(self.settings)
             for name in self.names:
                 try:
-                    aliases = _aliases(client, name)
+                    roles = read_roles(client, name)
                     current = self._models.get(name)
-                    if registry.CHAMPION not in aliases:
-                        self.errors[name] = (
-                            f"model '{name}' has no champion yet: train it, or `keel models promote {name} VERSION`"
-                        )
+                    if roles.champion is None:
+                        self.errors[name] = _no_champion(roles)
+                        if current is not None:
+                            self._models = {n: m for n, m in self._models.items() if n != name}
+                            changes.append(f"{name}: no champion")
+                            log.warning("stopped serving %s: %s", name, self.errors[name])
                         continue
-                    if aliases.get(registry.CHALLENGER) == aliases[registry.CHAMPION]:
-                        # A promoted challenger keeps its alias until the next one: it is served once.
-                        del aliases[registry.CHALLENGER]
-                    if current is not None and current.versions == aliases:
+                    wanted = {registry.CHAMPION: roles.champion}
+                    if roles.challenger is not None:
+                        wanted[registry.CHALLENGER] = roles.challenger
+                    if current is not None and current.versions == wanted:
                         continue
-                    champion = self._version(current, name, registry.CHAMPION, aliases)
+                    champion = self._version(current, name, registry.CHAMPION, wanted)
                     challenger = (
-                        self._version(current, name, registry.CHALLENGER, aliases)
-                        if registry.CHALLENGER in aliases
+                        self._version(current, name, registry.CHALLENGER, wanted)
+                        if registry.CHALLENGER in wanted
                         else None
                     )
                     served = ServedModel(name, champion, challenger)
@@ -168,13 +180,13 @@ class ModelSet:
                 log.info("serving %s %s", name, served.versions)
         return changes
 
-    def _version(self, current: ServedModel | None, name: str, alias: str, aliases: dict[str, int]) -> ServedVersion:
-        """Reuse a loaded version when the alias still points at it (a champion that was the challenger too)."""
-        wanted = aliases[alias]
+    def _version(self, current: ServedModel | None, name: str, alias: str, roles: dict[str, int]) -> ServedVersion:
+        """Reuse a loaded version when it keeps a role (a champion that was the challenger before)."""
+        wanted = roles[alias]
         for loaded in (current.champion, current.challenger) if current else ():
             if loaded is not None and loaded.version == wanted:
                 return loaded if loaded.alias == alias else _realias(loaded, alias)
-        return load_version(self.settings, self.project, name, alias)
+        return load_version(self.settings, self.project, name, alias, wanted)
 
 
 class RegistryPoller:
@@ -205,9 +217,13 @@ class RegistryPoller:
             self.last_poll = dt.datetime.now(dt.UTC)
 
 
-def _aliases(client, name: str) -> dict[str, int]:
-    aliases = client.get_registered_model(name).aliases
-    return {a: int(v) for a, v in aliases.items() if a in (registry.CHAMPION, registry.CHALLENGER)}
+def _no_champion(roles: Roles) -> str:
+    if roles.previous_champion is None:
+        return f"model '{roles.name}' has no champion yet: train it, or `keel models promote {roles.name} VERSION`"
+    return (
+        f"model '{roles.name}' has no champion: v{roles.previous_champion} was taken out ({roles.how}, {roles.at}) "
+        f"and had replaced no version to roll back to; `keel models promote {roles.name} VERSION`"
+    )
 
 
 def _realias(version: ServedVersion, alias: str) -> ServedVersion:
