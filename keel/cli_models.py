@@ -1,4 +1,4 @@
-"""``keel models list|show|promote|reproduce|score``: the model registry (MLflow) from the command line."""
+"""``keel models list|show|promote|sync|reproduce|score``: the model registry (MLflow) from the command line."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import uuid
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("models", help="the model registry: list NAME, show NAME VERSION, promote NAME VERSION")
+    p = sub.add_parser(
+        "models", help="the model registry: list NAME, show NAME VERSION, promote NAME VERSION, sync [NAME]"
+    )
     msub = p.add_subparsers(metavar="WHAT")
-    q = msub.add_parser("list", help="a model's versions with aliases, status, metrics and lineage")
+    q = msub.add_parser("list", help="a model's versions with aliases, stage, status, metric and lineage")
     q.add_argument("name")
     q.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     q.set_defaults(func=cmd_models_list)
@@ -25,6 +27,13 @@ def add_commands(sub) -> None:
     q.add_argument("name")
     q.add_argument("version", help="a version number or an alias")
     q.set_defaults(func=cmd_models_promote)
+    q = msub.add_parser(
+        "sync",
+        help="settle roles changed in the MLflow UI (an alias moved, a stage transitioned): aliases, stages "
+        "and tags made to agree (the model_registry sensor does it every 30 s)",
+    )
+    q.add_argument("name", nargs="?", help="one model (default: every model KEEL_PROJECT declares)")
+    q.set_defaults(func=cmd_models_sync)
     q = msub.add_parser(
         "reproduce",
         help="rebuild VERSION's training set from its recorded snapshots, retrain, and compare (exit 1 if it differs)",
@@ -55,24 +64,58 @@ def _fail(exc: Exception) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from keel.model_registry import ModelRegistryError, list_versions
+    from keel.model_registry import ModelRegistryError, list_versions, mlflow_client
+    from keel.model_roles import read_roles
 
+    settings = _settings()
     try:
-        versions = list_versions(_settings(), args.name)
+        versions = list_versions(settings, args.name)
+        roles = read_roles(mlflow_client(settings), args.name)
     except ModelRegistryError as exc:
         return _fail(exc)
     if args.json:
         print(json.dumps([v.as_row() for v in versions], indent=2, default=str))
         return 0
-    print(f"{'version':>7}  {'aliases':<22}{'status':<11}{'metrics':<40}{'created':<21}code")
-    for v in versions:
-        metrics = ", ".join(f"{k} {val:.4f}" for k, val in sorted(v.metrics.items())[:3])
-        print(
-            f"{v.version:>7}  {','.join(v.aliases) or '-':<22}{v.status:<11}{metrics:<40}"
-            f"{v.created.isoformat(timespec='seconds')[:19]:<21}{v.code_version[:12]}"
+    header = ("version", "aliases", "stage", "status", "metric", "created", "code")
+    rows = [
+        (
+            str(v.version),
+            ",".join(v.aliases) or "-",
+            v.stage,
+            v.status,
+            _metric(v),
+            v.created.isoformat(timespec="seconds")[:19],
+            v.code_version[:12] or "-",
         )
-        print(f"{'':>9}{len(v.features)} features; read " + ", ".join(f"{t}@{s}" for t, s in v.snapshots.items()))
+        for v in versions
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(_line(header, widths))
+    for v, row in zip(versions, rows, strict=True):
+        print(_line(row, widths))
+        print(
+            f"{'':>{widths[0] + 2}}{len(v.features)} features; read "
+            + ", ".join(f"{t}@{s}" for t, s in v.snapshots.items())
+        )
+    print(f"\n{roles.summary()}" + (f" (since {roles.at}, {roles.how})" if roles.at else ""))
+    if not roles.in_step:
+        print("not yet settled in MLflow (already served):")
+        for change in roles.changes or ("aliases, stages or tags disagree with the roles",):
+            print(f"  {change}")
+        print(f"`keel models sync {args.name}` writes them now; the model_registry sensor does within 30 s")
     return 0
+
+
+def _metric(v) -> str:
+    metric = v.tags.get("metric", "")
+    value = v.metrics.get(metric)
+    return f"{metric} {value:.4f}" if value is not None else "-"
+
+
+def _line(cells, widths) -> str:
+    """Cells padded to their column's width; the version right-aligned, the rest left."""
+    first, *rest = cells
+    return "  ".join([f"{first:>{widths[0]}}", *(f"{c:<{w}}" for c, w in zip(rest, widths[1:], strict=True))]).rstrip()
 
 
 def cmd_models_show(args) -> int:
@@ -94,8 +137,46 @@ def cmd_models_promote(args) -> int:
         info = promote(_settings(), args.name, _version(args.version))
     except ModelRegistryError as exc:
         return _fail(exc)
-    print(f"{info.name} v{info.version} is now {', '.join(info.aliases)}")
+    print(f"{info.name} v{info.version} is now {', '.join(info.aliases)} (stage {info.stage})")
     return 0
+
+
+def cmd_models_sync(args) -> int:
+    from keel.model_registry import ModelRegistryError, mlflow_client
+    from keel.model_roles import settle
+    from keel.models import ModelError, load_models
+
+    settings = _settings()
+    try:
+        names = [args.name] if args.name else sorted(load_models(settings.project))
+    except ModelError as exc:
+        return _fail(exc)
+    client = mlflow_client(settings)
+    failed = 0
+    for name in names:
+        try:
+            roles = settle(client, name)
+        except ModelRegistryError as exc:
+            if args.name:
+                return _fail(exc)
+            print(f"{name}: not registered yet")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one model's failure does not stop the others
+            print(f"keel: {name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if roles.in_progress:
+            print(f"{roles.summary()}: another Keel process is writing a change; nothing done")
+        elif roles.in_step:
+            print(f"{roles.summary()}: in step")
+        else:
+            print(
+                f"{roles.summary()}: wrote {len(roles.aliases)} alias move(s), {len(roles.transitions)} stage "
+                f"transition(s), {len(roles.tags)} tag change(s)"
+            )
+            for change in roles.changes:
+                print(f"  {change}")
+    return 1 if failed else 0
 
 
 def cmd_models_reproduce(args) -> int:
