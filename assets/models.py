@@ -1,13 +1,15 @@
 """Models as Dagster assets, one pair per declared model, retrained daily.
 
 Per model: ``models/<name>_challenger`` builds the point-in-time training set, trains,
-logs the run to MLflow and registers a new version with the alias ``challenger``; its
-blocking check ``gates`` holds the version back when its hold-out metric is under the
-floor, a feature is NULL in every training row, or its predictions are degenerate.
-``models/<name>_champion`` compares the challenger with the champion on the same hold-out
-(rebuilt from the challenger's recorded snapshots) and moves the alias ``champion`` when
-the challenger is better by the declared margin. The job ``train_<name>`` runs both; a
-schedule starts it at 02:00 UTC and sensors/retrain.py starts it when monitoring fails.
+logs the run to MLflow and registers a new version as the challenger (alias ``challenger``,
+stage Staging); its blocking check ``gates`` holds the version back when its hold-out
+metric is under the floor, a feature is NULL in every training row, or its predictions are
+degenerate. ``models/<name>_champion`` compares the challenger with the champion on the
+same hold-out (rebuilt from the challenger's recorded snapshots) and promotes it (alias
+``champion``, stage Production) when it is better by the declared margin. The job
+``train_<name>`` runs both; a schedule starts it at 02:00 UTC and sensors/retrain.py starts
+it when monitoring fails. A champion changed any other way (``keel models promote``, the
+MLflow UI) is recorded on ``models/<name>_champion`` by sensors/model_registry.py.
 """
 
 import datetime as dt
@@ -106,7 +108,7 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         description=(
             f"{spec.description} Trains '{spec.name}' ({spec.algorithm}) on a point-in-time training set of "
             f"{spec.labels.table_name}, holding out the last {spec.split.holdout}, and registers the version in "
-            "MLflow with the alias 'challenger'."
+            "MLflow as the challenger (alias 'challenger', stage Staging)."
         ),
         **shared,
     )
@@ -156,8 +158,9 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         retry_policy=RETRY,
         description=(
             f"The champion of '{spec.name}': the challenger is scored with the champion on the same hold-out "
-            f"and takes the alias 'champion' when better on {spec.metric} by at least {spec.min_improvement:g} "
-            "(the first version that passes the gates becomes champion)."
+            f"and becomes champion (alias 'champion', stage Production) when better on {spec.metric} by at least "
+            f"{spec.min_improvement:g} (the first version that passes the gates becomes champion). A champion "
+            "changed another way (keel models promote, the MLflow UI) is recorded here by the model_registry sensor."
         ),
         **shared,
     )
@@ -170,11 +173,15 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         decision = promotion.promote_if_better(settings, spec, holdout, gates_passed=passed, gate_reason=why)
         context.log.info(f"{spec.name}: {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
         current = decision.challenger_version if decision.promoted else decision.champion_version
+        roles = decision.roles
         return dg.MaterializeResult(
             metadata={
                 "promoted": "yes" if decision.promoted else "no",
                 "reason": decision.reason,
                 "champion_version": current if current is not None else "none",
+                # How and when the champion took its role: the model_registry sensor matches them.
+                "how": roles.how if roles and roles.how else "none",
+                "when": roles.at if roles and roles.at else "none",
                 "challenger_version": decision.challenger_version,
                 "previous_champion_version": (
                     decision.champion_version if decision.champion_version is not None else "none"
@@ -268,6 +275,7 @@ def model_definitions(
                 cron_schedule=DAILY_AT_2,
                 execution_timezone="UTC",
                 description=f"Retrain '{spec.name}' every day at 02:00 UTC.",
+                default_status=dg.DefaultScheduleStatus.RUNNING,
             )
         )
     return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules)
