@@ -5,11 +5,22 @@ Both start once per session, on first use, and stop at its end. ``redis_url`` is
 them empty use ``clean_redis_url`` (db 0 flushed first) and ``kafka_topics`` (topics
 deleted and created again). Consumers in tests join groups fast with
 ``keel.devservers.FAST_GROUP_JOIN`` (see that module for the measured join times).
+
+``mlflow_server`` is a real ``mlflow server`` (SQLite backend, artifacts served from its
+scratch folder), started once per session on first use; ``clean_mlflow_uri`` is its URL with
+every registered model deleted first.
 """
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
 
 import pytest
 
-from keel.devservers import DevServerError, KafkaBroker, RedisServer
+from keel.devservers import DevServerError, KafkaBroker, RedisServer, _Server
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +73,77 @@ def kafka_topics(kafka_broker):
         return kafka_broker.bootstrap
 
     return make
+
+
+class MlflowServer(_Server):
+    """``mlflow server`` on a loopback port, its SQLite store and artifacts in its scratch folder."""
+
+    name = "mlflow"
+    stop_timeout = 15.0
+    # `mlflow server` runs uvicorn as its child: started in a session of their own, the two are
+    # stopped together as one process group, and a parent killed after a timeout orphans nothing.
+    # Job execution (a huey consumer beside them) is not needed here.
+    LAUNCH = (
+        "import os, sys; os.setsid(); os.environ['MLFLOW_SERVER_ENABLE_JOB_EXECUTION'] = 'false'; "
+        "os.execv(sys.executable, [sys.executable, '-m', 'mlflow', *sys.argv[1:]])"
+    )
+
+    def _command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            self.LAUNCH,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+
+    def _ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+            return answer.status == 200
+
+    def _terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, sig)
+                try:
+                    self.process.wait(self.stop_timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    try:
+        # Importing MLflow and creating its tables takes ~10 s on a quiet machine.
+        server = MlflowServer().start(timeout=90)
+    except DevServerError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clean_mlflow_uri(mlflow_server) -> str:
+    """The server's URL, with every registered model (and its versions) deleted before the test."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for model in client.search_registered_models():
+        client.delete_registered_model(model.name)
+    return mlflow_server.url
