@@ -26,20 +26,20 @@ newer and is applied after it: MLflow gives the move no time that could say othe
 aliases are MLflow's supported mechanism (stages are deprecated), and ``models:/NAME@champion``
 already resolves to it for every other reader, so choosing it switches nobody twice. (A
 version transitioned to Production and then overtaken by the alias's version is retired by
-it, as it would have been a minute apart; ``changes`` says so.)
+it, as it would have been had the two been a minute apart; ``changes`` says so.)
 
-Taking the champion out (stage Archived, or another stage than Production, or deleting its
-alias or the version) rolls the model back to the champion it replaced, provided that
-version is still retired *by it*: stage Archived with ``retired_by`` naming the champion
-taken out, i.e. retired by succession and not archived by a person since. Otherwise the
-model has no champion, and serving stops answering for it and reports not ready. Why: a
-person who archives the production model says "not this one", not "stop serving"; the
-version it replaced served until then and passed the same gates, and returning to the last
-good revision is what KServe does when a canary is rolled back, and what MLflow's own
-migration guide does with aliases. But a version a person archived is never brought back,
-and serving a version a person archived would defy them; with nothing safe to return to,
-going dark (a 404 and an unready model, which a load balancer and an alert see) is the
-honest answer.
+Taking the champion out (stage Archived or None, deleting its alias or the version; stage
+Staging too, which makes it the challenger) rolls the model back to the champion it
+replaced, provided that version is still retired *by it*: stage Archived with ``retired_by``
+naming the champion taken out, i.e. retired by succession and not archived by a person
+since. Otherwise the model has no champion, and serving stops answering for it and reports
+not ready. Why: a person who archives the production model says "not this one", not "stop
+serving"; the version it replaced served until then and passed the same gates, and
+returning to the last good revision is what KServe does when a canary is rolled back. But a
+version a person archived is never brought back, and serving one would defy them; with
+nothing safe to return to, going dark (a 404 and an unready model, which a load balancer and
+an alert see) is the honest answer. Rollbacks chain: archiving the restored version in turn
+returns to the one it had retired.
 
 Version tags, rewritten on every change of role (those of an earlier role are removed):
 
@@ -259,9 +259,14 @@ def read_roles(client: MlflowClient, name: str) -> Roles:
 
 def settle(client: MlflowClient, name: str, request: Request | None = None) -> Roles:
     """Apply ``request`` (if any) over the registry's current roles, a person's unsettled
-    changes included, and write aliases, stages, version tags and the record to agree."""
-    state = read_state(client, name)
-    roles = plan(state, request)
+    changes included, and write aliases, stages, version tags and the record to agree.
+
+    Without a request, a change another Keel process is writing is left to it; a request
+    waits for it (at most ``PENDING_S``, after which the change counts as abandoned)."""
+    roles = plan(read_state(client, name), request)
+    while roles.in_progress and request is not None:
+        time.sleep(0.2)
+        roles = plan(read_state(client, name), request)
     if roles.in_step:
         return roles
     if roles.aliases or roles.transitions or roles.tags:
@@ -285,7 +290,7 @@ def settle(client: MlflowClient, name: str, request: Request | None = None) -> R
 
 def plan(state: RegistryState, request: Request | None = None, now: str | None = None) -> Roles:
     """The effective roles of ``state`` with ``request`` applied, and the writes that make the
-    registry say them. Pure: the same state gives the same plan."""
+    registry say them. Pure: the same state, request and ``now`` give the same plan."""
     now = now or utc_now()
     record = state.record
     if record is not None and record.pending and state.read_ms - record.written_ms < PENDING_S * 1000:
@@ -387,6 +392,8 @@ class _Fold:
         if old is not None:
             self.roles[old] = Role(RETIRED, how, at, by=version)
         previous = old if old is not None else self.last_champion
+        if previous == version:  # champion again after a spell with none
+            previous = None
         self.roles[version] = Role(CHAMPION, how, at, reason or f"promoted ({how})", previous=previous)
         if self.challenger == version:
             self.challenger = None
@@ -502,11 +509,7 @@ def _adopt(state: RegistryState) -> Record:
     stages = {}
     for v, vs in state.versions.items():
         unclaimed = (vs.stage == PRODUCTION and champion is None) or (vs.stage == STAGING and challenger is None)
-        stages[v] = NONE if unclaimed or v in (champion, challenger) else vs.stage
-    if champion is not None:
-        stages[champion] = state.versions[champion].stage
-    if challenger is not None:
-        stages[challenger] = state.versions[challenger].stage
+        stages[v] = NONE if unclaimed and v not in (champion, challenger) else vs.stage
     tags = state.versions[champion].tags if champion in state.versions else {}
     previous = tags.get("previous_champion_version", "")
     return Record(

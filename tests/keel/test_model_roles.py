@@ -295,6 +295,21 @@ def test_a_pending_record_is_left_to_its_writer_until_it_is_stale(client, model)
     assert view["tags"][4]["promotion"] == "manual" and view["tags"][2]["retired_by"] == "4"
 
 
+def test_a_promotion_waits_for_a_change_being_written(client, model):
+    crowned(client, model)
+    state = roles_.read_state(client, model)
+    planned = roles_.plan(state, Request("manual", champion=4))
+    # Pending for another second, as a writer still going would leave it.
+    written_ms = int(time.time() * 1000) - roles_.PENDING_S * 1000 + 1000
+    pending = roles_.Record(**{**planned.record.__dict__, "pending": True, "written_ms": written_ms})
+    client.set_registered_model_tag(model, RECORD_TAG, pending.to_json())
+    settled = settle(client, model, Request("automatic", champion=1, reason="better than v4"))
+    assert time.time() * 1000 >= written_ms + roles_.PENDING_S * 1000
+    assert settled.champion == 1 and settled.previous_champion == 4
+    view = assert_in_step(client, model)
+    assert view["tags"][4]["retired_by"] == "1" and view["tags"][1]["promotion_reason"] == "better than v4"
+
+
 def test_a_request_names_a_version_that_exists(client, model):
     with pytest.raises(registry.ModelRegistryError, match=r"has no version 9 \(versions: 1, 2, 3, 4\)"):
         settle(client, model, Request("manual", champion=9))
