@@ -196,15 +196,40 @@ def audit_scores(store: FeatureStore, spec: ModelSpec, staged: wap.StagedWrite) 
     return audit_events(data, prediction_declaration(spec), recent_partition_rows=recent)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """The write-audit-publish writer of a model's batch predictions for some days: what
+    ``keel models score`` and the Dagster asset ``predictions/<model>`` both run."""
+
+    store: FeatureStore
+    settings: Settings
+    spec: ModelSpec
+    days: tuple[dt.date, ...]
+
+    @property
+    def table(self) -> str:
+        return predictions_table(self.spec)
+
+    def stage(self, run_id: str) -> ScoredDays:
+        return stage_scores(self.store, self.settings, self.spec, self.days, run_id)
+
+    def audit(self, staged: wap.StagedWrite) -> AuditReport:
+        return audit_scores(self.store, self.spec, staged)
+
+
 def score_days(
     store: FeatureStore, settings: Settings, spec: ModelSpec, days: Sequence[dt.date], run_id: str
 ) -> tuple[ScoredDays, AuditReport, int | None]:
     """Score, audit and publish ``days``: the write, its audit and main's new snapshot (None: not published)."""
-    scored = stage_scores(store, settings, spec, days, run_id)
-    report = audit_scores(store, spec, scored.staged)
+    writer = Scoring(store, settings, spec, tuple(days))
+    scored = writer.stage(run_id)
+    report = writer.audit(scored.staged)
     if not report.success:
         return scored, report, None
-    return scored, report, wap.publish(store.lake, scored.staged)
+    try:
+        return scored, report, wap.publish_or_restage(store.lake, writer, scored.staged).snapshot_id
+    except wap.AuditFailed as exc:
+        return scored, exc.report, None
 
 
 def _feature_rows(

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import And, EqualTo, In, Or
 
 from keel import wap
@@ -38,10 +37,10 @@ from keel.inference_log import (
     log_root,
 )
 from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse, day_filter, replace_rows
+from keel.lakehouse import Lakehouse, day_filter
 from keel.materialize import HISTORY_PARTITIONS
 from keel.quality import AuditReport, ExpectationOutcome, audit_events, combine_reports
-from keel.stream_io import COMMIT_ATTEMPTS, end_offsets, location, quarantine_rows
+from keel.stream_io import end_offsets, location, quarantine_rows
 from keel.validation import CHUNK_ROWS, QUARANTINE_SCHEMA, group_days
 
 if TYPE_CHECKING:
@@ -217,6 +216,27 @@ def audit_inference_log(lake: Lakehouse, staged: wap.StagedWrite, *, allow_empty
         )
     )
     return AuditReport(report.table, report.row_count, tuple(outcomes))
+
+
+@dataclass(frozen=True)
+class LogDays:
+    """The write-audit-publish writer of days of the inference log: what the Dagster asset
+    ``monitoring/inference_log`` runs. ``allow_empty_days`` lets days with no traffic publish."""
+
+    lake: Lakehouse
+    settings: Settings
+    days: tuple[dt.date, ...]
+    allow_empty_days: bool = False
+
+    @property
+    def table(self) -> str:
+        return TABLE
+
+    def stage(self, run_id: str) -> LoadedLog:
+        return stage_inference_log(self.lake, self.settings, self.days, run_id)
+
+    def audit(self, staged: wap.StagedWrite) -> AuditReport:
+        return audit_inference_log(self.lake, staged, allow_empty_days=self.allow_empty_days)
 
 
 @dataclass(frozen=True)
@@ -490,13 +510,6 @@ def _write_quarantine(lake: Lakehouse, bad: pa.Table, files: list[str], run_id: 
         scope = Or(scope, part)
     scope = And(EqualTo("source", SOURCE), scope)
     props = lake.snapshot_properties(f"serving:{SOURCE}", [], run_id)
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        try:
-            replace_rows(lake.table(QUARANTINE_TABLE), rows, scope, props)
-            break
-        except CommitFailedException:
-            if attempt == COMMIT_ATTEMPTS:
-                raise
-            time.sleep(min(0.05 * attempt, 0.5))
+    lake.replace_on_main(QUARANTINE_TABLE, rows, scope, props)
     counts = collections.Counter(bad.column("reason_code").to_pylist())
     return dict(sorted(counts.items()))

@@ -21,14 +21,17 @@ from pyiceberg.expressions import And, EqualTo, In
 
 from keel import validation, wap
 from keel.dsl import EventSource
-from keel.lakehouse import Lakehouse, day_filter, replace_rows
+from keel.lakehouse import Lakehouse, day_filter
 from keel.quality import AuditReport, audit_events, combine_reports
 from keel.validation import QUARANTINE_SCHEMA, IngestError, Prepared, group_days, prepare
 
 __all__ = [
     "QUARANTINE_TABLE",
+    "FileIngest",
     "IngestError",
     "IngestReport",
+    "NothingToLand",
+    "StagedFiles",
     "audit_staged",
     "group_days",
     "ingest_files",
@@ -87,7 +90,7 @@ def write_quarantine(lake: Lakehouse, prepared: Prepared, run_id: str, now: dt.d
     rows = prepared.quarantine_rows(run_id, now)
     scope = And(EqualTo("source", prepared.source.name), In("file", prepared.files))
     props = lake.snapshot_properties(prepared.source.name, [], run_id)
-    replace_rows(lake.table(QUARANTINE_TABLE), rows, scope, props)
+    lake.replace_on_main(QUARANTINE_TABLE, rows, scope, props)
     return rows.num_rows
 
 
@@ -110,7 +113,7 @@ def stage_prepared(lake: Lakehouse, prepared: Prepared, run_id: str) -> wap.Stag
 
 
 def audit_staged(lake: Lakehouse, source: EventSource, staged: wap.StagedWrite) -> AuditReport:
-    """Audit what main would hold for the staged days, against main's recent partitions."""
+    """Audit what main would hold for the staged days, against main's partitions before them."""
     recent = wap.recent_partition_rows(lake, source.table_name, staged.days, HISTORY_PARTITIONS)
     staged_rows = lake.partition_rows(source.table_name, snapshot_id=staged.snapshot_id)
     reports = []
@@ -122,6 +125,75 @@ def audit_staged(lake: Lakehouse, source: EventSource, staged: wap.StagedWrite) 
     return combine_reports(reports)
 
 
+class NothingToLand(IngestError):
+    """The files held no valid row for the run's days; the quarantine says why."""
+
+    def __init__(self, message: str, files: list[str], rows_read: int, rows_outside_window: int, quarantined: dict):
+        super().__init__(message)
+        self.files, self.rows_read, self.rows_outside_window = files, rows_read, rows_outside_window
+        self.quarantined = quarantined
+
+
+@dataclass(frozen=True)
+class StagedFiles:
+    """Files validated, their bad rows quarantined and their good rows staged on the run's branch."""
+
+    staged: wap.StagedWrite
+    files: list[str]
+    rows_read: int
+    rows_valid: int
+    rows_outside_window: int
+    quarantined: dict[str, int]
+
+
+@dataclass(frozen=True)
+class FileIngest:
+    """The write-audit-publish writer of a source's files: what ``keel ingest`` and the Dagster
+    asset ``raw/<source>`` both run. Staging reads the files afresh, so a re-stage after a
+    publish conflict merges them into main's new head."""
+
+    lake: Lakehouse
+    source: EventSource
+    paths: tuple[str | Path, ...]
+    window: tuple[dt.date, dt.date] | None = None
+    now: dt.datetime | None = None
+
+    @property
+    def table(self) -> str:
+        return self.source.table_name
+
+    def stage(self, run_id: str) -> StagedFiles:
+        with prepare(self.source, self.paths, now=self.now, window=self.window) as prepared:
+            write_quarantine(self.lake, prepared, run_id, self.now)
+            staged = stage_prepared(self.lake, prepared, run_id)
+            if staged is None:
+                raise NothingToLand(
+                    f"source '{self.source.name}': no valid rows to land from {len(prepared.files)} file(s) "
+                    f"({prepared.rows_read} read, {sum(prepared.quarantined.values())} quarantined "
+                    f"{_reasons(prepared.quarantined)}, {prepared.rows_outside_window} outside the run's days); "
+                    f"see `keel quarantine --source {self.source.name}`",
+                    list(prepared.files),
+                    prepared.rows_read,
+                    prepared.rows_outside_window,
+                    dict(prepared.quarantined),
+                )
+            return StagedFiles(
+                staged,
+                list(prepared.files),
+                prepared.rows_read,
+                prepared.rows_valid,
+                prepared.rows_outside_window,
+                dict(prepared.quarantined),
+            )
+
+    def audit(self, staged: wap.StagedWrite) -> AuditReport:
+        return audit_staged(self.lake, self.source, staged)
+
+
+def _reasons(quarantined: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{code} {n}" for code, n in sorted(quarantined.items())) + ")" if quarantined else ""
+
+
 def ingest_files(
     lake: Lakehouse,
     source: EventSource,
@@ -130,47 +202,57 @@ def ingest_files(
     run_id: str | None = None,
     now: dt.datetime | None = None,
     window: tuple[dt.date, dt.date] | None = None,
-    max_attempts: int = 3,
+    max_attempts: int = wap.PUBLISH_ATTEMPTS,
 ) -> IngestReport:
     """Validate, quarantine, stage, audit and publish; the report says what happened.
 
     When another writer moves main between staging and publishing, the ingest stages again
-    on the new head (up to ``max_attempts`` times) rather than overwrite that write.
+    on the new head (up to ``max_attempts`` stagings) rather than overwrite that write.
     """
     run_id = run_id or f"ingest-{uuid.uuid4().hex[:12]}"
     now = now or dt.datetime.now(dt.UTC)
-    with prepare(source, paths, now=now, window=window) as prepared:
-        write_quarantine(lake, prepared, run_id, now)
-        lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
-        report = IngestReport(
-            source=source.name,
-            run_id=run_id,
-            files=prepared.files,
-            rows_read=prepared.rows_read,
-            rows_valid=prepared.rows_valid,
-            rows_outside_window=prepared.rows_outside_window,
-            quarantined=prepared.quarantined,
-            previous_snapshot=lake.head(source.table_name),
+    writer = FileIngest(lake, source, tuple(paths), window=window, now=now)
+    try:
+        staging = writer.stage(run_id)
+    except NothingToLand as exc:
+        return IngestReport(
+            source.name,
+            run_id,
+            exc.files,
+            exc.rows_read,
+            0,
+            exc.rows_outside_window,
+            exc.quarantined,
+            lake.head(source.table_name),
+            error=str(exc),
         )
-        for attempt in range(1, max_attempts + 1):
-            report.previous_snapshot = lake.head(source.table_name)
-            staged = stage_prepared(lake, prepared, run_id)
-            report.staged = staged
-            if staged is None:
-                report.error = "no valid rows to land (see the quarantine counts)"
-                return report
-            report.audit = audit_staged(lake, source, staged)
-            if not report.audit.success:
-                report.error = (
-                    f"audit failed, main left at snapshot {report.previous_snapshot}; branch "
-                    f"{staged.branch} kept for inspection"
-                )
-                return report
-            try:
-                report.published_snapshot = wap.publish(lake, staged)
-                return report
-            except wap.PublishConflict as exc:
-                report.error = str(exc)
-                if attempt == max_attempts:
-                    return report
+    previous = lake.head(source.table_name)  # staging leaves main where it was
+    report = IngestReport(
+        source=source.name,
+        run_id=run_id,
+        files=staging.files,
+        rows_read=staging.rows_read,
+        rows_valid=staging.rows_valid,
+        rows_outside_window=staging.rows_outside_window,
+        quarantined=staging.quarantined,
+        previous_snapshot=previous,
+        staged=staging.staged,
+    )
+    report.audit = writer.audit(staging.staged)
+    if not report.audit.success:
+        report.error = (
+            f"audit failed, main left at snapshot {previous}; branch {staging.staged.branch} kept for inspection"
+        )
+        return report
+    try:
+        published = wap.publish_or_restage(lake, writer, staging.staged, attempts=max_attempts)
+    except wap.AuditFailed as exc:
+        report.staged, report.audit, report.error = exc.staged, exc.report, str(exc)
+        return report
+    except wap.PublishConflict as exc:
+        report.error = str(exc)
+        return report
+    report.staged = published.staged
+    report.previous_snapshot = published.previous_snapshot_id
+    report.published_snapshot = published.snapshot_id
     return report

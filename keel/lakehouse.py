@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, NoSuchTableError
 from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
 from pyiceberg.table import Table
 from pyiceberg.table.refs import SnapshotRefType
@@ -96,6 +97,11 @@ def replace_rows(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Delete operation did not match any records", category=UserWarning)
         table.overwrite(data, overwrite_filter=where, snapshot_properties=properties, branch=branch)
+
+
+# Writers that replace their own rows straight on main of a shared table (keel.quarantine,
+# monitoring results) commit again when another writer committed first.
+COMMIT_ATTEMPTS = 8
 
 
 def _iso(day: dt.date) -> str:
@@ -180,6 +186,22 @@ class Lakehouse:
         for ns in self.catalog.list_namespaces():
             names += [".".join(ident) for ident in self.catalog.list_tables(ns)]
         return sorted(names)
+
+    def replace_on_main(self, name: str, data: pa.Table, where: BooleanExpression, properties: dict[str, str]) -> None:
+        """``replace_rows`` on main, again on the table's new head when another writer committed first.
+
+        For a writer whose ``where`` covers only its own rows (a source's files in the
+        quarantine, a model's windows in monitoring.drift) the retry is exact: nobody else's
+        rows are touched, and this writer's are replaced whole.
+        """
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                replace_rows(self.table(name), data, where, properties)
+                return
+            except CommitFailedException:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                time.sleep(min(0.05 * attempt, 0.5))
 
     def head(self, name: str, branch: str = "main") -> int | None:
         """The snapshot id at the head of a branch (None for a table with no data yet)."""

@@ -175,18 +175,42 @@ def audit_group(lake: Lakehouse, group: FeatureGroup, staged: wap.StagedWrite) -
     return audit_events(data, audit_declaration(group), recent_partition_rows=recent)
 
 
+@dataclass(frozen=True)
+class GroupDays:
+    """The write-audit-publish writer of a group's days: what ``keel backfill`` and the Dagster
+    asset ``features/<group>`` both run. A re-stage recomputes the days from main's inputs."""
+
+    store: FeatureStore
+    group: FeatureGroup
+    days: tuple[dt.date, ...]
+
+    @property
+    def table(self) -> str:
+        return self.group.table_name
+
+    def stage(self, run_id: str) -> GroupWrite:
+        from keel.registry import register
+
+        register(self.store.lake, self.store.project, self.group)
+        return stage_days(self.store, self.group, self.days, run_id)
+
+    def audit(self, staged: wap.StagedWrite) -> AuditReport:
+        return audit_group(self.store.lake, self.group, staged)
+
+
 def backfill(
     store: FeatureStore, group: FeatureGroup, start: dt.date, end: dt.date, run_id: str
 ) -> tuple[GroupWrite, AuditReport, int | None]:
     """Compute, audit and publish ``start..end``: the write, its audit and main's new snapshot (None: not published)."""
-    from keel.registry import register
-
-    register(store.lake, store.project, group)
-    write = stage_days(store, group, days_between(start, end), run_id)
-    report = audit_group(store.lake, group, write.staged)
+    writer = GroupDays(store, group, tuple(days_between(start, end)))
+    write = writer.stage(run_id)
+    report = writer.audit(write.staged)
     if not report.success:
         return write, report, None
-    return write, report, wap.publish(store.lake, write.staged)
+    try:
+        return write, report, wap.publish_or_restage(store.lake, writer, write.staged).snapshot_id
+    except wap.AuditFailed as exc:
+        return write, exc.report, None
 
 
 def read_version(lake: Lakehouse, group: FeatureGroup, version: int, **read) -> pa.Table:

@@ -32,14 +32,13 @@ from pyiceberg.table import Table
 from keel import validation
 from keel.dsl import EventSource
 from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse, days_of, replace_rows
+from keel.lakehouse import COMMIT_ATTEMPTS, Lakehouse, days_of
 from keel.validation import QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
 
 OFFSETS_PROPERTY = "keel.kafka.offsets"
 PARTITION, OFFSET = "_partition", "_offset"
-COMMIT_ATTEMPTS = 8
 
 Offsets = dict[int, int]  # partition -> next offset to read
 
@@ -281,14 +280,7 @@ def write_dead_letters(
         scope = Or(scope, part)
     scope = And(EqualTo("source", source.name), scope)
     props = lake.snapshot_properties(f"stream:{source.name}", [], run_id)
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        try:
-            replace_rows(lake.table(QUARANTINE_TABLE), rows, scope, props)
-            return rows.num_rows
-        except CommitFailedException:
-            if attempt == COMMIT_ATTEMPTS:
-                raise
-            time.sleep(min(0.05 * attempt, 0.5))
+    lake.replace_on_main(QUARANTINE_TABLE, rows, scope, props)
     return rows.num_rows
 
 

@@ -9,6 +9,12 @@
    a concurrent writer makes the publish fail instead of losing either write.
 
 A failed audit keeps the branch for inspection; ``discard`` removes it.
+
+Every table written this way (raw events, feature groups, predictions, the inference log)
+has a ``Writer``: it stages a run's rows and audits a staged write. ``publish_or_restage``
+publishes, and when another writer moved main after this run staged, stages the run again
+on the new head, audits that, and publishes it: a conflict costs a second staging, never a
+failed run or a lost write.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -32,11 +39,28 @@ from keel.lakehouse import (
     replace_rows,
 )
 
+if TYPE_CHECKING:
+    from keel.quality import AuditReport
+
 BRANCH_PREFIX = "audit_"
+# Publishing gives up after this many stagings in a row lost the race to another writer.
+PUBLISH_ATTEMPTS = 3
 
 
 class PublishConflict(LakehouseError):
     """Main moved since the branch was staged; the branch cannot be fast-forwarded."""
+
+
+class AuditFailed(LakehouseError):
+    """A staged write failed its audit; main is untouched and the branch kept for inspection."""
+
+    def __init__(self, staged: StagedWrite, report: AuditReport) -> None:
+        super().__init__(
+            f"table {staged.table!r}: the audit of {staged.partition} failed ({report.summary()}); main is "
+            f"unchanged and branch {staged.branch!r} is kept for inspection"
+        )
+        self.staged = staged
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,63 @@ class StagedWrite:
     @property
     def partition(self) -> str:
         return partition_label(self.days)
+
+
+class Staging(Protocol):
+    """What a writer's ``stage`` returns: the staged write, and whatever else it learned."""
+
+    @property
+    def staged(self) -> StagedWrite: ...
+
+
+class Writer(Protocol):
+    """A table written through write-audit-publish: it stages a run's rows and audits a staged write.
+
+    ``stage`` must be repeatable: staging the same run again starts its branch afresh from
+    main's current head (``stage`` below does), so a re-stage after a conflict is exact.
+    """
+
+    @property
+    def table(self) -> str: ...
+
+    def stage(self, run_id: str) -> Staging: ...
+
+    def audit(self, staged: StagedWrite) -> AuditReport: ...
+
+
+@dataclass(frozen=True)
+class Published:
+    """A run's write on main: the staged write that was published and main's heads around it."""
+
+    staged: StagedWrite
+    snapshot_id: int
+    previous_snapshot_id: int | None
+    restaged: int = 0  # times main moved after staging and the run staged again
+    staging: Staging | None = None  # what the last re-stage returned (None: published as first staged)
+
+
+def publish_or_restage(
+    lake: Lakehouse, writer: Writer, staged: StagedWrite, *, attempts: int = PUBLISH_ATTEMPTS
+) -> Published:
+    """Publish ``staged``; when main moved since, stage the run again on the new head, audit it and publish.
+
+    Raises ``AuditFailed`` when a re-staged write fails its audit, and ``PublishConflict``
+    when every one of ``attempts`` stagings lost the race to another writer.
+    """
+    staging: Staging | None = None
+    for attempt in range(attempts):
+        previous = lake.head(staged.table)
+        try:
+            return Published(staged, publish(lake, staged), previous, attempt, staging)
+        except PublishConflict:
+            if attempt == attempts - 1:
+                raise
+        staging = writer.stage(staged.run_id)
+        staged = staging.staged
+        report = writer.audit(staged)
+        if not report.success:
+            raise AuditFailed(staged, report)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def branch_name(run_id: str) -> str:
@@ -129,13 +210,17 @@ def stage(
     return StagedWrite(table_name, branch, run_id, head, base, tuple(sorted(written_days)), rows)
 
 
-def recent_partition_rows(lake: Lakehouse, table_name: str, exclude: Iterable[dt.date], count: int) -> list[int]:
-    """Row counts of main's latest ``count`` day partitions outside ``exclude``: the audit's history."""
-    skip = set(exclude)
+def recent_partition_rows(lake: Lakehouse, table_name: str, staged_days: Iterable[dt.date], count: int) -> list[int]:
+    """Row counts of main's latest ``count`` day partitions before the first staged day: the audit's history.
+
+    Only earlier days count: a backfill landing old days is judged against the days before
+    them, not against later days that did not exist yet when those days happened.
+    """
+    first = min(staged_days, default=None)
     history = sorted(
         (day, rows)
         for day, rows in lake.partition_rows(table_name).items()
-        if isinstance(day, dt.date) and day not in skip
+        if isinstance(day, dt.date) and (first is None or day < first)
     )
     return [rows for _, rows in history[-count:]]
 

@@ -62,11 +62,12 @@ def test_config_prints_every_setting_in_force(home, capsys):
 
     root = home.resolve()
     assert (code, err) == (0, "")
-    assert out.splitlines()[:9] == [
+    assert out.splitlines()[:10] == [
         f"KEEL_HOME={root}",
         f"KEEL_CATALOG_URI=sqlite:///{root}/catalog.db",
         f"KEEL_WAREHOUSE=file://{root}/warehouse",
         f"KEEL_MLFLOW_URI=sqlite:///{root}/mlflow.db",
+        "KEEL_MLFLOW_UI_URL=http://127.0.0.1:5000",
         "KEEL_PROJECT=pipelines",
         f"KEEL_LANDING={root}/landing",
         "KEEL_CODE_VERSION=test-sha",
@@ -74,7 +75,7 @@ def test_config_prints_every_setting_in_force(home, capsys):
         "KEEL_DAGSTER_URL=http://127.0.0.1:3000",
     ]
     # Then the serving settings, every one shown with its value.
-    assert out.splitlines()[9:12] == ["KEEL_SERVE_MODELS=", "KEEL_SERVE_POLL_S=30.0", "KEEL_SERVE_CANARY=0.0"]
+    assert out.splitlines()[10:13] == ["KEEL_SERVE_MODELS=", "KEEL_SERVE_POLL_S=30.0", "KEEL_SERVE_CANARY=0.0"]
     assert "KEEL_SERVE_SHADOW=false" in out and "KEEL_SERVE_BREAKER_RESET_S=5.0" in out
 
 
@@ -233,7 +234,8 @@ def test_ingest_of_only_bad_rows_fails_and_says_why_nothing_was_published(home, 
         "source transactions: 1 file(s), 2 rows read, 0 valid, 2 quarantined",
         "  quarantined        1  missing_key",
         "  quarantined        1  wrong_type",
-        "  NOT published: no valid rows to land (see the quarantine counts)",
+        "  NOT published: source 'transactions': no valid rows to land from 1 file(s) (2 read, 2 quarantined "
+        "(missing_key 1, wrong_type 1), 0 outside the run's days); see `keel quarantine --source transactions`",
     ]
     assert Lakehouse.from_env().read(TXN).num_rows == 0
 

@@ -642,13 +642,16 @@ def test_a_file_of_only_bad_rows_publishes_nothing_and_says_why(lake, payments, 
     report = ingest_files(lake, payments, [path], run_id="allbad", now=NOW)
 
     assert not report.published and report.staged is None and report.audit is None
-    assert report.error == "no valid rows to land (see the quarantine counts)"
+    assert report.error == (
+        "source 'payments': no valid rows to land from 1 file(s) (3 read, 3 quarantined (missing_key 3), "
+        "0 outside the run's days); see `keel quarantine --source payments`"
+    )
     assert lake.head(TABLE) == report.previous_snapshot
     assert quarantined(lake, path) == [(1, "missing_key"), (2, "missing_key"), (3, "missing_key")]
     assert report.summary().splitlines() == [
         "source payments: 1 file(s), 3 rows read, 0 valid, 3 quarantined",
         "  quarantined        3  missing_key",
-        "  NOT published: no valid rows to land (see the quarantine counts)",
+        f"  NOT published: {report.error}",
     ]
 
 
