@@ -355,6 +355,24 @@ def test_a_day_far_smaller_than_recent_days_fails_the_audit_and_main_stays(lake,
     assert report.summary().splitlines()[-1] == f"  NOT published: {report.error}"
 
 
+def test_old_days_landing_after_later_ones_are_judged_against_the_days_before_them_only(lake, payments, tmp_path):
+    """A backfill of early days is not judged against later days that did not exist yet then."""
+    later = [r for day in days(DAY + dt.timedelta(days=4), 3) for r in payment_rows(day, 40, prefix="late")]
+    assert ingest_files(lake, payments, [write_csv(tmp_path / "later.csv", later)], now=NOW).published
+    early = [r for day in days(DAY - dt.timedelta(days=3), 3) for r in payment_rows(day, 40, prefix="early")]
+    assert ingest_files(lake, payments, [write_csv(tmp_path / "early.csv", early)], now=NOW).published
+    # A thin day after the early ones is judged against them: 3 rows against a median of 40.
+    thin = write_csv(tmp_path / "thin.csv", payment_rows(DAY, 3, prefix="thin"))
+    report = ingest_files(lake, payments, [thin], now=NOW)
+    assert not report.published and "vs recent median 40" in report.audit.failures[0].detail
+    # The first early day has no earlier day at all: nothing to judge its volume against.
+    first = write_csv(tmp_path / "first.csv", payment_rows(DAY - dt.timedelta(days=6), 3, prefix="first"))
+    report = ingest_files(lake, payments, [first], now=NOW)
+    assert report.published, report.summary()
+    daily = [o for o in report.audit.outcomes if o.expectation == "expect_daily_row_count_to_be_between"]
+    assert daily[0].detail == "not enough history (0 partitions)"
+
+
 def test_a_day_near_recent_days_passes_the_same_audit(lake, payments, tmp_path):
     history = [r for day in days(DAY, 3) for r in payment_rows(day, 40)]
     ingest_files(lake, payments, [write_csv(tmp_path / "history.csv", history)], run_id="history", now=NOW)
