@@ -57,6 +57,7 @@ test: install
 
 # Started from DAGSTER_HOME, so Dagster reads the instance's copy of dagster.yaml, not the repo's.
 ui: install dagster-home
+	$(BIN)/python -m pipelines.pools
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev --host 127.0.0.1 --port 3000 -w $(CURDIR)/workspace.yaml
 
 # The model registry and its runs: KEEL_MLFLOW_URI, or the embedded SQLite store under KEEL_HOME.

@@ -14,10 +14,9 @@ import dagster as dg
 from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
-from assets.raw_events import daily_partitions, window_of
+from assets.write_audit_publish import daily_partitions, run_days
 from keel.data_quality import CHECKS, QualityTarget, profile_days, project_targets, quality_rows, write_quality
 from keel.inference_log import TABLE as INFERENCE_LOG_TABLE
-from keel.materialize import days_between
 from keel.project import Project
 from resources import LakehouseResource
 
@@ -52,6 +51,8 @@ def quality_asset(target: QualityTarget, upstream: dg.AssetKey, partitions: dg.P
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         automation_condition=dg.AutomationCondition.eager(),
+        # Runs writing monitoring.quality wait for each other (the instance's pools count whole runs).
+        pool="monitoring.quality",
         group_name="monitoring",
         kinds={"iceberg", "duckdb"},
         check_specs=[
@@ -64,7 +65,7 @@ def quality_asset(target: QualityTarget, upstream: dg.AssetKey, partitions: dg.P
     )
     def quality(context: dg.AssetExecutionContext, lakehouse: LakehouseResource):
         lake = lakehouse.lakehouse()
-        days = days_between(*window_of(context))
+        days = run_days(context)
         try:
             results = profile_days(lake, target, days)
         except ValueError as exc:
@@ -131,5 +132,6 @@ def quality_definitions(
         minute_of_hour=15,
         name=f"{QUALITY_JOB}_daily",
         description="Yesterday's data quality, at 01:15 UTC.",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=[schedule])

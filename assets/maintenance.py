@@ -66,6 +66,7 @@ def maintenance_definitions() -> dg.Definitions:
                 cron_schedule="0 3 * * *",
                 execution_timezone="UTC",
                 description="Compact and expire snapshots every night at 03:00 UTC.",
+                default_status=dg.DefaultScheduleStatus.RUNNING,
             )
         ],
     )

@@ -22,6 +22,7 @@ import dagster as dg
 from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
+from assets.models import champion_key
 from keel import drift_report
 from keel.config import Settings
 from keel.drift import DriftError, DriftReport, TargetDrift
@@ -71,7 +72,9 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
 
     @dg.asset(
         key=drift_key(spec.name),
-        deps=[INFERENCE_LOG_KEY, labels_key],
+        deps=[INFERENCE_LOG_KEY, labels_key, champion_key(spec)],
+        # Runs writing one monitoring table wait for each other (the instance's pools count whole runs).
+        pool="monitoring.drift",
         check_specs=[
             dg.AssetCheckSpec(
                 "drift",
@@ -127,7 +130,8 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
 
     @dg.asset(
         key=performance_key(spec.name),
-        deps=[INFERENCE_LOG_KEY, labels_key],
+        deps=[INFERENCE_LOG_KEY, labels_key, champion_key(spec)],
+        pool="monitoring.performance",
         check_specs=[
             dg.AssetCheckSpec(
                 "performance",
@@ -425,6 +429,7 @@ def monitoring_schedule(monitor: MonitorSpec, job: dg.JobDefinition) -> dg.Sched
         job=job,
         cron_schedule=f"0 {HOUR_OF_DAY} * * *",
         execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
         description=(
             f"Monitor '{monitor.name}' every day at 01:00 UTC: yesterday, and the day "
             f"{monitor.label_delay} + {monitor.label_window} before it once its labels can have landed."

@@ -16,6 +16,8 @@ class Project:
 
     name: str
     sources: tuple[EventSource, ...]
+    # The first day of the project's events: every daily partition (raw, features, predictions,
+    # monitoring) starts here, so the Dagster UI counts only days that can hold data.
     start_date: dt.date
     entities: tuple[Entity, ...] = ()
     feature_groups: tuple[FeatureGroup, ...] = ()

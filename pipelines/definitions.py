@@ -1,4 +1,9 @@
-"""The Dagster code location: everything assets/, sensors/ and resources/ build for this project."""
+"""The Dagster code location: everything assets/, sensors/ and resources/ build for this project.
+
+The loop's automation is on when the daemon runs (`make ui`, `make demo`): the landing,
+retrain, alert and automation sensors and the daily schedules start in code (see README,
+"Automation"). The stream health sensor exists only when KEEL_KAFKA_BOOTSTRAP is set.
+"""
 
 import dagster as dg
 
@@ -11,13 +16,17 @@ from assets.monitoring import monitoring_definitions
 from assets.online import online_definitions
 from assets.predictions import prediction_definitions
 from assets.raw_events import raw_event_definitions
+from assets.serving import serving_definitions, serving_key
+from keel.config import Settings
 from keel.monitoring import monitors_for
 from pipelines import project
 from pipelines.models import MODELS
 from pipelines.monitoring import MONITORS
 from resources import resource_definitions
 from sensors.alerts import alert_sensor_definitions
+from sensors.automation import automation_sensor_definitions
 from sensors.landing import sensor_definitions
+from sensors.model_registry import model_registry_sensor_definitions
 from sensors.retrain import retrain_sensor_definitions
 from sensors.stream import stream_sensor_definitions
 
@@ -33,12 +42,18 @@ defs = dg.Definitions.merge(
     maintenance_definitions(),
     model_definitions(project, MODELS),
     prediction_definitions(project, MODELS),
-    inference_log_definitions(project),
+    serving_definitions(project, MODELS),
+    inference_log_definitions(project, [serving_key(spec) for spec in MODELS]),
     monitoring,
     quality,
     sensor_definitions(project, list(raw.jobs)),
-    stream_sensor_definitions(project),
+    stream_sensor_definitions(project) if Settings.from_env().kafka_bootstrap else dg.Definitions(),
     retrain_sensor_definitions(MODELS),
+    model_registry_sensor_definitions(MODELS),
     alert_sensor_definitions(watched),
+    automation_sensor_definitions(),
     resource_definitions(),
+    # A run's steps run one after another in its own process: on a laptop a process per step
+    # would cost more in start-up than the steps take, and runs already run side by side.
+    dg.Definitions(executor=dg.in_process_executor),
 )

@@ -1,9 +1,13 @@
-"""The demo: generate the shop's data, ingest it through Dagster, print what landed.
+"""The demo: the shop's data through the whole loop, run by Dagster as a person runs it.
 
-Runs go through the persistent Dagster instance under $DAGSTER_HOME (KEEL_HOME/dagster by
-default), so `make ui` afterwards shows the runs, the asset graph, the audit checks and the
-metadata. Running the demo twice leaves the tables' content as it was (ingests merge by
-event id), with new snapshots.
+The demo starts ``dagster dev`` (webserver, daemon, code server) on the instance under
+$DAGSTER_HOME (KEEL_HOME/dagster by default) and drives it through the UI's GraphQL API: the
+landing_files sensor ingests the generated files, a partition backfill computes the feature
+groups, and the train, score, load and monitor jobs are launched as runs, so `make ui`
+afterwards shows every run on the Overview timeline and its job's page, with the asset
+graph, the checks and their metadata. The daemon's sensors close the loop: the alert sensor
+reports the drift, the retrain sensor starts the retrain. Running the demo twice leaves the
+tables' content as it was (ingests merge by event id), with new snapshots.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from keel.config import Settings
 from keel.ingest import QUARANTINE_TABLE
 from keel.lakehouse import Lakehouse
 
-DAYS = 90
 USERS = 1000
 # The data drifts after the first third of the window: labels (30 days late) exist on both sides.
 DRIFT_AFTER_PART = 3
@@ -56,16 +59,17 @@ def write_corrections(folder: Path, good_row: dict) -> Path:
     return path
 
 
-def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USERS) -> int:
+def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     settings = settings or Settings.from_env()
-    from assets.feature_groups import feature_job_name
     from assets.models import train_job_name
     from assets.online import ONLINE_SYNC_JOB
     from assets.predictions import predict_job_name
-    from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
+    from assets.raw_events import landing_files
+    from keel.devservers import free_port
     from pipelines import project
-    from pipelines.definitions import defs
+    from pipelines.dagster_service import DagsterService
     from pipelines.demo_monitoring import monitoring_loop
+    from pipelines.demo_runs import DemoRuns
     from pipelines.generate import generate, write_files
     from pipelines.models import MODELS
 
@@ -74,9 +78,12 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    steps = 4 + len(project.sources) + len(project.feature_groups) + 5 * len(MODELS)
-    # The shop's days end yesterday (UTC), so online values are fresh and a live stream carries on from them.
-    start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
+    steps = 7 + 5 * len(MODELS)
+    # The shop's days run from the project's first partition to yesterday (UTC), so every partition
+    # fills, online values are fresh, and a live stream carries on from them.
+    start = project.start_date
+    days = (dt.datetime.now(dt.UTC).date() - start).days
+    span = (start, start + dt.timedelta(days=days - 1))
     step = iter(range(1, steps + 1))
     t0 = time.perf_counter()
 
@@ -92,113 +99,127 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     first = tables["transactions"].slice(0, 1).to_pylist()[0]
     write_corrections(settings.landing / "transactions", first)
     print("        " + ", ".join(f"{k}: {v.num_rows:,} rows" for k, v in tables.items()), flush=True)
+    files = {source.name: landing_files(settings.landing, source) for source in project.sources}
 
-    span = (start, start + dt.timedelta(days=days - 1))
-    failed = []
-    for source in project.sources:
-        files = landing_files(settings.landing, source)
+    failed: list[str] = []
+    print(f"[{next(step)}/{steps}] starting Dagster (dagster dev: webserver, daemon, code server) ...", flush=True)
+    env = {**os.environ, **settings.as_env(), "DAGSTER_HOME": str(instance.root_directory)}
+    with DagsterService(Path(instance.root_directory), free_port(), env=env) as dagster:
+        runs = DemoRuns(dagster, instance)
+        print(f"        up at {dagster.url}; its sensors and schedules are on (README: Automation)", flush=True)
+        count = sum(len(f) for f in files.values())
         print(
-            f"[{next(step)}/{steps}] ingesting {source.name}: {len(files)} file(s) -> {source.table_name} ...",
+            f"[{next(step)}/{steps}] the landing_files sensor ingests the {count} files, one run each, "
+            "queued one run per table ...",
+            flush=True,
+        )
+        t = time.perf_counter()
+        landed = runs.wait_for_files([str(f) for fs in files.values() for f in fs])
+        print(f"        {len(landed)} runs published in {time.perf_counter() - t:.0f}s", flush=True)
+        for source in project.sources:
+            print(f"        {ingest_summary(source, [landed[str(f)] for f in files[source.name]])}", flush=True)
+        if not all(o.success for o in landed.values()):
+            failed.append("ingest")
+
+        groups = [["features", g.name] for g in project.feature_groups]
+        print(
+            f"[{next(step)}/{steps}] backfilling {len(groups)} feature groups over {days} days (a partition "
+            "backfill, as the UI launches one) ...",
             end=" ",
             flush=True,
         )
-        if not files:
-            print("skipped: the generated span holds none of these events yet", flush=True)
-            continue
-        config = ingest_run_config(source, files)
-        result = _run_job(defs, ingest_job_name(source), instance, span, config)
-        print(f"        {run_summary(result, f"raw__{source.name}_staged")}", flush=True)
-        if not result.success:
-            failed.append(source.name)
+        t = time.perf_counter()
+        backfill = dagster.backfill(groups, [(start + dt.timedelta(days=i)).isoformat() for i in range(days)])
+        status, backfill_runs = dagster.wait_for_backfill(backfill)
+        print(f"{status.lower()} in {time.perf_counter() - t:.1f}s ({len(backfill_runs)} runs)", flush=True)
+        for group in project.feature_groups:
+            rows = lake.partition_rows(group.table_name) if lake.exists(group.table_name) else {}
+            print(f"        {group.name} v{group.version}: {sum(rows.values()):,} rows in {len(rows)} days", flush=True)
+        if status not in ("COMPLETED", "COMPLETED_SUCCESS") or any(s != "SUCCESS" for s in backfill_runs.values()):
+            failed.append("feature backfill")
 
-    for group in project.feature_groups:
+        print(f"[{next(step)}/{steps}] training set for the churn label", flush=True)
+        if not failed:
+            print(training_set_summary(settings, project))
+
         print(
-            f"[{next(step)}/{steps}] computing {group.name} v{group.version} for {days} days ...", end=" ", flush=True
+            f"[{next(step)}/{steps}] syncing the online store and checking it against offline ...", end=" ", flush=True
         )
-        result = _run_job(defs, feature_job_name(group), instance, span, {})
-        staged = result.asset_materializations_for_node(f"features__{group.name}_staged")
-        if staged:
-            print(f"        {sum(m.metadata['dagster/row_count'].value for m in staged[:1]):,} rows", flush=True)
-        if not result.success:
-            failed.append(group.name)
-
-    print(f"[{next(step)}/{steps}] training set for the churn label", flush=True)
-    if not failed:
-        print(training_set_summary(settings, project))
-
-    print(f"[{next(step)}/{steps}] syncing the online store and checking it against offline ...", end=" ", flush=True)
-    if not failed:
-        result = _run_job(defs, ONLINE_SYNC_JOB, instance, None, {})
-        if result.success:
-            print(online_summary(result, settings, project), flush=True)
-        else:
-            failed.append(ONLINE_SYNC_JOB)
-    else:
-        print("skipped: an earlier step failed", flush=True)
-
-    for spec in MODELS:
-        print(
-            f"[{next(step)}/{steps}] training model {spec.name} ({spec.algorithm}) on the labels before {drift_day} ...",
-            end=" ",
-            flush=True,
-        )
-        if failed:
-            print("skipped: an earlier step failed", flush=True)
-            continue
-        cutoff = {"ops": {f"models__{spec.name}_challenger": {"config": {"label_cutoff": drift_day.isoformat()}}}}
-        result = _run_job(defs, train_job_name(spec), instance, None, cutoff)
-        if result.success:
-            print(model_summary(result, settings, spec), flush=True)
-        else:
-            failed.append(train_job_name(spec))
-
-        last = span[1]
-        print(f"[{next(step)}/{steps}] scoring {last} with the champion of {spec.name} ...", end=" ", flush=True)
-        if failed:
-            print("skipped: an earlier step failed", flush=True)
-        else:
-            result = _run_job(defs, predict_job_name(spec), instance, (last, last), {})
+        if not failed:
+            result = runs.job(ONLINE_SYNC_JOB)
             if result.success:
-                print(scoring_summary(lake, spec, last), flush=True)
+                print(online_summary(result, settings, project), flush=True)
             else:
-                failed.append(predict_job_name(spec))
-
-        print(f"[{next(step)}/{steps}] reproducing the champion of {spec.name} from its lineage ...", flush=True)
-        if failed:
-            print("        skipped: an earlier step failed", flush=True)
+                failed.append(ONLINE_SYNC_JOB)
         else:
-            text, identical = reproduction_summary(settings, spec)
-            print(text, flush=True)
-            if not identical:
-                failed.append(f"reproduce {spec.name}")
+            print("skipped: an earlier step failed", flush=True)
 
-        print(
-            f"[{next(step)}/{steps}] serving {spec.name}: keel serve --workers 2, a few predictions, stop ...",
-            flush=True,
-        )
-        if failed:
-            print("        skipped: an earlier step failed", flush=True)
-        else:
-            text, ok = serving_summary(settings, lake, spec, last)
-            print(text, flush=True)
-            if not ok:
-                failed.append(f"serve {spec.name}")
+        for spec in MODELS:
+            print(
+                f"[{next(step)}/{steps}] training model {spec.name} ({spec.algorithm}) on the labels before "
+                f"{drift_day} ...",
+                end=" ",
+                flush=True,
+            )
+            if failed:
+                print("skipped: an earlier step failed", flush=True)
+                continue
+            cutoff = {"ops": {f"models__{spec.name}_challenger": {"config": {"label_cutoff": drift_day.isoformat()}}}}
+            result = runs.job(train_job_name(spec), config=cutoff)
+            if result.success:
+                print(model_summary(result, settings, spec), flush=True)
+            else:
+                failed.append(train_job_name(spec))
 
-        print(
-            f"[{next(step)}/{steps}] monitoring {spec.name} across the drift: traffic, drift, alerts, retrain ...",
-            flush=True,
-        )
-        if failed:
-            print("        skipped: an earlier step failed", flush=True)
-        else:
-            text, broken = monitoring_loop(defs, instance, settings, lake, spec, span, drift_day, _run_job)
-            print("\n".join(text), flush=True)
-            failed += broken
+            last = span[1]
+            print(f"[{next(step)}/{steps}] scoring {last} with the champion of {spec.name} ...", end=" ", flush=True)
+            if failed:
+                print("skipped: an earlier step failed", flush=True)
+            else:
+                result = runs.job(predict_job_name(spec), partition=last)
+                if result.success:
+                    print(scoring_summary(lake, spec, last), flush=True)
+                else:
+                    failed.append(predict_job_name(spec))
+
+            print(f"[{next(step)}/{steps}] reproducing the champion of {spec.name} from its lineage ...", flush=True)
+            if failed:
+                print("        skipped: an earlier step failed", flush=True)
+            else:
+                text, identical = reproduction_summary(settings, spec)
+                print(text, flush=True)
+                if not identical:
+                    failed.append(f"reproduce {spec.name}")
+
+            print(
+                f"[{next(step)}/{steps}] serving {spec.name}: keel serve --workers 2, a few predictions, stop ...",
+                flush=True,
+            )
+            if failed:
+                print("        skipped: an earlier step failed", flush=True)
+            else:
+                text, ok = serving_summary(settings, lake, spec, last)
+                print(text, flush=True)
+                if not ok:
+                    failed.append(f"serve {spec.name}")
+
+            print(
+                f"[{next(step)}/{steps}] monitoring {spec.name} across the drift: traffic, drift, alerts, retrain ...",
+                flush=True,
+            )
+            if failed:
+                print("        skipped: an earlier step failed", flush=True)
+            else:
+                text, broken = monitoring_loop(runs, settings, lake, spec, span, drift_day)
+                print("\n".join(text), flush=True)
+                failed += broken
+        print("        stopping Dagster; `make ui` starts it again on the same instance", flush=True)
 
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
     print(
-        f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs."
+        f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs; "
+        "`make mlflow-ui` opens MLflow at http://127.0.0.1:5000."
     )
     if failed:
         print(f"FAILED: {', '.join(failed)} (see the runs in `make ui`)", file=sys.stderr)
@@ -206,25 +227,20 @@ def run(settings: Settings | None = None, *, days: int = DAYS, users: int = USER
     return 0
 
 
-def _run_job(defs, name: str, instance, span: tuple[dt.date, dt.date] | None, run_config: dict):
-    """One run (over the whole span, as a single-run backfill, when given), quiet on the terminal, recorded in the instance."""
-    from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-
-    t = time.perf_counter()
-    tags = (
-        {ASSET_PARTITION_RANGE_START_TAG: span[0].isoformat(), ASSET_PARTITION_RANGE_END_TAG: span[1].isoformat()}
-        if span
-        else {}
+def ingest_summary(source, outcomes) -> str:
+    """Rows read and quarantined over the source's files, and the audits' verdicts, from the check metadata."""
+    read = quarantined = passed = total = 0
+    for outcome in outcomes:
+        for check in outcome.checks:
+            meta = {k: v.value for k, v in check.metadata.items()}
+            read += meta.get("rows_read", 0)
+            quarantined += meta.get("rows_quarantined", 0)
+            total += meta["expectations"]
+            passed += meta["expectations"] - meta["failed_expectations"]
+    return (
+        f"{source.name:<14}{len(outcomes)} file(s), {read:,} rows read, {quarantined:,} quarantined, "
+        f"audits {passed}/{total} expectations passed -> {source.table_name}"
     )
-    result = defs.resolve_job_def(name).execute_in_process(
-        instance=instance,
-        run_config={**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        tags=tags,
-        raise_on_error=False,
-    )
-    status = "published" if result.success else "FAILED"
-    print(f"{status} in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
-    return result
 
 
 def training_set_summary(settings: Settings, project) -> str:
@@ -254,18 +270,16 @@ def online_summary(result, settings: Settings, project) -> str:
 
     lines = []
     for group in [g for g in project.feature_groups if g.online]:
-        meta = result.asset_materializations_for_node(f"online__{group.name}")[0].metadata
+        meta = result.metadata(f"online/{group.name}")
         lines.append(
-            f"        {group.name:<20}{meta['keys_written'].value:>6,} keys written ({meta['mode'].value}, "
-            f"{meta['duration_s'].value:.2f}s) to {meta['store'].value}"
+            f"        {group.name:<20}{meta['keys_written']:>6,} keys written ({meta['mode']}, "
+            f"{meta['duration_s']:.2f}s) to {meta['store']}"
         )
-    for event in result.all_events:
-        if event.event_type_value == "ASSET_CHECK_EVALUATION":
-            check = event.event_specific_data
-            lines.append(
-                f"        consistency {check.asset_key.path[-1]:<20}{check.metadata['match_rate'].value:.2%} of "
-                f"{check.metadata['values_compared'].value:,} values equal offline"
-            )
+    for check in sorted(result.checks, key=lambda c: c.asset_key.to_user_string()):
+        lines.append(
+            f"        consistency {check.asset_key.path[-1]:<20}{check.metadata['match_rate'].value:.2%} of "
+            f"{check.metadata['values_compared'].value:,} values equal offline"
+        )
     with OnlineStore.from_settings(settings) as online:
         store = FeatureStore(Lakehouse.from_settings(settings), project, online)
         users = sorted(online.sample(project.group("user_engagement"), 3, seed=1))
@@ -293,15 +307,15 @@ def model_summary(result, settings: Settings, spec) -> str:
     """The new version's hold-out metrics, the promotion decision and the lineage MLflow records."""
     from keel.model_registry import show
 
-    trained = result.asset_materializations_for_node(f"models__{spec.name}_challenger")[0].metadata
-    decided = result.asset_materializations_for_node(f"models__{spec.name}_champion")[0].metadata
-    version = trained["version"].value
+    trained = result.metadata(f"models/{spec.name}_challenger")
+    decided = result.metadata(f"models/{spec.name}_champion")
+    version = trained["version"]
     info = show(settings, spec.name, version)
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(trained["metrics"].value.items()))
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(trained["metrics"].items()))
     lines = [
-        f"        {spec.name} v{version}: {metrics} on {trained['holdout_rows'].value:,} hold-out rows "
-        f"(trained on {trained['train_rows'].value:,}, split at {trained['split_time'].value[:10]})",
-        f"        promoted to champion: {decided['promoted'].value} ({decided['reason'].value})",
+        f"        {spec.name} v{version}: {metrics} on {trained['holdout_rows']:,} hold-out rows "
+        f"(trained on {trained['train_rows']:,}, split at {trained['split_time'][:10]})",
+        f"        promoted to champion: {decided['promoted']} ({decided['reason']})",
         f"        lineage: {len(info['features'])} features, run {info['run_id'][:8]}, code {str(info['code_version'])[:12]}, "
         "read " + ", ".join(f"{t}@{s}" for t, s in info["snapshots"].items()),
         "        `make mlflow-ui` shows the run and the registered versions at http://127.0.0.1:5000",
@@ -422,22 +436,6 @@ def _cell(value, status: str) -> str:
     if status != "present":
         return status
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def run_summary(result, staged_op: str) -> str:
-    """Rows read and quarantined, and the audit's verdict, from the run's events."""
-    staged = result.asset_materializations_for_node(staged_op)
-    parts = []
-    if staged:
-        meta = staged[0].metadata
-        parts.append(f"{meta['rows_read'].value:,} rows read, {meta['rows_quarantined'].value:,} quarantined")
-    for event in result.all_events:
-        if event.event_type_value == "ASSET_CHECK_EVALUATION":
-            check = event.event_specific_data
-            failed = check.metadata["failed_expectations"].value
-            total = check.metadata["expectations"].value
-            parts.append(f"audit {total - failed}/{total} expectations passed")
-    return ", ".join(parts) or "nothing staged"
 
 
 def summary(lake: Lakehouse) -> str:

@@ -4,9 +4,9 @@ The shop's data drifts after a day of the demo window (``pipelines.generate``: n
 favour other plans and devices, baskets grow, sessions lengthen). The first champion was
 trained on labels from before the drift only. This step replays its traffic from two weeks
 before the drift to yesterday (``keel.replay``), loads the inference log, profiles the
-tables, and runs the model's monitoring through Dagster; then it ticks the alert and
-retrain sensors as the daemon would, runs the retrain they ask for, and reports whether the
-new challenger was promoted.
+tables and runs the model's monitoring, each as a Dagster run; then Dagster's daemon closes
+the loop by itself: the monitoring_alerts sensor sends the alerts, the retrain sensor starts
+the train job on the failed drift check, and the new challenger is promoted or not.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import time
 
-import dagster as dg
 import pyarrow.compute as pc
 
 from keel.config import Settings
@@ -24,9 +23,11 @@ from keel.lakehouse import Lakehouse
 REPLAY_PER_DAY = 200
 BEFORE_DRIFT_DAYS = 14
 QUALITY_DAYS = 14
+# The retrain and alert sensors tick every 60 s; the retrain run queues behind nothing.
+SENSOR_WAIT_S = 300
 
 
-def monitoring_loop(defs, instance, settings: Settings, lake: Lakehouse, spec, span, drift_day: dt.date, run_job):
+def monitoring_loop(runs, settings: Settings, lake: Lakehouse, spec, span, drift_day: dt.date):
     """Run the loop; returns (lines to print, the names of failed steps)."""
     from assets.data_quality import QUALITY_JOB
     from assets.inference_log import JOB_NAME as LOAD_JOB
@@ -46,77 +47,76 @@ def monitoring_loop(defs, instance, settings: Settings, lake: Lakehouse, spec, s
     lines.append(f"        replayed {replay.summary(replayed)} (drift planted from {drift_day})")
 
     recent = max(first, last - dt.timedelta(days=QUALITY_DAYS - 1))
+    quality = None
     for job, label, window in (
         (LOAD_JOB, "inference log loaded", (first, last)),
         (QUALITY_JOB, f"data quality of the last {QUALITY_DAYS} days profiled", (recent, last)),
     ):
         print(f"        {label}: ", end="", flush=True)
-        result = run_job(defs, job, instance, window, {})
+        result = runs.job(job, span=window)
         if not result.success:
             failed.append(job)
             return lines, failed
-    quality = _quality_problems(instance, defs)
-    lines.append("        data quality, latest day: " + (", ".join(quality) if quality else "no problems"))
+        quality = result
+    problems = [f"{c.asset_key.path[-1]}:{c.check_name} {c.severity.value}" for c in quality.checks if not c.passed]
+    lines.append("        data quality, latest day: " + (", ".join(problems) if problems else "no problems"))
 
     print("        monitoring: ", end="", flush=True)
-    result = run_job(defs, monitor_job_name(spec.name), instance, (first, last), {})
+    result = runs.job(monitor_job_name(spec.name), span=(first, last))
     if not result.success:
         failed.append(monitor_job_name(spec.name))
         return lines, failed
+    monitored_at = time.time()
     lines += _drift_lines(lake, spec, drift_day)
-    checks = {
-        e.event_specific_data.check_name: e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
+    checks = {c.check_name: c for c in result.checks}
     for name in ("drift", "prediction_drift", "label_drift", "performance"):
         check = checks.get(name)
         if check is not None:
             state = "passed" if check.passed else f"FAILED ({check.severity.value})"
             lines.append(f"        check {name:<17}{state}: {check.description}")
-    lines.append(
-        f"        HTML drift report: {report_path(settings.home, spec.name, dt.datetime.combine(last, dt.time(), dt.UTC))}"
+    drift = result.metadata(f"monitoring/{spec.name}_drift")
+    report = drift.get("report_url") or report_path(
+        settings.home, spec.name, dt.datetime.combine(last, dt.time(), dt.UTC)
     )
+    lines.append(f"        HTML drift report: {report}")
+    print("\n".join(lines), flush=True)
+    lines.clear()
 
-    alerts = _tick(defs, "monitoring_alerts", instance)
+    print(
+        "        waiting for the daemon: the retrain sensor acts on the failed check (ticks every 60 s) ...",
+        flush=True,
+    )
+    retrain = runs.wait_for_run(
+        {"keel/model": spec.name, "dagster/sensor_name": f"retrain_{spec.name}"}, monitored_at, SENSOR_WAIT_S
+    )
     sent = [a for a in _read_alerts(settings) if a.get("status") == "firing"]
-    lines.append(f"        alerts sensor: {alerts.skip_message or 'sent nothing'}")
+    lines.append(f"        alerts sent by the monitoring_alerts sensor: {len(sent)}")
     for alert in sent[-3:]:
         lines.append(f"          {alert.get('severity')} {alert.get('title')}")
-
-    retrain = _tick(defs, f"retrain_{spec.name}", instance)
-    if not retrain.run_requests:
-        lines.append(f"        retrain sensor: no retrain ({retrain.skip_message or 'nothing failed with ERROR'})")
+    if retrain is None:
+        lines.append(f"        retrain sensor: no retrain within {SENSOR_WAIT_S}s (is the retrain sensor on?)")
+        if not checks.get("drift") or checks["drift"].passed or checks["drift"].severity.value != "ERROR":
+            return lines, failed
+        failed.append(f"retrain_{spec.name}")
         return lines, failed
-    request = retrain.run_requests[0]
     lines.append(
-        f"        retrain sensor fired on {request.tags.get('keel/trigger')}: running {train_job_name(spec)} ..."
+        f"        retrain sensor fired on {retrain.tags.get('keel/trigger')}: {train_job_name(spec)} run "
+        f"{retrain.run_id[:8]} ..."
     )
     print("        retraining: ", end="", flush=True)
-    trained = defs.resolve_job_def(train_job_name(spec)).execute_in_process(
-        instance=instance,
-        tags=dict(request.tags),
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        raise_on_error=False,
-    )
-    print(f"{'published' if trained.success else 'FAILED'} (run {trained.run_id[:8]})", flush=True)
+    trained = runs.wait(retrain.run_id)
     if not trained.success:
         failed.append(train_job_name(spec))
         return lines, failed
-    challenger = trained.asset_materializations_for_node(f"models__{spec.name}_challenger")[0].metadata
-    decided = trained.asset_materializations_for_node(f"models__{spec.name}_champion")[0].metadata
+    challenger = trained.metadata(f"models/{spec.name}_challenger")
+    decided = trained.metadata(f"models/{spec.name}_champion")
     lines.append(
-        f"        new challenger v{challenger['version'].value}: hold-out {spec.metric} "
-        f"{challenger['metrics'].value.get(spec.metric, float('nan')):.3f} (trained on labels up to now)"
+        f"        new challenger v{challenger['version']}: hold-out {spec.metric} "
+        f"{challenger['metrics'].get(spec.metric, float('nan')):.3f} (trained on labels up to now)"
     )
-    lines.append(f"        promoted to champion: {decided['promoted'].value} ({decided['reason'].value})")
+    lines.append(f"        promoted to champion: {decided['promoted']} ({decided['reason']})")
     lines.append(f"        (loop took {time.perf_counter() - t:.0f}s)")
     return lines, failed
-
-
-def _tick(defs, name: str, instance) -> dg.SensorResult:
-    sensor = defs.resolve_sensor_def(name) if hasattr(defs, "resolve_sensor_def") else defs.get_sensor_def(name)
-    return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
 
 
 def _drift_lines(lake: Lakehouse, spec, drift_day: dt.date) -> list[str]:
@@ -141,19 +141,6 @@ def _drift_lines(lake: Lakehouse, spec, drift_day: dt.date) -> list[str]:
                 + ", ".join(f"{r['name']} ({r['statistic']} {r['value']:.2f})" for r in top)
             )
     return out
-
-
-def _quality_problems(instance, defs) -> list[str]:
-    from assets.data_quality import QUALITY_JOB
-
-    job = defs.resolve_job_def(QUALITY_JOB)
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job.name), limit=1)
-    problems = []
-    for event in instance.all_logs(runs[0].run_id) if runs else []:
-        data = event.dagster_event.event_specific_data if event.dagster_event else None
-        if isinstance(data, dg.AssetCheckEvaluation) and not data.passed:
-            problems.append(f"{data.asset_key.path[-1]}:{data.check_name} {data.severity.value}")
-    return problems
 
 
 def _read_alerts(settings: Settings) -> list[dict]:

@@ -81,24 +81,33 @@ def online_resource(settings: Settings | None = None) -> OnlineStoreResource:
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """MLflow tracking and registry: ``mlflow_uri``, or SQLite under ``home`` when unset."""
+    """MLflow tracking and registry: ``mlflow_uri``, or SQLite under ``home`` when unset; its UI at ``mlflow_ui_url``."""
 
     home: str
     mlflow_uri: str | None = None
+    mlflow_ui_url: str | None = None
     code_version: str | None = None
 
     def settings(self) -> Settings:
-        values = {"home": self.home, "mlflow_uri": self.mlflow_uri, "code_version": self.code_version}
+        values = {
+            "home": self.home,
+            "mlflow_uri": self.mlflow_uri,
+            "mlflow_ui_url": self.mlflow_ui_url,
+            "code_version": self.code_version,
+        }
         return Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v})
 
 
 def mlflow_resource(settings: Settings | None = None) -> MlflowResource:
     s = settings or Settings.from_env()
     if settings is not None:
-        return MlflowResource(home=str(s.home), mlflow_uri=s.mlflow_uri, code_version=s.code_version)
+        return MlflowResource(
+            home=str(s.home), mlflow_uri=s.mlflow_uri, mlflow_ui_url=s.mlflow_ui_url, code_version=s.code_version
+        )
     return MlflowResource(
         home=_setting("home", str(s.home)),
         mlflow_uri=_setting("mlflow_uri"),
+        mlflow_ui_url=_setting("mlflow_ui_url"),
         code_version=_setting("code_version", s.code_version),
     )
 

@@ -63,6 +63,7 @@ def alert_sensor(
     @dg.sensor(
         name=name,
         minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             f"Sends monitoring alerts for {names}: one alert when a check starts failing, another if it "
             "escalates from WARN to ERROR, and one when it passes again; to the console, KEEL_ALERT_FILE and "

@@ -52,6 +52,7 @@ def retrain_sensor(
         name=f"retrain_{spec.name}",
         job_name=job_name,
         minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             f"Starts {job_name} when one of these checks fails: {names}; at most once per "
             f"{cool_down_seconds / 3600:g} h. The cursor keeps the newest evaluation seen and the last retrain time."

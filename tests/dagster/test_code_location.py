@@ -10,8 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.instance.config import dagster_instance_config
-from dagster._core.run_coordinator import DefaultRunCoordinator, QueuedRunCoordinator
-from dagster._serdes import ConfigurableClassData
+from dagster._core.run_coordinator import QueuedRunCoordinator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,10 +25,11 @@ def test_definitions_load_without_warnings_and_hold_the_raw_assets(keel_home):
         graph = defs.resolve_asset_graph()
 
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert not [k for k in keys if k.endswith("_staged")]  # one asset per table
     for source in ("signups", "clicks", "transactions", "churn_labels"):
-        assert {f"landing/{source}", f"raw/{source}_staged", f"raw/{source}"} <= keys
+        assert {f"landing/{source}", f"raw/{source}"} <= keys
         assert graph.get(dg.AssetKey(["raw", source])).partitions_def is not None
-        checks = graph.get_check_keys_for_assets({dg.AssetKey(["raw", f"{source}_staged"])})
+        checks = graph.get_check_keys_for_assets({dg.AssetKey(["raw", source])})
         assert [check.name for check in checks] == ["audit"]
     assert "ops/lakehouse_maintenance" in keys
     assert defs.resolve_schedule_def("daily_lakehouse_maintenance").cron_schedule == "0 3 * * *"
@@ -66,13 +66,45 @@ def test_a_bad_setting_stops_the_code_location_at_load_naming_the_variable(keel_
         sys.modules.pop("pipelines.definitions", None)
 
 
-def test_embedded_profile_is_sqlite_under_dagster_home(keel_home):
+def test_every_step_writing_a_table_claims_that_tables_pool(keel_home):
+    """With pools counted per run (dagster.yaml), this is what keeps two runs off one table."""
+    sys.modules.pop("pipelines.definitions", None)
+    from pipelines.definitions import defs
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    steps = {op.name: op.pool for op in job.all_node_defs if getattr(op, "pool", None)}
+    assert steps["raw__clicks_stage"] == steps["raw__clicks_audit"] == steps["raw__clicks_publish"] == "raw.clicks"
+    assert steps["features__user_profile_publish"] == "features.user_profile"
+    assert steps["predictions__churn_stage"] == "predictions.churn"
+    assert steps["monitoring__inference_log_publish"] == "monitoring.inference_log"
+
+
+def test_the_pools_exist_on_the_instance_before_the_first_run_queues(keel_home):
+    """Dagster's queue does not limit a pool in the pass that first meets it: pools are declared up front."""
+    from pipelines.definitions import defs
+    from pipelines.pools import ensure_pools, table_pools
+
+    home = keel_home / "dagster"
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    pools = table_pools(defs)
+    assert {"raw.clicks", "features.user_profile", "monitoring.drift", "monitoring.quality"} <= pools
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert ensure_pools(instance, pools) == sorted(pools)
+        assert ensure_pools(instance, pools) == []
+        info = instance.event_log_storage.get_concurrency_info("raw.clicks")
+        assert info.slot_count == 1
+
+
+def test_embedded_profile_is_sqlite_under_dagster_home_with_runs_queued_one_per_table(keel_home):
     home = keel_home / "dagster"
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert (home / "history" / "runs.db").exists()
-        assert isinstance(instance.run_coordinator, DefaultRunCoordinator)
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        pools = instance.get_concurrency_config().pool_config
+        assert (pools.pool_granularity.value, pools.default_pool_limit) == ("run", 1)
+        assert instance.event_log_storage.supports_global_concurrency_limits
 
 
 @pytest.fixture
@@ -96,14 +128,11 @@ def test_production_profile_is_postgres_with_queued_runs_one_per_table(postgres_
     assert storage["hostname"] == {"env": "DAGSTER_PG_HOST"}
     assert set(storage) == {"hostname", "port", "username", "password", "db_name"}
 
-    coordinator_cfg = config["run_coordinator"]
-    coordinator = ConfigurableClassData(
-        coordinator_cfg["module"], coordinator_cfg["class"], _yaml(coordinator_cfg["config"])
-    ).rehydrate(as_type=QueuedRunCoordinator)
-    queue = coordinator.get_run_queue_config()
-    assert queue.max_concurrent_runs == 8
-    limits = queue.tag_concurrency_limits
-    assert limits == [{"key": "keel/table", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert config["concurrency"] == {
+        "runs": {"max_concurrent_runs": 8},
+        "pools": {"granularity": "run", "default_limit": 1},
+    }
 
 
 def test_production_profile_storage_builds_a_postgres_url_from_the_environment(postgres_env):
@@ -121,16 +150,7 @@ def test_production_profile_rejects_a_broken_config(tmp_path):
     (tmp_path / "dagster.yaml").write_text(text.replace("      hostname:", "      host:"))
     with pytest.raises(dg.DagsterInvalidConfigError, match='unexpected config entry "host"'):
         dagster_instance_config(str(tmp_path))
-    # ... and the run coordinator validates its own section when it is built.
-    config, _ = dagster_instance_config(str(ROOT / "deploy" / "dagster"))
-    section = {**config["run_coordinator"]["config"], "max_concurrent_runs": "lots"}
+    # ... and the queue's limits against theirs.
+    (tmp_path / "dagster.yaml").write_text(text.replace("max_concurrent_runs: 8", "max_concurrent_runs: lots"))
     with pytest.raises(dg.DagsterInvalidConfigError, match="max_concurrent_runs"):
-        ConfigurableClassData("dagster.core.run_coordinator", "QueuedRunCoordinator", _yaml(section)).rehydrate(
-            as_type=QueuedRunCoordinator
-        )
-
-
-def _yaml(config: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(config)
+        dagster_instance_config(str(tmp_path))

@@ -36,8 +36,8 @@ def run(defs, instance, group, first: dt.date, last: dt.date) -> dg.ExecuteInPro
 
 def test_the_graph_reads_source_then_group_then_downstream_group(defs):
     graph = defs.resolve_asset_graph()
-    spend = graph.get(dg.AssetKey(["features", "spend_staged"]))
-    ratio = graph.get(dg.AssetKey(["features", "spend_ratio_staged"]))
+    spend = graph.get(dg.AssetKey(["features", "spend"]))
+    ratio = graph.get(dg.AssetKey(["features", "spend_ratio"]))
     assert dg.AssetKey(["raw", "payments"]) in spend.parent_keys
     assert dg.AssetKey(["features", "spend"]) in ratio.parent_keys
     assert graph.get(dg.AssetKey(["features", "spend"])).partitions_def is not None
@@ -53,12 +53,20 @@ def test_a_range_computes_audits_and_publishes_each_group(defs, project, lake, p
         ratio_run = run(defs, instance, project.group("spend_ratio"), START, last)
 
     assert spend_run.success and ratio_run.success
-    staged = spend_run.asset_materializations_for_node("features__spend_staged")[0].metadata
-    assert staged["version"].value == 1
-    assert "sum(amount) over 7d where NOT is_refund" in staged["definition"].value
-    assert staged["lineage"].value["downstream"] == ["spend_ratio"]
-    published = spend_run.asset_materializations_for_node("features__spend")[0].metadata
-    assert published["snapshot_id"].value == str(lake.head("features.spend"))
+    key = dg.AssetKey(["features", "spend"])
+    declared = defs.resolve_assets_def(key).metadata_by_key[key]
+    assert declared["version"] == 1
+    assert "sum(amount) over 7d where NOT is_refund" in declared["definition"].value
+    assert declared["lineage"].value["downstream"] == ["spend_ratio"]
+    # One materialization per day, each with that day's entities and rows on main.
+    days = spend_run.get_asset_materialization_events()
+    assert len(days) == 10
+    published = lake.read("features.spend")
+    for event in days:
+        meta, day = event.materialization.metadata, dt.date.fromisoformat(event.materialization.partition)
+        on_day = sum(1 for t in published.column("feature_ts").to_pylist() if t.date() == day)
+        assert meta["dagster/row_count"].value == meta["entities"].value == on_day
+        assert meta["snapshot_id"].value == str(lake.head("features.spend"))
     table = lake.read("features.spend_ratio")
     assert table.num_rows == lake.read("features.spend").num_rows
     assert set(table.column("big_spender").to_pylist()) <= {True, False, None}

@@ -264,10 +264,13 @@ def test_definitions_hold_the_assets_checks_job_and_schedule(model_project, buye
     monitor = MonitorSpec(spec(buyer, outcomes), label_delay="30d")
     defs = dg.Definitions.merge(monitoring_definitions(model_project, [monitor]), resource_definitions(settings))
     graph = defs.resolve_asset_graph()
-    assert graph.get(drift_key("churn")).parent_keys == {
-        dg.AssetKey(["monitoring", "inference_log"]),
-        dg.AssetKey(["raw", "outcomes"]),
-    }
+    for key in (drift_key("churn"), performance_key("churn")):
+        assert graph.get(key).parent_keys == {
+            dg.AssetKey(["monitoring", "inference_log"]),
+            dg.AssetKey(["raw", "outcomes"]),
+            dg.AssetKey(["models", "churn_champion"]),
+        }
+    assert defs.resolve_assets_def(drift_key("churn")).op.pool == "monitoring.drift"
     checks = {k.name for k in graph.get_check_keys_for_assets({drift_key("churn"), performance_key("churn")})}
     assert checks == {"drift", "prediction_drift", "label_drift", "performance"}
     schedule = defs.resolve_schedule_def("monitor_churn_daily")

@@ -1,4 +1,4 @@
-"""The batch prediction assets: staged -> blocking audit -> published, per day partition."""
+"""The batch prediction asset: stage -> blocking audit -> publish in one asset, per day partition."""
 
 import datetime as dt
 import logging
@@ -20,7 +20,6 @@ from tests.keel.test_models import START, land_labels, spec, synthetic
 from tests.keel.test_store import land
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
-STAGED = dg.AssetKey(["predictions", "churn_staged"])
 PUBLISHED = dg.AssetKey(["predictions", "churn"])
 FIRST = (START + dt.timedelta(weeks=6)).date()
 LAST = FIRST + dt.timedelta(days=3)
@@ -46,15 +45,14 @@ def instance(keel_home):
 
 def test_definitions_hold_the_assets_check_job_and_schedule(defs):
     graph = defs.resolve_asset_graph()
-    assert graph.get(STAGED).parent_keys == {
+    assert graph.get(PUBLISHED).parent_keys == {
         dg.AssetKey(["models", "churn_champion"]),
         dg.AssetKey(["features", "spend"]),
         dg.AssetKey(["features", "spend_ratio"]),
     }
-    assert graph.get(PUBLISHED).parent_keys == {STAGED}
-    (audit,) = graph.get_check_keys_for_assets({STAGED})
+    (audit,) = graph.get_check_keys_for_assets({PUBLISHED})
     assert audit.name == "audit" and graph.get_check_spec(audit).blocking
-    assert defs.resolve_assets_def(STAGED).partitions_def.start.date() == START.date()
+    assert defs.resolve_assets_def(PUBLISHED).partitions_def.start.date() == START.date()
     schedule = defs.resolve_schedule_def("predict_churn_daily")
     assert (schedule.cron_schedule, schedule.job_name) == ("0 3 * * *", "predict_churn")
 
@@ -79,14 +77,16 @@ def test_a_partition_range_is_scored_audited_and_published_in_one_run(
     assert result.success
     (check,) = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert check.passed
-    staged = {
-        k: v.value for k, v in result.asset_materializations_for_node("predictions__churn_staged")[0].metadata.items()
-    }
+    run = {k: v.value for k, v in check.metadata.items()}
     table = lake.read(predictions_table(model))
-    assert staged["dagster/row_count"] == table.num_rows > 0
-    assert staged["model_version"] == info.version and staged["model_run_id"] == info.run_id
-    assert staged["partitions"] == f"{FIRST}..{LAST}"
-    assert "p50" in staged["prediction_deciles"] and 0 < staged["prediction_mean"] < 1
+    assert run["model_version"] == info.version and run["model_run_id"] == info.run_id
+    assert "p50" in run["prediction_deciles"] and 0 < run["prediction_mean"] < 1
+    days = {e.materialization.partition: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert sorted(days) == [(FIRST + dt.timedelta(days=i)).isoformat() for i in range(4)]
+    assert sum(m["dagster/row_count"].value for m in days.values()) == table.num_rows > 0
+    for meta in days.values():
+        assert meta["entities"].value == meta["dagster/row_count"].value
+        assert meta["model_version"].value == info.version and 0 < meta["mean_prediction"].value < 1
     assert set(table.column("run_id").to_pylist()) == {result.run_id}
 
     # A day with no features fails with the fix and publishes nothing.

@@ -8,8 +8,8 @@ import pytest
 
 from assets.raw_events import ingest_job_name, ingest_run_config, raw_event_definitions
 from keel import wap
-from keel.ingest import QUARANTINE_TABLE
 from keel.dsl import Entity
+from keel.ingest import QUARANTINE_TABLE
 from keel.project import Project
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -66,6 +66,18 @@ def ingest_job_name_for(defs) -> str:
     return names[0]
 
 
+def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetMaterialization]:
+    """The run's materializations of raw/payments by partition."""
+    events = result.get_asset_materialization_events()
+    return {e.materialization.partition: e.materialization for e in events}
+
+
+def step_failure(result: dg.ExecuteInProcessResult) -> str:
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert len(failures) == 1
+    return failures[0].event_specific_data.error.message
+
+
 def check_evaluation(result: dg.ExecuteInProcessResult):
     evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert len(evaluations) == 1
@@ -86,12 +98,15 @@ def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, inst
     check = check_evaluation(result)
     assert check.passed
     assert check.metadata["failed_expectations"].value == 0
-    staged, published = (
-        result.asset_materializations_for_node(name)[0] for name in ("raw__payments_staged", "raw__payments")
-    )
-    assert staged.metadata["rows_quarantined"].value == 1
-    assert staged.metadata["dagster/row_count"].value == 60
-    assert published.metadata["snapshot_id"].value == str(lake.head("raw.payments"))
+    # The run's figures are on the check; each day's materialization describes that day only.
+    assert check.metadata["rows_read"].value == 61 and check.metadata["rows_quarantined"].value == 1
+    by_day = materializations(result)
+    assert sorted(by_day) == [d.isoformat() for d in days(START, 3)]
+    for day, event in by_day.items():
+        assert event.metadata["dagster/row_count"].value == 20
+        assert event.metadata["snapshot_id"].value == str(lake.head("raw.payments"))
+        preview = event.metadata["preview"].value
+        assert preview.count(f"| {day}") == 10 and all(f"| {d}" not in preview for d in by_day if d != day)
     assert lake.read(QUARANTINE_TABLE).column("reason_code").to_pylist() == ["wrong_type"]
     # The run's branch is gone once main holds its head.
     assert [ref for ref in lake.table("raw.payments").refs() if ref.startswith("audit_")] == []
@@ -118,7 +133,7 @@ def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(defs, instance, 
     assert "expect_daily_row_count_to_be_between" in check.metadata["failures"].value
     assert "3 rows in 2026-01-06" in check.metadata["failures"].value
     # The publish step never ran; main is where it was and the branch is kept for inspection.
-    assert result.asset_materializations_for_node("raw__payments") == []
+    assert materializations(result) == {}
     assert lake.head("raw.payments") == main_before
     branch = check.metadata["branch"].value
     assert branch == wap.branch_name(result.run_id)
@@ -168,6 +183,36 @@ def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the
 def test_no_files_fails_with_a_message_naming_the_folder(defs, instance, keel_home):
     result = run_ingest(defs, instance, [], START, START)
     assert not result.success
-    failure = result.failure_data_for_node("raw__payments_staged")
-    assert "no files for source 'payments'" in failure.error.message
-    assert str(keel_home / "landing" / "payments") in failure.error.message
+    message = step_failure(result)
+    assert "no files for source 'payments'" in message
+    assert str(keel_home / "landing" / "payments") in message
+
+
+def test_a_run_whose_publish_conflicts_stages_again_and_keeps_both_writes(defs, instance, lake, keel_home, payments):
+    """Another writer (here `keel ingest`) publishes between this run's stage and its publish:
+    the run stages again on main's new head, audits it and publishes, instead of failing."""
+    from keel.ingest import ingest_files
+
+    ours = payment_rows(START, 20, prefix="ours")
+    theirs = payment_rows(START, 12, prefix="theirs")
+    other = write_csv(keel_home / "theirs.csv", theirs)
+    real_publish = wap.publish
+    published: list[str] = []
+
+    def another_writer_first(lake_, staged):
+        published.append(staged.run_id)
+        if len(published) == 1:
+            assert ingest_files(lake_, payments, [other], run_id="theirs").published
+        return real_publish(lake_, staged)
+
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.setattr(wap, "publish", another_writer_first)
+        result = run_ingest(defs, instance, [write_csv(keel_home / "ours.csv", ours)], START, START)
+
+    assert result.success
+    assert published == [result.run_id, "theirs", result.run_id]
+    ids = sorted(lake.read("raw.payments").column("event_id").to_pylist())
+    assert ids == sorted(r["event_id"] for r in ours + theirs)
+    assert materializations(result)[START.isoformat()].metadata["dagster/row_count"].value == 32
+    assert any("staged again 1 time(s)" in e.user_message for e in instance.all_logs(result.run_id))

@@ -32,3 +32,15 @@ def test_a_bad_value_at_run_time_names_the_variable(keel_home, monkeypatch):
     monkeypatch.setenv("KEEL_CATALOG_URI", "mongodb://catalog")
     with dg.build_resources({"lakehouse": resource}) as built, pytest.raises(ConfigError, match="KEEL_CATALOG_URI"):
         built.lakehouse.settings()
+
+
+def test_the_mlflow_resource_carries_the_ui_address_for_report_links(keel_home, monkeypatch):
+    from resources import mlflow_resource
+
+    monkeypatch.setenv("KEEL_MLFLOW_UI_URL", "http://mlflow.internal:5000")
+    resource = mlflow_resource()
+    with dg.build_resources({"mlflow": resource}) as built:
+        assert built.mlflow.settings().mlflow_ui_url == "http://mlflow.internal:5000"
+    monkeypatch.delenv("KEEL_MLFLOW_UI_URL")
+    with dg.build_resources({"mlflow": mlflow_resource()}) as built:
+        assert built.mlflow.settings().mlflow_ui_url == "http://127.0.0.1:5000"
