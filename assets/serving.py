@@ -33,8 +33,8 @@ def serving_spec(project: Project, spec: ModelSpec) -> dg.AssetSpec:
         tags={"keel/model": spec.name},
         description=(
             f"'{spec.name}' served by `keel serve` (POST /v1/models/{spec.name}/predict and the Open Inference "
-            "Protocol): the versions holding the aliases 'champion' and 'challenger' in MLflow, hot-swapped when "
-            f"they move, features hydrated by entity id from the online store ({', '.join(online) or 'none'})"
+            "Protocol): the versions in the roles 'champion' and 'challenger' in MLflow (alias or stage), hot-swapped "
+            f"when they move, features hydrated by entity id from the online store ({', '.join(online) or 'none'})"
             + (f"; {', '.join(offline)} are not online and take their training defaults" if offline else "")
             + ". Every answer goes to the inference log."
         ),
