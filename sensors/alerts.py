@@ -91,15 +91,7 @@ def alert_sensor(
         alerts, open_ = reconcile(open_, evaluations, dagster_url=settings.dagster_url)
         pending = [PendingAlert.from_dict(p) for p in state.get("pending", [])]
         outcome = flush_outbox(pending, alerts, sinks_factory(settings), now=dt.datetime.now(dt.UTC))
-        for failure in outcome.report.failures:
-            context.log.warning(
-                f"alert {failure.alert.id} ({failure.alert.title}) not sent to {failure.sink}: {failure.error}"
-            )
-        for item, why in outcome.dropped:
-            context.log.error(
-                f"alert {item.alert.id} ({item.alert.title}) dropped for {', '.join(item.sinks)} after "
-                f"{item.attempts} attempt(s), {why}: {item.error}"
-            )
+        log_delivery(context.log, outcome)
 
         cursor = {
             "last_evaluation_id": last_id,
@@ -112,6 +104,17 @@ def alert_sensor(
         )
 
     return monitoring_alerts
+
+
+def log_delivery(log, outcome) -> None:
+    """A sensor tick's log of the alerts a sink missed (kept for a retry) and those given up on."""
+    for failure in outcome.report.failures:
+        log.warning(f"alert {failure.alert.id} ({failure.alert.title}) not sent to {failure.sink}: {failure.error}")
+    for item, why in outcome.dropped:
+        log.error(
+            f"alert {item.alert.id} ({item.alert.title}) dropped for {', '.join(item.sinks)} after "
+            f"{item.attempts} attempt(s), {why}: {item.error}"
+        )
 
 
 def alert_sensor_definitions(checks: Sequence[dg.AssetCheckKey]) -> dg.Definitions:

@@ -35,6 +35,7 @@ from keel.landing import (
 )
 from keel.project import Project
 from resources import LakehouseResource
+from sensors.alerts import log_delivery
 
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
@@ -102,15 +103,7 @@ def landing_sensor(
             context.log.warning(warning)
 
         outcome = flush_outbox(tick.cursor.pending, tick.alerts, sinks_factory(settings), now=now)
-        for failure in outcome.report.failures:
-            context.log.warning(
-                f"alert {failure.alert.id} ({failure.alert.title}) not sent to {failure.sink}: {failure.error}"
-            )
-        for item, why in outcome.dropped:
-            context.log.error(
-                f"alert {item.alert.id} ({item.alert.title}) dropped for {', '.join(item.sinks)} after "
-                f"{item.attempts} attempt(s), {why}: {item.error}"
-            )
+        log_delivery(context.log, outcome)
 
         summary, cursor = tick.summary(outcome), tick.cursor_after(outcome)
         if not tick.requests:
