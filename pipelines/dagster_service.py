@@ -238,6 +238,14 @@ class DagsterService:
                 return {i["name"] for i in node["targetingInstigators"]}
         raise DagsterServiceError(f"no asset {'/'.join(path)} in the code location")
 
+    def sensor_ticks(self, name: str, after: float) -> list[dict]:
+        """The sensor's ticks since ``after`` (a timestamp), oldest first: status, skipReason, runIds, error."""
+        selector = self.location.selector(sensorName=name)
+        found = self.graphql(SENSOR_TICKS, {"selector": selector, "after": after})["sensorOrError"]
+        if found.get("__typename") != "Sensor":
+            raise DagsterServiceError(f"sensor {name!r}: {json.dumps(found)[:500]}")
+        return sorted(found["sensorState"]["ticks"], key=lambda t: t["timestamp"])
+
     def automation(self) -> dict[str, str]:
         """Every sensor's and schedule's status (RUNNING or STOPPED), by name."""
         repo = self.graphql(AUTOMATION, {"selector": self.location.selector()})["repositoryOrError"]
@@ -311,6 +319,18 @@ query Automation($selector: RepositorySelector!) {
       sensors { name sensorState { status } }
       schedules { name scheduleState { status } }
     }
+  }
+}
+"""
+
+SENSOR_TICKS = """
+query Ticks($selector: SensorSelector!, $after: Float) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { sensorState { ticks(afterTimestamp: $after, limit: 20) {
+      status timestamp skipReason runIds error { message } } } }
+    ... on SensorNotFoundError { message }
+    ... on PythonError { message }
   }
 }
 """

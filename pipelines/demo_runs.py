@@ -110,13 +110,16 @@ class DemoRuns:
                 time.sleep(1)
         return landed
 
-    def wait_for_run(self, tags: Mapping[str, str], after: float, timeout_s: float) -> dg.DagsterRun | None:
-        """The first run with ``tags`` created after ``after`` (a timestamp), waiting up to ``timeout_s``."""
+    def tick_after(self, sensor: str, *, launched: float, finished: float, timeout_s: float) -> dict | None:
+        """What the sensor made of a run that started at ``launched`` and ended at ``finished``
+        (timestamps): its first tick since the start that requested runs, else its first finished
+        tick after the end (its skip reason says why it requested none). None after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            runs = self.instance.get_run_records(filters=dg.RunsFilter(tags=dict(tags)))
-            fresh = [r for r in runs if r.create_timestamp.timestamp() >= after]
-            if fresh:
-                return fresh[-1].dagster_run
+            ticks = [t for t in self.dagster.sensor_ticks(sensor, launched) if t["status"] != "STARTED"]
+            fired = [t for t in ticks if t["runIds"]]
+            later = [t for t in ticks if t["timestamp"] >= finished]
+            if fired or later:
+                return (fired or later)[0]
             time.sleep(1)
         return None
