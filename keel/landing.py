@@ -92,7 +92,22 @@ class LandingFile:
 
     @property
     def signature(self) -> str:
-        return f"{self.size}:{self.mtime_ns}"
+        return _signature(self.size, self.mtime_ns)
+
+
+def _signature(size: int | None, mtime_ns: int | None) -> str:
+    return f"{size}:{mtime_ns}"
+
+
+def run_key(path: str, signature: str, attempt: int) -> str:
+    """The run key of a file's attempt: the file as it is now, so a changed file is a new run."""
+    return f"{path}:{signature}:{attempt}"
+
+
+def version_prefix(path: Path | str) -> str:
+    """What the run keys of the file as it is now start with, whatever the attempt."""
+    stat = Path(path).stat()
+    return run_key(str(path), _signature(stat.st_size, stat.st_mtime_ns), 0).removesuffix("0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +295,7 @@ def _consider(
         tick.unreadable.append(days)
         tick.alerts.append(_unreadable_alert(key, file.source, signature, days, now))
         return None
-    request = IngestRequest(key, file.source, *days, run_key=f"{key}:{signature}:{attempt}", attempt=attempt)
+    request = IngestRequest(key, file.source, *days, run_key=run_key(key, signature, attempt), attempt=attempt)
     files[key] = {
         "signature": signature,
         "state": REQUESTED,

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from keel.landing import version_prefix
 from pipelines.dagster_service import DagsterService
 
 # Dagster's run tags for a single run over a partition range (BackfillPolicy.single_run()).
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 RUN_TIMEOUT_S = 900
+RUN_KEY = "dagster/run_key"
 
 
 @dataclass
@@ -94,10 +96,16 @@ class DemoRuns:
         A file whose run failed is retried by the sensor; it counts as landed once a run succeeds.
         """
         waiting, landed = set(map(str, files)), {}
+        prefixes = {path: version_prefix(path) for path in waiting}
         deadline = time.monotonic() + timeout_s
         while waiting:
             for path in sorted(waiting):
-                done = [r for r in self.runs_tagged("keel/file", path) if r.status == dg.DagsterRunStatus.SUCCESS]
+                # Runs of the file as it is now: an earlier demo's runs of the same path do not count.
+                done = [
+                    r
+                    for r in self.runs_tagged("keel/file", path)
+                    if r.status == dg.DagsterRunStatus.SUCCESS and r.tags.get(RUN_KEY, "").startswith(prefixes[path])
+                ]
                 if done:
                     landed[path] = self.outcome(done[0].run_id)
             waiting -= set(landed)

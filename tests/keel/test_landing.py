@@ -539,3 +539,15 @@ def test_file_days_reads_the_range_with_the_source_timestamp_column(payments):
 
     assert file_days(Path("/x/a.csv"), payments, START, T0.date(), span) == (dt.date(2026, 1, 2), dt.date(2026, 1, 3))
     assert seen == [("/x/a.csv", "event_ts")]
+
+
+def test_the_run_keys_of_a_file_as_it_is_now_share_its_version_prefix(tmp_path):
+    from keel.landing import run_key, version_prefix
+
+    path = tmp_path / "a.csv"
+    path.write_text("event_id\n1\n")
+    stat = path.stat()
+    prefix = version_prefix(path)
+    assert run_key(str(path), f"{stat.st_size}:{stat.st_mtime_ns}", 3).startswith(prefix)
+    path.write_text("event_id\n1\n2\n")  # a changed file is another version
+    assert version_prefix(path) != prefix
