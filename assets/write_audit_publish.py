@@ -38,7 +38,7 @@ from keel import wap
 from keel.lakehouse import Lakehouse, day_filter
 from keel.project import Project
 
-# Per-partition previews read at most this many days of a run (a backfill of years reads a month).
+# Per-partition previews read at most this many days a run wrote (a backfill of years reads a month).
 PREVIEW_DAYS = 31
 PREVIEW_ROWS = 10
 
@@ -200,14 +200,16 @@ def wap_asset(t: WapTable) -> dg.AssetsDefinition:
             )
         staging = published.staging or stage.staging
         rows = lake.partition_rows(t.table)
-        previews = _day_previews(lake, t, published.snapshot_id, run_days(context)[-PREVIEW_DAYS:])
+        written = set(published.staged.days)
+        previews = _day_previews(lake, t, published.snapshot_id, sorted(written)[-PREVIEW_DAYS:])
         for day in run_days(context):
             meta = {
                 "dagster/row_count": rows.get(day, 0),
                 "table": t.table,
                 "snapshot_id": str(published.snapshot_id),
                 "previous_snapshot_id": str(published.previous_snapshot_id),
-                "staged_in_run": published.staged.partition,
+                # A run covers its whole partition range; a file's range can hold days it has no rows for.
+                "written_by_run": day in written,
                 **t.day_metadata(staging, day),
             }
             if day in previews:

@@ -89,7 +89,8 @@ def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, inst
     bad = {**rows[0], "event_id": "bad-1", "amount": "lots"}
     path = write_csv(keel_home / "landing" / "payments" / "batch.csv", [*rows, bad])
 
-    result = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=2))
+    # The range runs a day past the file's events: that day is covered by the run but not written.
+    result = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=3))
 
     assert result.success
     assert ingest_job_name(payments) == "ingest_payments"
@@ -101,18 +102,20 @@ def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, inst
     # The run's figures are on the check; each day's materialization describes that day only.
     assert check.metadata["rows_read"].value == 61 and check.metadata["rows_quarantined"].value == 1
     by_day = materializations(result)
-    assert sorted(by_day) == [d.isoformat() for d in days(START, 3)]
+    assert sorted(by_day) == [d.isoformat() for d in days(START, 4)]
+    empty = by_day.pop(days(START, 4)[-1].isoformat()).metadata
+    assert empty["dagster/row_count"].value == 0 and not empty["written_by_run"].value and "preview" not in empty
     for day, event in by_day.items():
-        assert event.metadata["dagster/row_count"].value == 20
+        assert event.metadata["dagster/row_count"].value == 20 and event.metadata["written_by_run"].value
         assert event.metadata["snapshot_id"].value == str(lake.head("raw.payments"))
         preview = event.metadata["preview"].value
         assert preview.count(f"| {day}") == 10 and all(f"| {d}" not in preview for d in by_day if d != day)
     assert lake.read(QUARANTINE_TABLE).column("reason_code").to_pylist() == ["wrong_type"]
     # The run's branch is gone once main holds its head.
     assert [ref for ref in lake.table("raw.payments").refs() if ref.startswith("audit_")] == []
-    # A materialization per partition in the range, so the UI shows all three days filled.
+    # A materialization per partition in the range, so the UI shows every day of the range filled.
     partitions = instance.get_materialized_partitions(dg.AssetKey(["raw", "payments"]))
-    assert partitions == {d.isoformat() for d in days(START, 3)}
+    assert partitions == {d.isoformat() for d in days(START, 4)}
 
 
 def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(defs, instance, lake, keel_home):
