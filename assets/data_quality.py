@@ -90,27 +90,25 @@ def quality_asset(target: QualityTarget, upstream: dg.AssetKey, partitions: dg.P
                     metadata={"day": str(latest.day), "failing": len(failing), "level": level},
                 )
             )
-        problems = [
-            [str(r.day), o.check, o.column, o.level, o.detail]
-            for r in results
-            for o in r.outcomes
-            if o.level in ("warn", "error")
-        ]
-        metadata = {
-            "table": target.table,
-            "snapshot_id": str(snapshot),
-            "days": len(results),
-            "rows_per_day": dg.MetadataValue.md(
-                markdown_table(["day", "rows"], [[str(r.day), r.rows] for r in results][-31:])
-            ),
-            "problems": dg.MetadataValue.md(
-                markdown_table(["day", "check", "column", "level", "detail"], problems[-60:]) if problems else "none"
-            ),
-            "dagster/row_count": rows.num_rows,
-        }
-        return dg.MaterializeResult(metadata=metadata, check_results=checks)
+        for result in results:
+            context.add_asset_metadata(day_metadata(target, result, snapshot), partition_key=result.day.isoformat())
+        return dg.MaterializeResult(check_results=checks)
 
     return quality
+
+
+def day_metadata(target: QualityTarget, result, snapshot: int) -> dict:
+    """One day's profile: its rows, each check's level, and the problems found that day."""
+    problems = [[o.check, o.column, o.level, o.detail] for o in result.outcomes if o.level in ("warn", "error")]
+    return {
+        "table": target.table,
+        "profiled_rows": result.rows,
+        "snapshot_id": str(snapshot),
+        **{f"level_{name}": result.worst(name) for name in CHECKS},
+        "problems": dg.MetadataValue.md(
+            markdown_table(["check", "column", "level", "detail"], problems) if problems else "none"
+        ),
+    }
 
 
 def quality_definitions(

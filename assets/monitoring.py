@@ -8,7 +8,9 @@ hourly), backfill a range in one run, and update when the inference log is publi
 (eager). ``monitor_<name>`` runs both; its schedule judges yesterday at 01:00 UTC and again
 the window whose labels have landed since (``label_delay`` + ``label_window`` ago).
 
-Checks judge the latest window of the run; their metadata lists every window. A WARN check
+Each window's figures are on its own partition's materialization (the judged window's also
+carry every feature's statistics, the plots and the report's link); the checks judge the
+latest window of the run and list the run's windows. A WARN check
 is an alert; an ERROR ``drift`` or ``performance`` check is what the retrain sensor acts on.
 """
 
@@ -113,7 +115,9 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
             run = run_drift(lake, settings, monitor, window.start, window.end, context.run.run_id)
         except (DriftError, ReferenceSampleError) as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
-        metadata = drift_metadata(run)
+        windows = by_window(context, run.reports)
+        for key in context.partition_keys:
+            context.add_asset_metadata(drift_window_metadata(windows.get(key, []), run), partition_key=key)
         latest = run.latest()
         if latest:
             # The version the checks judge: the one that answered most in the window.
@@ -121,12 +125,14 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
             path = drift_report.report_path(settings.home, spec.name, shown.start)
             history = drift_history(lake, spec.name, until=window.end)
             drift_report.write(history, path, model=spec.name, window_start=shown.start, version=shown.version)
+            metadata = latest_drift_metadata(shown)
             metadata["plots"] = dg.MetadataValue.md(
                 drift_report.plots_markdown(history, model=spec.name, window_start=shown.start, version=shown.version)
             )
             metadata["report"] = dg.MetadataValue.path(str(path))
             metadata.update(report_link_metadata(context.log, settings, path, shown))
-        return dg.MaterializeResult(metadata=metadata, check_results=drift_checks(run, monitor))
+            context.add_asset_metadata(metadata, partition_key=window_key(context, shown.start))
+        return dg.MaterializeResult(check_results=drift_checks(run, monitor))
 
     @dg.asset(
         key=performance_key(spec.name),
@@ -165,9 +171,11 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
             )
         except (DriftError, ReferenceSampleError) as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
-        return dg.MaterializeResult(
-            metadata=performance_metadata(run, spec.metric), check_results=[performance_check(run, monitor)]
-        )
+        windows = by_window(context, run.reports)
+        for key in context.partition_keys:
+            meta = performance_window_metadata(windows.get(key, []), run, spec.metric)
+            context.add_asset_metadata(meta, partition_key=key)
+        return dg.MaterializeResult(check_results=[performance_check(run, monitor)])
 
     return [drift_asset, performance_asset]
 
@@ -179,15 +187,17 @@ def drift_checks(run: DriftRun, monitor: MonitorSpec) -> list[dg.AssetCheckResul
     latest = run.latest()
     main = max(latest, key=lambda r: r.rows) if latest else None
     return [
-        _feature_check(main, monitor),
+        _feature_check(main, monitor, drift_overview(run)),
         _target_check("prediction_drift", main, main.prediction if main else None, ERROR),
         _target_check("label_drift", main, main.label if main else None, WARN),
     ]
 
 
-def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheckResult:
+def _feature_check(r: DriftReport | None, monitor: MonitorSpec, overview: dict) -> dg.AssetCheckResult:
     if r is None:
-        return dg.AssetCheckResult(check_name="drift", passed=True, description="no traffic in the windows run")
+        return dg.AssetCheckResult(
+            check_name="drift", passed=True, description="no traffic in the windows run", metadata=overview
+        )
     drifted = most_drifted(r.drifted)
     meta = {
         "window": r.start.isoformat(),
@@ -198,6 +208,7 @@ def _feature_check(r: DriftReport | None, monitor: MonitorSpec) -> dg.AssetCheck
         "drift_share_threshold": float(monitor.drift_share),
         "drifted": dg.MetadataValue.json([_drifted_entry(t) for t in drifted]),
         "warned": dg.MetadataValue.json([t.name for t in most_drifted(r.warned)]),
+        **overview,
     }
     if not r.judged:
         why = f"not judged: {r.rows} answers in {r.start:%Y-%m-%d %H:%M}, fewer than min_rows={r.min_rows}"
@@ -269,6 +280,8 @@ def _target_check(name: str, r: DriftReport | None, t: TargetDrift | None, sever
 
 
 def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetCheckResult:
+    # The run's windows at a glance (each window's own figures are on its partition).
+    overview = {"windows_in_run": _performance_table(run.reports, monitor.model.metric)}
     judged = run.latest_judged()
     if not judged:
         labelled = sum(r.labelled for r in run.reports)
@@ -276,6 +289,7 @@ def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetChec
             check_name="performance",
             passed=True,
             description=f"not judged yet: {labelled} labelled predictions (needs {monitor.min_labels} in a window)",
+            metadata=overview,
         )
     r = max(judged, key=lambda r: r.labelled)
     text = (
@@ -294,6 +308,7 @@ def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetChec
             "labelled": r.labelled,
             "drop": float(r.drop),
             **{f"live_{k}": float(v) for k, v in r.live.items() if v == v},
+            **overview,
         },
     )
 
@@ -315,98 +330,124 @@ def report_link_metadata(log: logging.Logger, settings: Settings, path: Path, r:
     return {"report_url": dg.MetadataValue.url(logged.url), "report_artifact": logged.artifact_uri}
 
 
-def drift_metadata(run: DriftRun) -> dict:
-    windows = [
-        [f"{r.start:%Y-%m-%d %H:%M}", r.version, r.rows, r.sample_rows, f"{r.drift_share:.0%}", r.level]
-        for r in run.reports
+def window_key(context: dg.AssetExecutionContext, start: dt.datetime) -> str:
+    """The partition (day or hour) a monitoring window is."""
+    return context.assets_def.partitions_def.get_partition_key_for_timestamp(start.timestamp())
+
+
+def by_window(context: dg.AssetExecutionContext, reports: Sequence) -> dict[str, list]:
+    """A run's reports by the partition of their window (a window has one report per version)."""
+    out: dict[str, list] = {}
+    for r in reports:
+        out.setdefault(window_key(context, r.start), []).append(r)
+    return out
+
+
+def _drift_row(r: DriftReport) -> list:
+    return [f"{r.start:%Y-%m-%d %H:%M}", r.version, r.rows, r.sample_rows, f"{r.drift_share:.0%}", r.level]
+
+
+def drift_window_metadata(reports: list[DriftReport], run: DriftRun) -> dict:
+    """One window: each version's answers and verdict, and the judged version's drifted features."""
+    out = {"table": "monitoring.drift", "snapshot_id": str(run.snapshot_id)}
+    if not reports:
+        return {**out, "answers": 0, "level": "no traffic"}
+    main = max(reports, key=lambda r: r.rows)
+    return {
+        **out,
+        "answers": sum(r.rows for r in reports),
+        "level": main.level,
+        "drift_share": float(main.drift_share),
+        "drifted": dg.MetadataValue.json([t.name for t in most_drifted(main.drifted)]),
+        "versions": dg.MetadataValue.md(
+            markdown_table(
+                ["window", "version", "answers", "compared", "drifted", "level"], [_drift_row(r) for r in reports]
+            )
+        ),
+    }
+
+
+def latest_drift_metadata(r: DriftReport) -> dict:
+    """The judged window's every feature and statistic, for the partition the checks speak of."""
+    rows = [
+        [t.name, t.kind, t.threshold.statistic, _fmt(t.value), t.level, *(_fmt(v) for v in t.statistics().values())]
+        for t in sorted(r.features, key=lambda t: -(t.value or 0) if t.threshold.larger_is_worse else (t.value or 1))
     ]
     out = {
-        "table": "monitoring.drift",
-        "snapshot_id": str(run.snapshot_id),
-        "dagster/row_count": run.rows_written,
-        "windows": dg.MetadataValue.md(
+        "latest_features": dg.MetadataValue.md(
+            markdown_table(
+                ["feature", "kind", "judged by", "value", "level", "psi", "ks", "ks_p", "wass", "js", "chi2_p"], rows
+            )
+        ),
+        "latest_drift_share": float(r.drift_share),
+        "sample_rows": r.sample_rows,
+    }
+    if r.prediction:
+        out["latest_prediction_psi"] = float(r.prediction.stats.psi)
+    for note in r.notes:
+        out["note"] = note
+    return out
+
+
+def drift_overview(run: DriftRun) -> dict:
+    """The run's windows at a glance, for the drift check (each window's own figures are on its partition)."""
+    windows = [_drift_row(r) for r in run.reports]
+    return {
+        "windows_in_run": dg.MetadataValue.md(
             markdown_table(["window", "version", "answers", "compared", "drifted", "level"], windows[-60:])
             if windows
             else "no traffic"
         ),
         "windows_drifted": sum(r.level == "drift" for r in run.reports),
     }
-    latest = run.latest()
-    if latest:
-        r = max(latest, key=lambda r: r.rows)
-        rows = [
-            [t.name, t.kind, t.threshold.statistic, _fmt(t.value), t.level, *(_fmt(v) for v in t.statistics().values())]
-            for t in sorted(
-                r.features, key=lambda t: -(t.value or 0) if t.threshold.larger_is_worse else (t.value or 1)
-            )
-        ]
-        out["latest_features"] = dg.MetadataValue.md(
-            markdown_table(
-                ["feature", "kind", "judged by", "value", "level", "psi", "ks", "ks_p", "wass", "js", "chi2_p"], rows
-            )
-        )
-        out["latest_drift_share"] = float(r.drift_share)
-        out["sample_rows"] = r.sample_rows
-        if r.prediction:
-            out["latest_prediction_psi"] = float(r.prediction.stats.psi)
-        for note in r.notes:
-            out["note"] = note
-    return out
 
 
-def performance_metadata(run: PerformanceRun, metric: str) -> dict:
-    rows = [
-        [
-            f"{r.start:%Y-%m-%d %H:%M}",
-            r.version,
-            r.predictions,
-            r.labelled,
-            _fmt(r.live.get(metric)),
-            _fmt(r.training.get(metric)),
-            _fmt(r.live.get("precision")),
-            _fmt(r.live.get("recall")),
-            _fmt(r.live.get("ece")),
-            r.level,
-        ]
-        for r in run.reports
+def _performance_row(r, metric: str) -> list:
+    return [
+        f"{r.start:%Y-%m-%d %H:%M}",
+        r.version,
+        r.predictions,
+        r.labelled,
+        _fmt(r.live.get(metric)),
+        _fmt(r.training.get(metric)),
+        _fmt(r.live.get("precision")),
+        _fmt(r.live.get("recall")),
+        _fmt(r.live.get("ece")),
+        r.level,
     ]
-    out = {
-        "table": "monitoring.performance",
-        "snapshot_id": str(run.snapshot_id),
-        "windows": dg.MetadataValue.md(
-            markdown_table(
-                [
-                    "window",
-                    "version",
-                    "predictions",
-                    "labelled",
-                    metric,
-                    f"training {metric}",
-                    "precision",
-                    "recall",
-                    "ece",
-                    "level",
-                ],
-                rows[-60:],
-            )
-            if rows
-            else "no traffic"
-        ),
-        "labelled_predictions": sum(r.labelled for r in run.reports),
+
+
+def _performance_table(reports, metric: str) -> dg.MetadataValue:
+    header = ["window", "version", "predictions", "labelled", metric, f"training {metric}"]
+    header += ["precision", "recall", "ece", "level"]
+    rows = [_performance_row(r, metric) for r in reports]
+    return dg.MetadataValue.md(markdown_table(header, rows[-60:]) if rows else "no traffic")
+
+
+def performance_window_metadata(reports: list, run: PerformanceRun, metric: str) -> dict:
+    """One window: each version's predictions, labels and live metrics, and the calibration of the judged one."""
+    out = {"table": "monitoring.performance", "snapshot_id": str(run.snapshot_id)}
+    if not reports:
+        return {**out, "predictions": 0, "level": "no traffic"}
+    main = max(reports, key=lambda r: r.labelled)
+    out |= {
+        "predictions": sum(r.predictions for r in reports),
+        "labelled_predictions": sum(r.labelled for r in reports),
+        "level": main.level,
+        "versions": _performance_table(reports, metric),
     }
-    judged = run.latest_judged()
-    if judged:
-        r = max(judged, key=lambda r: r.labelled)
+    if main.live.get(metric) is not None:
+        out[metric] = float(main.live[metric])
+    if main.calibration:
         out["calibration"] = dg.MetadataValue.md(
             markdown_table(
                 ["bin", "rows", "mean predicted", "observed rate"],
                 [
                     [b["bin"], b["count"], f"{b['mean_prediction']:.3f}", f"{b['observed_rate']:.3f}"]
-                    for b in r.calibration
+                    for b in main.calibration
                 ],
             )
         )
-        out[f"latest_{metric}"] = float(r.live.get(metric, float("nan")))
     return out
 
 

@@ -65,7 +65,8 @@ def test_planted_nulls_and_new_categories_fail_with_error_and_the_rest_pass(sett
 
     (materialization,) = result.get_asset_materialization_events()
     metadata = materialization.materialization.metadata
-    assert metadata["table"].value == TARGET.table and metadata["days"].value == 1
+    assert metadata["table"].value == TARGET.table and metadata["profiled_rows"].value > 0
+    assert metadata["level_nulls"].value == "error" and metadata["level_range"].value == "ok"
     assert "| nulls | amount | error |" in metadata["problems"].value
 
     rows = lake.read(QUALITY_TABLE)
@@ -109,3 +110,9 @@ def test_a_range_run_judges_every_day_and_the_checks_speak_of_the_last(settings,
     assert starts == days
     errors = rows.filter(pc.equal(rows.column("level"), "error"))
     assert [d.date() for d in errors.column("window_start").to_pylist()] == [days[0]]
+    # Each day's materialization speaks of that day: the broken first day, the clean others.
+    by_day = {e.materialization.partition: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert sorted(by_day) == [d.isoformat() for d in days]
+    assert by_day[days[0].isoformat()]["level_nulls"].value == "error"
+    assert "| nulls | amount | error |" in by_day[days[0].isoformat()]["problems"].value
+    assert [by_day[d.isoformat()]["problems"].value for d in days[1:]] == ["none", "none"]

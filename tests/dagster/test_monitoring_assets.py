@@ -161,6 +161,30 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     warnings = [e.user_message for e in instance.all_logs(unlogged.run_id) if e.level == logging.WARNING]
     assert error in warnings
 
+    # Both days in one run: each day's materialization speaks of its own window; the judged (latest)
+    # one also carries the statistics, plots and report; the drift check lists the run's windows.
+    both = job.execute_in_process(
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": str(QUIET), "dagster/asset_partition_range_end": str(DRIFTED)},
+    )
+    by_day = {
+        e.materialization.partition: e.materialization.metadata
+        for e in both.get_asset_materialization_events()
+        if e.materialization.asset_key == drift_key("churn")
+    }
+    assert {day: meta["level"].value for day, meta in by_day.items()} == {str(QUIET): "ok", str(DRIFTED): "drift"}
+    assert by_day[str(QUIET)]["drifted"].value == [] and by_day[str(DRIFTED)]["drifted"].value
+    assert "plots" in by_day[str(DRIFTED)] and "plots" not in by_day[str(QUIET)]
+    performance = {
+        e.materialization.partition: e.materialization.metadata
+        for e in both.get_asset_materialization_events()
+        if e.materialization.asset_key == performance_key("churn")
+    }
+    assert sorted(performance) == [str(QUIET), str(DRIFTED)]
+    assert all(meta["predictions"].value > 0 and "versions" in meta for meta in performance.values())
+    overview = evaluations(both)["drift"].metadata["windows_in_run"].value
+    assert f"| {QUIET} 00:00 |" in overview and f"| {DRIFTED} 00:00 |" in overview
+
     # The live metrics were computed on the labels known for each window.
     perf = lake.read(PERFORMANCE_TABLE)
     assert set(pc.unique(perf.column("metric")).to_pylist()) >= {"roc_auc", "precision", "recall", "brier", "ece"}
