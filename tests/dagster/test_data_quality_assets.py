@@ -111,7 +111,9 @@ def test_a_range_run_judges_every_day_and_the_checks_speak_of_the_last(settings,
     errors = rows.filter(pc.equal(rows.column("level"), "error"))
     assert [d.date() for d in errors.column("window_start").to_pylist()] == [days[0]]
     # Each day's materialization speaks of that day: the broken first day, the clean others.
-    by_day = {e.materialization.partition: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    by_day = {
+        e.materialization.partition: e.materialization.metadata for e in result.get_asset_materialization_events()
+    }
     assert sorted(by_day) == [d.isoformat() for d in days]
     assert by_day[days[0].isoformat()]["level_nulls"].value == "error"
     assert "| nulls | amount | error |" in by_day[days[0].isoformat()]["problems"].value
