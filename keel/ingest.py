@@ -157,13 +157,17 @@ class FileIngest:
     paths: tuple[str | Path, ...]
     window: tuple[dt.date, dt.date] | None = None
     now: dt.datetime | None = None
+    # Where validation keeps its staging database while the files are read (KEEL_HOME/staging).
+    staging_root: Path | None = None
 
     @property
     def table(self) -> str:
         return self.source.table_name
 
     def stage(self, run_id: str) -> StagedFiles:
-        with prepare(self.source, self.paths, now=self.now, window=self.window) as prepared:
+        with prepare(
+            self.source, self.paths, now=self.now, window=self.window, staging_root=self.staging_root
+        ) as prepared:
             write_quarantine(self.lake, prepared, run_id, self.now)
             staged = stage_prepared(self.lake, prepared, run_id)
             if staged is None:

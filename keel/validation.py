@@ -137,16 +137,20 @@ def prepare(
     *,
     now: dt.datetime | None = None,
     window: tuple[dt.date, dt.date] | None = None,
+    staging_root: Path | None = None,
 ) -> Prepared:
     """Read and validate ``paths``; good rows and quarantined rows wait in a staging database.
 
     ``window`` (first day, last day), when given, keeps only events of those days: the rest
-    are counted as outside the window, neither landed nor quarantined.
+    are counted as outside the window, neither landed nor quarantined. The staging database
+    lives in a folder under ``staging_root`` (the system's temporary folder when None).
     """
     if not paths:
         raise IngestError(f"source {source.name!r}: no files given to ingest")
     now = now or dt.datetime.now(dt.UTC)
-    workdir = Path(tempfile.mkdtemp(prefix=f"keel-ingest-{source.name}-"))
+    if staging_root is not None:
+        Path(staging_root).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"keel-ingest-{source.name}-", dir=staging_root))
     con = duckdb.connect(str(workdir / "staging.duckdb"))
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
