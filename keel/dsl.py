@@ -91,6 +91,10 @@ class Entity:
         return hash(self.name)
 
 
+# What an event id arriving again with other values does (EventSource.on_duplicate).
+ON_DUPLICATE = ("replace", "quarantine")
+
+
 @dataclass(frozen=True)
 class EventSource:
     """A stream of events about an entity, landed into one raw Iceberg table.
@@ -111,6 +115,13 @@ class EventSource:
     # How far an event's timestamp may lie after the moment it is ingested.
     max_future_skew_s: int = 3600
     tags: dict[str, str] = field(default_factory=dict)
+    # An event id arriving again with other values or another timestamp: "replace" takes it as a
+    # correction (the old row leaves its day in the same commit), "quarantine" refuses it as a
+    # duplicate. Arriving again unchanged, it is counted and changes nothing either way.
+    on_duplicate: str = "replace"
+    # How far from the incoming events' days an earlier copy of an id is looked for ("365d");
+    # None looks through the whole table, which an ingest then scans (ids and timestamps only).
+    duplicates_within: str | None = None
 
     def __post_init__(self) -> None:
         _check_name("event source", self.name)
@@ -127,6 +138,22 @@ class EventSource:
                     "those are added from the entity and source and must not be listed in columns"
                 )
             seen.add(name)
+
+        if self.on_duplicate not in ON_DUPLICATE:
+            raise DeclarationError(
+                f"event source {self.name!r}: on_duplicate {self.on_duplicate!r} is not known "
+                f"(use one of {', '.join(ON_DUPLICATE)})"
+            )
+        if self.duplicates_within is not None:
+            try:
+                seconds = window_seconds(self.duplicates_within)
+            except ValueError:
+                seconds = None
+            if seconds is None:
+                raise DeclarationError(
+                    f"event source {self.name!r}: duplicates_within {self.duplicates_within!r} is not a duration "
+                    "(use e.g. '30d' or '365d', or leave it None to look through the whole table)"
+                )
 
     def __hash__(self) -> int:
         return hash(self.name)
