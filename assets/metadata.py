@@ -25,8 +25,21 @@ def table_preview(data: pa.Table, *, rows: int = 10, sort_by: str | None = None)
     return dg.MetadataValue.md(markdown_table(data.column_names, [list(r.values()) for r in head]))
 
 
+def audit_examples(report: AuditReport) -> str:
+    """Markdown: for each failing expectation with offending rows, its detail and a table of its examples."""
+    sections = []
+    for o in report.failures:
+        if o.examples:
+            header = list(dict.fromkeys(k for example in o.examples for k in example))
+            rows = [["" if k not in e else "NULL" if e[k] is None else e[k] for k in header] for e in o.examples]
+            sections += [f"**{o.expectation}({o.column or report.table})**: {o.detail}", markdown_table(header, rows)]
+    if sections:
+        return "\n\n".join(sections)
+    return "all expectations passed" if report.success else "no failing expectation points at rows"
+
+
 def audit_metadata(report: AuditReport, branch: str) -> dict:
-    """Check metadata: counts, the failing expectations as a table, and every result as JSON."""
+    """Check metadata: counts, the failing expectations as a table, their offending rows, and every result as JSON."""
     failures = [[o.expectation, o.column or "", o.unexpected_count, o.detail, o.sample] for o in report.failures]
     return {
         "branch": branch,
@@ -38,12 +51,13 @@ def audit_metadata(report: AuditReport, branch: str) -> dict:
             if failures
             else "all expectations passed"
         ),
+        "examples": dg.MetadataValue.md(audit_examples(report)),
         "results": dg.MetadataValue.json(report.to_metadata()),
     }
 
 
 def audit_check_result(report: AuditReport, branch: str) -> dg.AssetCheckResult:
-    """The blocking audit check's verdict: failing expectations and counts in its metadata."""
+    """The blocking audit check's verdict: failing expectations, counts and offending rows in its metadata."""
     return dg.AssetCheckResult(
         passed=report.success,
         severity=dg.AssetCheckSeverity.ERROR,
