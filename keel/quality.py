@@ -95,7 +95,7 @@ class AuditReport:
             line = f"{o.expectation}({o.column or self.table}): {o.detail}"
             # The daily row count's detail names its days already.
             if o.examples and o.expectation != _DAILY:
-                line += "; e.g. " + ", ".join(map(example_text, o.examples[:_EXAMPLES_IN_SUMMARY]))
+                line += "; e.g. " + ", ".join(map(_example_text, o.examples[:_EXAMPLES_IN_SUMMARY]))
             lines.append(line)
         return "\n".join(lines)
 
@@ -110,7 +110,7 @@ class AuditReport:
         }
 
 
-def example_text(example: dict) -> str:
+def _example_text(example: dict) -> str:
     """An example row as `key=value` pairs, its offending column last: `event_id=e7 amount=NaN`."""
     pairs = {k: v for k, v in example.items() if k not in ("column", "value")}
     if "column" in example:

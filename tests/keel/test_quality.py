@@ -115,6 +115,12 @@ def test_int_range_ignores_nulls_in_a_nullable_column():
     assert (failure.expectation, failure.column) == ("expect_column_values_to_be_between", "age")
     assert failure.unexpected_count == 2
     assert sorted(failure.sample) == [12, 101]
+    # Positions survive GX dropping the NULL row first; the ages stay integers (pandas holds them as floats).
+    assert failure.examples == [
+        {"event_id": "s2", "column": "age", "value": 12},
+        {"event_id": "s3", "column": "age", "value": 101},
+    ]
+    assert all(type(e["value"]) is int for e in failure.examples)
 
 
 def test_value_not_in_allowed_set_is_caught():
