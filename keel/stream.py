@@ -155,21 +155,56 @@ class Pending:
     rows: int = 0
     next_offsets: dict[int, int] = field(default_factory=dict)
     first_offsets: dict[int, int] = field(default_factory=dict)
+    # Corrected events (on_duplicate="replace"): event id -> the microsecond timestamp of the copy they replace.
+    corrections: dict[str, int] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not self.next_offsets
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A poll's valid events of one topic, their repeated ids settled (``_split_repeated``)."""
+
+    fresh: pa.Table  # to append (corrections included)
+    refused: pa.Table | None = None  # quarantine rows of duplicates refused
+    unchanged: int = 0  # re-sent as they were: dropped
+    corrections: dict[str, int] = field(default_factory=dict)  # event id -> replaced copy's timestamp (us)
+
+
+def row_digests(source: EventSource, events: pa.Table) -> list[int]:
+    """A digest of each event's declared columns: equal digests, the same event sent again."""
+    parts = [pc.fill_null(pc.cast(events[c.name], pa.string()), "\x00") for c in source.all_columns()]
+    joined = pc.binary_join_element_wise(*parts, "\x1f")
+    return [hash(text) for text in joined.to_pylist()]
+
+
+def _day(ts_us: int) -> str:
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ts_us)).date().isoformat()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Where an event id came from, its timestamp (us) and a digest of its values."""
+
+    where: str
+    ts_us: int
+    digest: int
+
+
 class RecentIds:
-    """Event ids seen lately, with where, bounded to ``capacity`` (oldest forgotten first)."""
+    """Event ids seen lately, bounded to ``capacity`` (oldest forgotten first): what the worker
+    can tell a re-sent event by. An id older than that is not recognised (see the module docstring)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.seen: OrderedDict[str, str] = OrderedDict()
+        self.seen: OrderedDict[str, Seen] = OrderedDict()
 
-    def add(self, ids, where) -> None:
-        for event_id, at in zip(ids, where, strict=True):
-            self.seen[event_id] = at
+    def add(self, source: EventSource, events: pa.Table, where: str) -> None:
+        ids = events[source.event_id].to_pylist()
+        ts = pc.cast(events[source.timestamp], pa.int64()).to_pylist()
+        for event_id, t, digest in zip(ids, ts, row_digests(source, events), strict=True):
+            self.seen[event_id] = Seen(where, t, digest)
         self.trim()
 
     def trim(self) -> None:
@@ -236,7 +271,7 @@ class StreamWorker:
         self._checkers = ThreadPoolExecutor(max_workers=len(self.sources), thread_name_prefix="keel-check")
         self._inflight: Future | None = None
         self._metrics_server = None
-        self.counts = {"consumed": 0, "valid": 0, "dead_lettered": 0, "written": 0, "flushes": 0}
+        self.counts = {"consumed": 0, "valid": 0, "dead_lettered": 0, "unchanged": 0, "written": 0, "flushes": 0}
 
     # lifecycle
 
@@ -372,8 +407,7 @@ class StreamWorker:
                 self.features.warm(source.name, history)
             if in_stream and source.event_id and history.num_rows:
                 recent = history.sort_by(source.timestamp).slice(max(0, history.num_rows - self.config.dedup_events))
-                ids = recent[source.event_id].to_pylist()
-                self.recent.add(ids, [source.table_name] * len(ids))
+                self.recent.add(source, recent, source.table_name)
         log.info("warmed from %d raw rows in %.2fs", rows, time.perf_counter() - t0)
 
     def _place(self) -> None:
@@ -423,10 +457,17 @@ class StreamWorker:
         for topic, records in by_topic.items():
             source = self.sources[topic]
             good, bad = checked[topic]
-            good, repeated = self._split_repeated(source, good)
-            if repeated is not None:
-                bad = pa.concat_tables([bad, repeated]).sort_by([("file", "ascending"), ("row_number", "ascending")])
             pending = self.pending[topic]
+            resent = self._split_repeated(source, good)
+            good = resent.fresh
+            if resent.refused is not None:
+                bad = pa.concat_tables([bad, resent.refused]).sort_by(
+                    [("file", "ascending"), ("row_number", "ascending")]
+                )
+            if resent.unchanged:
+                self.counts["unchanged"] += resent.unchanged
+                self.metrics.events.labels(source.name, "unchanged").inc(resent.unchanged)
+            pending.corrections.update(resent.corrections)
             for partition, (offsets, _) in records.items():
                 pending.first_offsets.setdefault(partition, offsets[0])
                 pending.next_offsets[partition] = offsets[-1] + 1
@@ -450,52 +491,68 @@ class StreamWorker:
             if good.num_rows:
                 pending.good.append(good)
                 pending.rows += good.num_rows
+                # A correction reaches the online store once its old copy has left the raw table
+                # (``_apply_corrections``): the feature state cannot take an event back.
+                if resent.corrections:
+                    good = good.filter(pc.invert(pc.is_in(good[source.event_id], pa.array(list(resent.corrections)))))
                 fresh[source.name] = good
         if self.features is not None and fresh:
             self._update_online(fresh)
 
-    def _split_repeated(self, source: EventSource, good: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-        """Refuse events whose id came earlier: in this poll, an earlier one, or the raw table's recent history.
-
-        As in a batch ingest, the first occurrence (by partition, then offset) is kept and each
-        later one is dead-lettered, pointing at the first.
-        """
+    def _split_repeated(self, source: EventSource, good: pa.Table) -> Settled:
+        """Settle events whose id came earlier (in this poll, an earlier one, or the raw table's
+        recent history) as a batch ingest settles them against the table (keel.resent): arriving
+        unchanged they are dropped and counted; with other values they are corrections
+        (``on_duplicate="replace"``) or are dead-lettered as duplicates pointing at the first."""
         if not source.event_id or good.num_rows == 0:
-            return good, None
+            return Settled(good)
         ids = good[source.event_id].to_pylist()
-        seen = self.recent.seen
-        repeated = np.zeros(len(ids), bool)
-        first = []
+        ts = pc.cast(good[source.timestamp], pa.int64()).to_pylist()
+        digests = row_digests(source, good)
         topic = source.kafka_topic
         partitions, offsets = good[PARTITION].to_pylist(), good[OFFSET].to_pylist()
-        for k, (event_id, partition, offset) in enumerate(zip(ids, partitions, offsets, strict=True)):
-            at = seen.get(event_id)
-            if at is None:
-                seen[event_id] = f"{location(topic, partition)} row {offset}"
+        seen = self.recent.seen
+        keep = np.ones(len(ids), bool)
+        unchanged, corrections, refused_at = 0, {}, {}
+        for k, (event_id, t, digest) in enumerate(zip(ids, ts, digests, strict=True)):
+            before = seen.get(event_id)
+            here = Seen(f"{location(topic, partitions[k])} row {offsets[k]}", t, digest)
+            if before is None:
+                seen[event_id] = here
+            elif before.digest == digest and before.ts_us == t:
+                keep[k] = False
+                unchanged += 1
+            elif source.on_duplicate == "replace":
+                corrections[event_id] = corrections.get(event_id, before.ts_us)
+                seen[event_id] = here
             else:
-                repeated[k] = True
-                first.append(at)
+                keep[k] = False
+                refused_at[k] = before
         self.recent.trim()
-        if not repeated.any():
-            return good, None
-        mask = pa.array(repeated)
-        dupes = good.filter(mask)
-        fresh = good.filter(pc.invert(mask))
+        fresh = good if keep.all() else good.filter(pa.array(keep))
+        if not refused_at:
+            return Settled(fresh, None, unchanged, corrections)
+        rows = sorted(refused_at)
+        dupes = good.take(pa.array(rows))
         names = [c.name for c in source.all_columns()]
         records = [json.dumps({k: _text(v) for k, v in row.items()}) for row in dupes.select(names).to_pylist()]
+        reasons = [
+            f"{source.event_id} {json.dumps(ids[k])} arrived earlier with other values at {refused_at[k].where}, "
+            f"{_day(refused_at[k].ts_us)} (on_duplicate='quarantine'; declare on_duplicate='replace' to take "
+            "re-sent events as corrections)"
+            for k in rows
+        ]
         bad = pa.table(
             {
-                "file": [location(source.kafka_topic, p) for p in dupes[PARTITION].to_pylist()],
+                "file": [location(topic, p) for p in dupes[PARTITION].to_pylist()],
                 "row_number": dupes[OFFSET],
                 "reason_code": ["duplicate_event_id"] * dupes.num_rows,
-                "reason": [
-                    f"duplicate {source.event_id} {json.dumps(i)} (first at {f})"
-                    for i, f in zip(dupes[source.event_id].to_pylist(), first, strict=True)
-                ],
+                "reason": reasons,
                 "record": records,
             }
         )
-        return fresh, quarantine_rows(source.name, bad, self.run_id, dt.datetime.now(dt.UTC))
+        refused = quarantine_rows(source.name, bad, self.run_id, dt.datetime.now(dt.UTC))
+        return Settled(fresh, refused, unchanged, corrections)
 
     def _update_online(self, fresh: dict[str, pa.Table]) -> None:
         for name, good in fresh.items():
@@ -541,15 +598,33 @@ class StreamWorker:
         if self._inflight is None or (not block and not self._inflight.done()):
             return
         done, self._inflight = self._inflight, None
-        flushed = done.result()  # an append that failed stops the worker here; a restart replays it
+        flushed, corrected = done.result()  # an append that failed stops the worker here; a restart replays it
         if flushed and self.consumer is not None:
             self._commit_kafka(flushed)
         if self.features is not None and flushed:
             self.features.evict(dt.datetime.now(dt.UTC))
+        if self.features is not None and corrected:
+            self._apply_corrections(corrected)
 
-    def _append(self, batches: dict[str, Pending]) -> list[str]:
-        """Writer thread: append each topic's batch with its offsets in the same Iceberg commit."""
-        flushed = []
+    def _apply_corrections(self, corrected: dict[str, pa.Table]) -> None:
+        """Corrections are in the raw tables and their old copies gone; the feature state cannot take
+        an event back, so it is rebuilt from the tables (as at start) and the corrected entities'
+        values are written to the online store."""
+        self.flush()  # what waits goes to Iceberg first, so the rebuilt state has it too
+        self._warm()
+        for name, keys in corrected.items():
+            if name in self.features.sources:
+                self.features.touch(name, keys.drop_columns(["_replaced_ts"]), keys["_replaced_ts"])
+        for group_name, rows in self.features.updates().items():
+            if rows.num_rows:
+                self.store.write(self.groups[group_name], rows)
+        log.info("corrections applied: %s", ", ".join(f"{n} {k.num_rows}" for n, k in corrected.items()))
+
+    def _append(self, batches: dict[str, Pending]) -> tuple[list[str], dict[str, pa.Table]]:
+        """Writer thread: append each topic's batch with its offsets in the same Iceberg commit; a
+        corrected event's old copy leaves the table in that commit. Returns the topics flushed and,
+        per source, the keys of the entities corrections changed."""
+        flushed, corrected = [], {}
         for topic, pending in batches.items():
             source = self.sources[topic]
             t0 = time.perf_counter()
@@ -558,7 +633,18 @@ class StreamWorker:
                 spans = {p: (pending.first_offsets[p], pending.next_offsets[p] - 1) for p in pending.next_offsets}
                 write_dead_letters(self.lake, source, bad, spans, self.run_id)
             good = pa.concat_tables(pending.good) if pending.good else _empty(source)
-            result = append_exactly_once(self.lake, source, good, pending.next_offsets, self.run_id)
+            removals = None
+            if pending.corrections:
+                good = _last_of_each(good, source.event_id, set(pending.corrections))
+                removals = {}
+                for event_id, ts_us in sorted(pending.corrections.items()):
+                    removals.setdefault(dt.date.fromisoformat(_day(ts_us)), []).append(event_id)
+                fixed = good.filter(pc.is_in(good[source.event_id], pa.array(list(pending.corrections))))
+                replaced_at = [pending.corrections[i] for i in fixed[source.event_id].to_pylist()]
+                corrected[source.name] = fixed.select(source.key_columns).append_column(
+                    "_replaced_ts", pc.cast(pa.array(replaced_at, pa.int64()), pa.timestamp("us", tz="UTC"))
+                )
+            result = append_exactly_once(self.lake, source, good, pending.next_offsets, self.run_id, removals=removals)
             elapsed = time.perf_counter() - t0
             self.metrics.write.labels(source.name).observe(elapsed)
             self.metrics.rows.labels(source.name).inc(result.rows)
@@ -579,7 +665,7 @@ class StreamWorker:
                 result.snapshot_id,
             )
             flushed.append(topic)
-        return flushed
+        return flushed, corrected
 
     def _commit_kafka(self, topics) -> None:
         from kafka import OffsetAndMetadata, TopicPartition
@@ -667,6 +753,20 @@ class _Listener(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost) -> None:
         self.worker.assigned -= set(lost)
+
+
+def _last_of_each(events: pa.Table, column: str, ids: set[str]) -> pa.Table:
+    """``events`` with only the last occurrence (in arrival order) of each of ``ids``: a correction
+    whose earlier copy is still in the same micro-batch replaces it there."""
+    keep = np.ones(events.num_rows, bool)
+    met: set[str] = set()
+    values = events[column].to_pylist()
+    for k in range(len(values) - 1, -1, -1):
+        if values[k] in ids:
+            if values[k] in met:
+                keep[k] = False
+            met.add(values[k])
+    return events if keep.all() else events.filter(pa.array(keep))
 
 
 def _empty(source: EventSource) -> pa.Table:

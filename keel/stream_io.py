@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException
-from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual, Or
+from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThanOrEqual, Or
 from pyiceberg.table import Table
 
 from keel import validation
 from keel.dsl import EventSource
 from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import COMMIT_ATTEMPTS, Lakehouse, days_of
+from keel.lakehouse import COMMIT_ATTEMPTS, Lakehouse, day_filter, days_of
 from keel.validation import QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -209,12 +209,14 @@ def append_exactly_once(
     run_id: str,
     *,
     attempts: int = COMMIT_ATTEMPTS,
+    removals: dict[dt.date, list[str]] | None = None,
 ) -> AppendResult:
     """Append ``rows`` (source columns + ``_partition``, ``_offset``) and advance the recorded offsets.
 
     Rows below the offsets the table already records are skipped (another worker, or this
-    one before a crash, wrote them). On a concurrent commit the table is read again and the
-    write retried.
+    one before a crash, wrote them). ``removals`` are the landed copies of corrected events
+    (event ids by the day they sit on): they are deleted in the same commit. On a concurrent
+    commit the table is read again and the write retried.
     """
     topic = source.kafka_topic
     schema = source.arrow_schema()
@@ -231,6 +233,8 @@ def append_exactly_once(
         props = lake.snapshot_properties(f"stream:{source.name}", days, run_id, **{OFFSETS_PROPERTY: text})
         try:
             with _without_retries(table).transaction() as tx:
+                if removals:
+                    tx.delete(_copies(source, removals), snapshot_properties=props)
                 tx.append(data.select(schema.names).cast(schema), snapshot_properties=props)
                 tx.set_properties({OFFSETS_PROPERTY: text})
         except CommitFailedException as exc:
@@ -242,6 +246,17 @@ def append_exactly_once(
         head = lake.head(source.table_name)
         return AppendResult(data.num_rows, rows.num_rows - data.num_rows, head, merged, attempt)
     raise AssertionError("unreachable")
+
+
+def _copies(source: EventSource, removals: dict[dt.date, list[str]]):
+    """The rows holding these event ids on these days (each day's own ids only, so files of other days stay)."""
+    parts = [
+        And(day_filter(source.timestamp, [day]), In(source.event_id, ids)) for day, ids in sorted(removals.items())
+    ]
+    out = parts[0]
+    for part in parts[1:]:
+        out = Or(out, part)
+    return out
 
 
 def _at_or_past(rows: pa.Table, recorded: Offsets) -> pa.Array | None:

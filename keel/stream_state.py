@@ -86,6 +86,7 @@ class StreamFeatures:
         self._group = {g.name: g for g in closure}
         self._needs = sources_of(closure)
         self._entities = _Entities()
+        self._floors: dict[int, int] = {}  # entity id -> earliest moment (us) ``updates`` reports it as of
         feats: dict[str, list[Feature]] = {name: [] for name in self._needs}
         for group in closure:
             if group.source is not None:
@@ -115,6 +116,21 @@ class StreamFeatures:
         """Load history (raw table rows of the source); entities warmed are not reported by ``updates``."""
         state = self._state(source_name)
         state.ingest(state.validate(events), touch=False, con=self._con)
+
+    def touch(self, source_name: str, keys: pa.Table, not_before: pa.Array | None = None) -> None:
+        """Report these entities (the source's key columns) in the next ``updates``: their values
+        changed under them (a corrected event, rebuilt into the state by ``warm``).
+
+        ``not_before`` (timestamps, one per row) is the earliest moment to report each one as of:
+        a correction that moved an entity's latest event earlier is still reported as of the
+        moment the online store last heard of it, which never takes an older value.
+        """
+        state = self._state(source_name)
+        eids = state.entities.ids(keys, state.source.key_columns)
+        state.touched.update(eids.tolist())
+        if not_before is not None:
+            for eid, at in zip(eids.tolist(), _micros(pa.chunked_array([not_before])).tolist(), strict=True):
+                self._floors[eid] = max(at, self._floors.get(eid, at))
 
     def add(self, source_name: str, events: pa.Table) -> None:
         """Queue new events (the source's columns), in any order, late ones too; their entities are touched."""
@@ -156,7 +172,15 @@ class StreamFeatures:
             if ents:
                 eids = np.fromiter(sorted(ents), np.int64, len(ents))
                 t = np.max([self._sources[name].latest_of(eids) for name in self._reads[group.name]], axis=0)
+                if self._floors:
+                    floor = np.fromiter(
+                        (self._floors.get(e, t_) for e, t_ in zip(eids.tolist(), t.tolist(), strict=True)),
+                        np.int64,
+                        len(eids),
+                    )
+                    t = np.maximum(t, floor)
                 probes[group.name] = (eids, t)
+        self._floors = {}
         tables = self._source_group_values(probes)
         memo: dict = {}
         return {

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -152,19 +152,25 @@ def stage(
     key: str | None = None,
     days: Iterable[dt.date] = (),
     properties: dict[str, str] | None = None,
+    removals: Mapping[dt.date, Sequence[str]] | None = None,
 ) -> StagedWrite:
     """Write ``chunks`` to the run's audit branch, one commit per chunk.
 
     ``replace`` makes each day present in a chunk (plus any listed in ``days``) hold exactly
     that chunk's rows for the day; ``merge`` keeps a day's existing rows whose ``key`` is not
-    among the chunk's and adds the chunk's rows. A chunk should hold whole days. Staging the
-    same run again starts the branch afresh, so a retried step never doubles its data.
-    ``properties`` are added to every snapshot's keel.* properties (e.g. a definition's version).
+    among the chunk's and adds the chunk's rows. ``removals`` (merge only) are keys to take out
+    of the days they sit in: rows that moved to another day, whose old copy must go in the same
+    staging. A chunk should hold whole days. Staging the same run again starts the branch
+    afresh, so a retried step never doubles its data. ``properties`` are added to every
+    snapshot's keel.* properties (e.g. a definition's version, the rows replaced).
     """
     if mode not in ("replace", "merge"):
         raise ValueError(f"stage {table_name!r}: mode {mode!r} is not known (use 'replace' or 'merge')")
     if mode == "merge" and not key:
         raise ValueError(f"stage {table_name!r}: mode 'merge' needs the key column that identifies a row")
+    removals = {d: list(ids) for d, ids in (removals or {}).items() if ids}
+    if removals and mode != "merge":
+        raise ValueError(f"stage {table_name!r}: removals need mode 'merge' and a key")
     table = lake.table(table_name)
     branch = branch_name(run_id)
     base = lake.resolve_snapshot(table)
@@ -188,7 +194,8 @@ def stage(
             )
         if mode == "merge" and base is not None:
             existing = lake.read(table_name, snapshot_id=base, row_filter=day_filter(day_column, chunk_days))
-            data = _merge(existing, data, key, schema)
+            gone = [k for d in chunk_days for k in removals.get(d, ())]
+            data = _merge(existing, data, key, schema, gone)
         extra = dict(properties or {})
         if base is not None:
             extra[PROP_BASE_SNAPSHOT] = str(base)
@@ -203,6 +210,9 @@ def stage(
     emptied = set(days) - written_days
     if emptied:
         write(schema.empty_table(), emptied)
+    for day in sorted(set(removals) - written_days):
+        # A day that only loses rows (they moved to another day): rewritten without them.
+        write(schema.empty_table(), {day})
     if not written_days:
         discard(lake, table_name, run_id)
         raise LakehouseError(f"stage {table_name!r}: nothing was written (the input held no rows and no days)")
@@ -320,12 +330,16 @@ def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _merge(existing: pa.Table, new: pa.Table, key: str, schema: pa.Schema) -> pa.Table:
-    """Existing rows whose key is not in ``new``, then ``new``'s rows, typed as ``schema``."""
+def _merge(existing: pa.Table, new: pa.Table, key: str, schema: pa.Schema, gone: Sequence[str] = ()) -> pa.Table:
+    """Existing rows whose key is neither in ``new`` nor in ``gone``, then ``new``'s rows, typed as ``schema``."""
     if existing.num_rows == 0:
         return new
     con = duckdb.connect()
     con.register("existing", _conform(existing, schema))
-    con.register("new", new)
-    kept = con.sql(f'SELECT e.* FROM existing e ANTI JOIN new n ON e."{key}" = n."{key}"').to_arrow_table()
+    con.register("new", new.select([key]))
+    con.register("gone", pa.table({key: pa.array(list(gone), existing.schema.field(key).type)}))
+    kept = con.sql(
+        f'SELECT e.* FROM existing e ANTI JOIN (SELECT "{key}" FROM new UNION ALL SELECT "{key}" FROM gone) k '
+        f'ON e."{key}" = k."{key}"'
+    ).to_arrow_table()
     return pa.concat_tables([_conform(kept, schema), new])

@@ -1,5 +1,6 @@
 """The stream worker against a real broker: exactly once into Iceberg, dead letters with reasons, drains on stop."""
 
+import dataclasses
 import datetime as dt
 import json
 import threading
@@ -15,6 +16,7 @@ from keel.cli import main
 from keel.config import ConfigError, Settings
 from keel.ingest import QUARANTINE_TABLE
 from keel.lakehouse import Lakehouse
+from keel.online import OnlineStore, Record
 from keel.producer import EventProducer
 from keel.stream import StreamConfig, StreamError, StreamWorker
 from keel.stream_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, end_offsets, recorded_offsets
@@ -177,39 +179,90 @@ def test_events_land_once_bad_ones_in_quarantine_offsets_committed(stream_env, c
                 assert committed[TopicPartition(topic, p)].offset == n
 
 
-def test_a_repeated_event_id_is_dead_lettered_as_a_duplicate(stream_env):
-    bootstrap = stream_env
-    settings = Settings.from_env()
-    event = {
-        "event_id": "t-dup-1",
+def transaction(event_id: str, ts: dt.datetime, amount: float) -> dict:
+    return {
+        "event_id": event_id,
         "user_id": "u00001",
-        "event_ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "amount": 12.5,
+        "event_ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "amount": amount,
         "currency": "EUR",
         "country": "DE",
         "merchant_category": "books",
         "is_refund": False,
     }
+
+
+def send(bootstrap: str, *events: dict) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
-    producer.send("shop.transactions", key=b"u00001", value=json.dumps(event).encode())
-    producer.flush()
-    run = Running(StreamWorker(settings, project, config()))
-    lake = Lakehouse.from_settings(settings)
-    wait_for(lambda: raw_rows(lake, SOURCES["shop.transactions"]) == 1, what="the first copy in Iceberg")
-    # The same event again, in a later poll, and twice in one poll.
-    for _ in range(3):
+    for event in events:
         producer.send("shop.transactions", key=b"u00001", value=json.dumps(event).encode())
     producer.flush()
     producer.close()
-    wait_for(lambda: lake.exists(QUARANTINE_TABLE) and lake.read(QUARANTINE_TABLE).num_rows == 3, what="3 dead letters")
+
+
+def test_a_resent_event_changes_nothing_and_a_correction_replaces_its_landed_copy(stream_env):
+    """The rule a batch ingest applies (keel.resent), on the stream: one copy of every event id."""
+    bootstrap = stream_env
+    settings = Settings.from_env()
+    now = dt.datetime.now(dt.UTC)
+    first = transaction("t-dup-1", now - dt.timedelta(hours=1), 12.5)
+    send(bootstrap, first)
+    run = Running(StreamWorker(settings, project, config(online=True)))
+    lake = Lakehouse.from_settings(settings)
+    source = SOURCES["shop.transactions"]
+    wait_for(lambda: raw_rows(lake, source) == 1, what="the first copy in Iceberg")
+
+    # The same event again, in a later poll and twice in one poll: nothing changes, nothing is refused.
+    send(bootstrap, first, first, first)
+    wait_for(lambda: run.worker.counts["unchanged"] == 3, what="3 re-sends counted unchanged")
+    # A correction: another amount, a day earlier. It replaces the landed copy, in Iceberg and online.
+    corrected = transaction("t-dup-1", now - dt.timedelta(days=1, hours=1), 40.0)
+    send(bootstrap, corrected)
+    wait_for(lambda: lake.read(source.table_name)["amount"].to_pylist() == [40.0], what="the correction in Iceberg")
+    group = project.group("user_transactions")
+    online = OnlineStore.from_settings(settings)
+    wait_for(
+        lambda: (online.read([(group, ["amount_sum_7d"])], ["u00001"])[0][0] or Record(0, [None])).values == [40.0],
+        what="the corrected value online",
+    )
+    online.close()
     run.stop()
-    assert raw_rows(lake, SOURCES["shop.transactions"]) == 1
+
+    rows = lake.read(source.table_name).to_pylist()
+    assert len(rows) == 1 and rows[0]["event_ts"].date() == (now - dt.timedelta(days=1, hours=1)).date()
+    assert not lake.exists(QUARANTINE_TABLE) or lake.read(QUARANTINE_TABLE).num_rows == 0
+
+
+def test_with_on_duplicate_quarantine_a_changed_resend_is_dead_lettered_pointing_at_the_first(stream_env):
+    bootstrap = stream_env
+    settings = Settings.from_env()
+    strict = dataclasses.replace(project.source("transactions"), on_duplicate="quarantine")
+    strict_project = dataclasses.replace(
+        project, sources=tuple(strict if s.name == "transactions" else s for s in project.sources), feature_groups=()
+    )
+    now = dt.datetime.now(dt.UTC)
+    first = transaction("t-dup-2", now - dt.timedelta(hours=1), 12.5)
+    send(bootstrap, first)
+    run = Running(StreamWorker(settings, strict_project, config(sources=("transactions",))))
+    lake = Lakehouse.from_settings(settings)
+    wait_for(lambda: raw_rows(lake, strict) == 1, what="the first copy in Iceberg")
+    send(bootstrap, first, {**first, "amount": 13.0}, {**first, "amount": 14.0})
+    wait_for(lambda: lake.exists(QUARANTINE_TABLE) and lake.read(QUARANTINE_TABLE).num_rows == 2, what="2 dead letters")
+    run.stop()
+
+    assert lake.read(strict.table_name)["amount"].to_pylist() == [12.5]
+    assert run.worker.counts["unchanged"] == 1
     rows = lake.read(QUARANTINE_TABLE).sort_by("row_number").to_pylist()
-    assert [r["reason_code"] for r in rows] == ["duplicate_event_id"] * 3
-    assert [r["row_number"] for r in rows] == [1, 2, 3]
-    first = rows[0]["file"]
-    assert all(r["reason"] == f'duplicate event_id "t-dup-1" (first at {first} row 0)' for r in rows)
-    assert json.loads(rows[0]["record"])["amount"] == "12.5"
+    assert [r["reason_code"] for r in rows] == ["duplicate_event_id"] * 2
+    assert [r["row_number"] for r in rows] == [2, 3]
+    where = f"{rows[0]['file']} row 0"
+    assert all(
+        r["reason"]
+        == f'event_id "t-dup-2" arrived earlier with other values at {where}, {now - dt.timedelta(hours=1):%Y-%m-%d} '
+        "(on_duplicate='quarantine'; declare on_duplicate='replace' to take re-sent events as corrections)"
+        for r in rows
+    )
+    assert json.loads(rows[0]["record"])["amount"] == "13.0"
 
 
 def offsets_rows(source, n: int, partition: int, first: int) -> pa.Table:

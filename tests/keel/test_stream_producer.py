@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import re
 import time
 
 import pytest
@@ -96,7 +97,9 @@ def test_cli_streams_for_the_given_seconds(keel_home, kafka_topics, monkeypatch,
     monkeypatch.setenv("KEEL_KAFKA_BOOTSTRAP", kafka_topics(TOPICS))
     assert cli.main(["generate", "--to-kafka", "--rate", "200", "--seconds", "0.5", "--users", "20"]) == 0
     out = capsys.readouterr().out
-    assert "produced 1" in out and "events in 0.5s" in out
+    # The count depends on the machine's load (about 100 at 200/s); the run stops on time and says so.
+    found = re.search(r"produced (\d+) events in 0\.5s", out)
+    assert found and int(found.group(1)) > 0, out
 
 
 def test_bad_settings_are_refused(kafka_bootstrap):
