@@ -7,6 +7,7 @@ are built, so a mistake fails at import with a message naming the thing and the 
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ class Column:
     max: float | None = None
     allowed: tuple[str, ...] | None = None
     description: str = ""
+    # NaN and +-infinity are quarantined (reason non_finite) unless the column says they mean something.
+    allow_non_finite: bool = False
 
     def __post_init__(self) -> None:
         _check_name("column", self.name)
@@ -60,6 +63,10 @@ class Column:
             )
         if (self.min is not None or self.max is not None) and self.type not in ("int64", "float64"):
             raise DeclarationError(f"column {self.name!r}: min/max only apply to numeric columns, not {self.type!r}")
+        if self.allow_non_finite and self.type != "float64":
+            raise DeclarationError(
+                f"column {self.name!r}: allow_non_finite applies to float64 columns only, not {self.type!r} (remove it)"
+            )
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -122,6 +129,9 @@ class EventSource:
     # How far from the incoming events' days an earlier copy of an id is looked for ("365d");
     # None looks through the whole table, which an ingest then scans (ids and timestamps only).
     duplicates_within: str | None = None
+    # Events timed before this day are quarantined (bad_timestamp): a year-1 or 1970 timestamp is
+    # a producer's placeholder, not an event, and would open a partition decades before the rest.
+    earliest: dt.date = dt.date(2000, 1, 1)
 
     def __post_init__(self) -> None:
         _check_name("event source", self.name)
@@ -154,6 +164,11 @@ class EventSource:
                     f"event source {self.name!r}: duplicates_within {self.duplicates_within!r} is not a duration "
                     "(use e.g. '30d' or '365d', or leave it None to look through the whole table)"
                 )
+        if not isinstance(self.earliest, dt.date) or isinstance(self.earliest, dt.datetime):
+            raise DeclarationError(
+                f"event source {self.name!r}: earliest {self.earliest!r} is not a date "
+                "(use e.g. earliest=datetime.date(2000, 1, 1))"
+            )
 
     def __hash__(self) -> int:
         return hash(self.name)
