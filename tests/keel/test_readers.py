@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import pickle
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel import readers
 from keel.readers import FileFormatError, file_format, read_batches, timestamp_range
@@ -29,8 +32,8 @@ def jsonl_text(n: int) -> str:
     )
 
 
-def read_all(path, columns=COLUMNS) -> tuple[list[pa.Table], pa.Table]:
-    batches = list(read_batches(path, columns))
+def read_all(path, columns=COLUMNS, **options) -> tuple[list[pa.Table], pa.Table]:
+    batches = list(read_batches(path, columns, **options))
     return batches, pa.concat_tables(batches)
 
 
@@ -71,8 +74,23 @@ def test_unknown_extension_names_the_file_and_the_supported_formats(tmp_path, na
         list(read_batches(path, ["event_id"]))
 
     assert str(err.value) == (
-        f"file {str(path)!r}: format {shown} is not supported (use .csv, .parquet or .jsonl, optionally .gz)"
+        f"file {str(path)!r} has format {shown}, which is not supported (use .csv, .parquet or .jsonl, optionally .gz)"
     )
+    assert (err.value.path, err.value.where, err.value.fix) == (
+        str(path),
+        None,
+        "use .csv, .parquet or .jsonl, optionally .gz",
+    )
+
+
+def test_gzipped_parquet_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "e.parquet.gz"
+    path.write_bytes(gzip.compress(b"PAR1"))
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS))
+
+    assert err.value.what == "is gzip-compressed Parquet, which is not supported"
 
 
 def test_missing_file_is_a_format_error(tmp_path):
@@ -162,17 +180,24 @@ def test_csv_missing_a_declared_column_names_the_file_and_the_column(tmp_path):
         list(read_batches(path, COLUMNS))
 
     assert str(err.value) == (
-        f"file {str(path)!r} lacks column(s) user_id, amount that its source declares "
-        "(found: event_id, event_ts, note); add them, or fix the --source"
+        f"file {str(path)!r} lacks column(s) user_id, amount that its source declares at its header, which names "
+        "event_id, event_ts, note (add them, or give --source the source the file holds)"
     )
 
 
-def test_empty_csv_lacks_every_column(tmp_path):
-    path = tmp_path / "empty.csv"
-    path.write_text("")
+@pytest.mark.parametrize("data", [b"", b"\n\n", gzip.compress(b"")], ids=["empty", "blank-lines", "empty-gzip"])
+def test_a_csv_without_a_header_yields_no_rows(tmp_path, data):
+    path = tmp_path / ("e.csv.gz" if data.startswith(b"\x1f\x8b") else "e.csv")
+    path.write_bytes(data)
 
-    with pytest.raises(FileFormatError, match=r"lacks column\(s\) event_id, user_id, event_ts, amount .*found: none"):
-        list(read_batches(path, COLUMNS))
+    assert list(read_batches(path, COLUMNS)) == []
+
+
+def test_csv_header_after_blank_lines_is_the_header(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("\n\n" + csv_text(2))
+
+    assert read_all(path)[1]["event_id"].to_pylist() == ["e0", "e1"]
 
 
 def test_csv_with_only_a_header_yields_no_rows(tmp_path):
@@ -189,9 +214,19 @@ def test_csv_row_with_too_many_fields_is_a_format_error_naming_the_file(tmp_path
     with pytest.raises(FileFormatError) as err:
         list(read_batches(path, COLUMNS))
 
-    message = str(err.value)
-    assert message.startswith(f"file {str(path)!r} is not a readable CSV file")
-    assert "Expected 4 columns, got 5" in message
+    assert err.value.what == "is not a readable CSV file: Expected 4 columns, got 5: e2,u2,2026-01-05,2,surplus"
+    assert err.value.where == "row 2"
+    assert err.value.fix == "give every row the header's 4 fields, quoting values that hold commas"
+
+
+def test_csv_row_error_deep_in_a_file_of_many_batches_names_its_row(tmp_path, small_batches):
+    path = tmp_path / "ragged.csv"
+    path.write_text(csv_text(60) + "x,y\n" + csv_text(3, header="").lstrip("\n"))
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS))
+
+    assert err.value.where == "row 61"
 
 
 # Parquet
@@ -248,8 +283,8 @@ def test_parquet_missing_a_declared_column_names_the_file_and_the_column(tmp_pat
         list(read_batches(path, COLUMNS))
 
     assert str(err.value) == (
-        f"file {str(path)!r} lacks column(s) user_id that its source declares "
-        "(found: event_id, event_ts, amount); add them, or fix the --source"
+        f"file {str(path)!r} lacks column(s) user_id that its source declares at its schema, which names "
+        "event_id, event_ts, amount (add them, or give --source the source the file holds)"
     )
 
 
@@ -257,8 +292,13 @@ def test_file_that_is_not_parquet_is_a_format_error(tmp_path):
     path = tmp_path / "e.parquet"
     path.write_text("event_id,user_id\ne1,u1\n")
 
-    with pytest.raises(FileFormatError, match=r"e\.parquet' is not a readable Parquet file"):
+    with pytest.raises(FileFormatError) as err:
         list(read_batches(path, COLUMNS))
+
+    assert str(err.value) == (
+        f"file {str(path)!r} is not a Parquet file: it holds text "
+        "(name it after its format (.csv, .jsonl), or send the Parquet file)"
+    )
 
 
 # JSONL
@@ -404,3 +444,137 @@ def test_timestamp_range_of_a_file_without_the_column_fails(tmp_path):
 
     with pytest.raises(FileFormatError, match="lacks column"):
         timestamp_range(path, "event_ts")
+
+
+# encodings and binary files
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_offset_and_line(tmp_path):
+    path = tmp_path / "e.csv"
+    data = ("\ufeff" + csv_text(3)).encode() + "e9,müller,2026-01-05,1,x\n".encode("latin-1")
+    path.write_bytes(data)
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS))
+
+    # Offsets count the byte order mark: they are offsets in the file.
+    assert (err.value.what, err.value.where) == ("is not valid UTF-8 (byte 0xFC)", f"byte {data.index(0xFC)} (line 5)")
+    assert err.value.fix == (
+        "if it was saved as Latin-1 or Windows-1252, ingest it with --encoding latin-1 or --encoding cp1252; "
+        "otherwise save it as UTF-8"
+    )
+
+
+def test_a_bad_byte_in_a_gzipped_file_is_placed_in_the_uncompressed_data(tmp_path):
+    path = tmp_path / "e.jsonl.gz"
+    data = jsonl_text(40).encode() + b'{"event_id": "\xff"}\n'
+    path.write_bytes(gzip.compress(data))
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS[:3]))
+
+    assert err.value.where == f"byte {data.index(0xFF)} of the uncompressed data (line 41)"
+
+
+def test_the_given_encoding_reads_the_file_and_a_byte_outside_it_is_named(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_bytes("event_id,user_id\ne1,müller\ne2,\x81\n".encode("latin-1"))
+
+    assert read_all(path, ["event_id", "user_id"], encoding="latin-1")[1]["user_id"].to_pylist() == ["müller", "\x81"]
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, ["event_id", "user_id"], encoding="cp1252"))
+    assert (err.value.what, err.value.where) == ("is not valid cp1252 (byte 0x81)", "byte 30 (line 3)")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    path = tmp_path / "e.csv"
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b""}[encoding]
+    path.write_bytes(bom + csv_text(5).encode(encoding))
+
+    assert read_all(path)[1]["event_id"].to_pylist() == [f"e{i}" for i in range(5)]
+
+
+def test_utf16_without_a_byte_order_mark_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_bytes(csv_text(5).encode("utf-16-le"))
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS))
+
+    assert (err.value.what, err.value.fix) == (
+        "is UTF-16 text without a byte order mark",
+        "ingest it with --encoding utf-16-le, or save it as UTF-8",
+    )
+
+
+def test_an_unknown_encoding_is_named():
+    with pytest.raises(ValueError, match=r"encoding 'latin-9x' is not known \(use e.g. utf-8, latin-1"):
+        readers.check_encoding("latin-9x")
+
+
+@given(
+    prefix=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=60),
+    bad=st.sampled_from([b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\x80"]),
+    suffix=st.binary(max_size=20),
+    chunk=st.integers(1, 9),
+)
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_first_bad_byte_agrees_with_decoding_the_whole_file(tmp_path_factory, prefix, bad, suffix, chunk):
+    """The scan reads in chunks that split characters; its offset is the whole-file decoder's."""
+    data = prefix.encode() + bad + suffix
+    path = tmp_path_factory.mktemp("scan") / "e.jsonl"
+    path.write_bytes(data)
+    try:
+        data.decode("utf-8")
+        expected = None
+    except UnicodeDecodeError as exc:
+        expected = (exc.start, data[: exc.start].count(b"\n") + 1, data[exc.start])
+    text = readers._TextFile.__new__(readers._TextFile)
+    text.path, text.packed, text.encoding, text.sample = path, False, "utf-8-sig", data[:10]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readers, "SCAN_BYTES", chunk)
+        assert text.first_bad_byte() == expected
+
+
+# JSONL of another source
+
+
+def test_jsonl_whose_first_lines_never_name_a_required_column_is_refused(tmp_path, small_batches):
+    path = tmp_path / "e.jsonl"
+    lines = [json.dumps({"event_id": f"e{i}", "page": "home"}) for i in range(30)]
+    path.write_text("\n".join(["", "not json", *lines]) + "\n")
+
+    with pytest.raises(FileFormatError) as err:
+        list(read_batches(path, COLUMNS, required=["event_id", "user_id"]))
+
+    assert (err.value.what, err.value.fix) == (
+        "lacks key(s) user_id that its source declares",
+        "give --source the source the file holds",
+    )
+    assert err.value.where.startswith("every JSON object in its first ")
+    assert err.value.where.endswith(" lines, whose keys are event_id, page")
+
+
+def test_jsonl_naming_a_required_column_once_in_its_first_lines_is_read(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"event_id": "e1"}\n{"event_id": "e2", "user_id": null}\n')
+
+    _, table = read_all(path, ["event_id", "user_id"])
+
+    assert table["user_id"].to_pylist() == [None, None]
+
+
+def test_a_format_error_keeps_its_parts_and_a_whole_message_reads_as_given(tmp_path):
+    err = FileFormatError(tmp_path / "a.csv", "is cut short", "byte 9 (its end)", "send it again")
+    assert str(err) == f"file {str(tmp_path / 'a.csv')!r} is cut short at byte 9 (its end) (send it again)"
+    assert (err.path, err.what, err.where, err.fix) == (
+        str(tmp_path / "a.csv"),
+        "is cut short",
+        "byte 9 (its end)",
+        "send it again",
+    )
+    whole = FileFormatError("a.csv: not a Parquet file")
+    assert (str(whole), whole.path, whole.what) == ("a.csv: not a Parquet file", None, "a.csv: not a Parquet file")
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
