@@ -159,6 +159,8 @@ class FileIngest:
     now: dt.datetime | None = None
     # Where validation keeps its staging database while the files are read (KEEL_HOME/staging).
     staging_root: Path | None = None
+    # Of CSV and JSONL files; None reads UTF-8, or as a file's byte order mark says.
+    encoding: str | None = None
 
     @property
     def table(self) -> str:
@@ -166,7 +168,12 @@ class FileIngest:
 
     def stage(self, run_id: str) -> StagedFiles:
         with prepare(
-            self.source, self.paths, now=self.now, window=self.window, staging_root=self.staging_root
+            self.source,
+            self.paths,
+            now=self.now,
+            window=self.window,
+            staging_root=self.staging_root,
+            encoding=self.encoding,
         ) as prepared:
             write_quarantine(self.lake, prepared, run_id, self.now)
             staged = stage_prepared(self.lake, prepared, run_id)
@@ -207,15 +214,22 @@ def ingest_files(
     now: dt.datetime | None = None,
     window: tuple[dt.date, dt.date] | None = None,
     max_attempts: int = wap.PUBLISH_ATTEMPTS,
+    staging_root: Path | None = None,
+    encoding: str | None = None,
 ) -> IngestReport:
     """Validate, quarantine, stage, audit and publish; the report says what happened.
+
+    ``staging_root``: the folder validation's staging database lives under (KEEL_HOME/staging
+    for ``keel ingest``); ``encoding``: of CSV and JSONL files.
 
     When another writer moves main between staging and publishing, the ingest stages again
     on the new head (up to ``max_attempts`` stagings) rather than overwrite that write.
     """
     run_id = run_id or f"ingest-{uuid.uuid4().hex[:12]}"
     now = now or dt.datetime.now(dt.UTC)
-    writer = FileIngest(lake, source, tuple(paths), window=window, now=now)
+    writer = FileIngest(
+        lake, source, tuple(paths), window=window, now=now, staging_root=staging_root, encoding=encoding
+    )
     try:
         staging = writer.stage(run_id)
     except NothingToLand as exc:

@@ -1,17 +1,23 @@
 """Validating event files against their source, into an on-disk DuckDB staging database.
 
 Files are read in bounded batches (``keel.readers``) and each batch is checked in one
-vectorised DuckDB statement: rows with missing keys, values of the wrong type, unparsable
-or far-future timestamps, malformed records, or an event id seen earlier in the same ingest
-get a reason code and a message and wait as quarantine rows; the rest wait, typed, as good
-rows. The staging database lives on disk, so a file larger than memory spills instead of
-failing. ``keel.ingest`` lands the good rows through write-audit-publish.
+vectorised DuckDB statement: rows with missing keys, values of the wrong type, unparsable,
+infinite, far-future or too early timestamps, NaN or infinite numbers, control characters in
+ids and keys, malformed records, or an event id seen earlier in the same ingest get a reason
+code and a message and wait as quarantine rows; the rest wait, typed, as good rows. Every row
+read is good, quarantined or outside the run's days, or the ingest stops before staging. The
+staging database lives on disk, so a file larger than memory spills instead of failing; its
+folder holds an owner record, so ``keel maintain`` can remove what a killed ingest left.
+``keel.ingest`` lands the good rows through write-audit-publish.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ import duckdb
 import pyarrow as pa
 
 from keel.dsl import DUCKDB_TYPES, Column, EventSource
-from keel.readers import read_batches
+from keel.readers import FileFormatError, check_encoding, read_batches
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -36,6 +42,11 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 CHUNK_ROWS = 1_000_000
+# A staging folder is <root>/keel-ingest-<source>-<pid>-<random>, holding OWNER_FILE.
+STAGING_PREFIX = "keel-ingest-"
+OWNER_FILE = "owner.json"
+# Control characters (C0, DEL, C1) have no place in an id; they break joins, logs and keys online.
+_CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"
 
 
 class IngestError(RuntimeError):
@@ -106,9 +117,39 @@ class Prepared:
             schema=QUARANTINE_SCHEMA,
         )
 
+    def landable_rows(self) -> int:
+        """Good rows on the days ``chunks`` lands, counted the way it selects them."""
+        days = self.days()
+        if not days:
+            return 0
+        listed = ", ".join(f"DATE '{d.isoformat()}'" for d in days)
+        return self.con.execute(
+            f'SELECT count(*) FROM good WHERE CAST("{self.source.timestamp}" AS DATE) IN ({listed})'
+        ).fetchall()[0][0]
+
+    def check_accounted(self) -> None:
+        """Every row read is valid, quarantined or outside the window, and every valid row is on a
+        day that lands; otherwise an IngestError with the numbers (a row going missing is a bug)."""
+        valid, bad = self.rows_valid, sum(self.quarantined.values())
+        total = valid + bad + self.rows_outside_window
+        if self.rows_read != total:
+            raise IngestError(
+                f"source {self.source.name!r}: {self.rows_read} rows read but {valid} valid + {bad} quarantined "
+                f"+ {self.rows_outside_window} outside the window = {total} (a row went missing in validation: "
+                "report this with the file)"
+            )
+        landable = self.landable_rows()
+        if landable != valid:
+            raise IngestError(
+                f"source {self.source.name!r}: {valid} valid rows but {landable} on days that land "
+                "(a row's day went missing in validation: report this with the file)"
+            )
+
     def close(self) -> None:
-        self.con.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            self.con.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Prepared:
         return self
@@ -138,30 +179,48 @@ def prepare(
     now: dt.datetime | None = None,
     window: tuple[dt.date, dt.date] | None = None,
     staging_root: Path | None = None,
+    encoding: str | None = None,
 ) -> Prepared:
     """Read and validate ``paths``; good rows and quarantined rows wait in a staging database.
 
     ``window`` (first day, last day), when given, keeps only events of those days: the rest
     are counted as outside the window, neither landed nor quarantined. The staging database
-    lives in a folder under ``staging_root`` (the system's temporary folder when None).
+    lives in a folder under ``staging_root`` (the system's temporary folder when None), removed
+    by ``close``. ``encoding``: of CSV and JSONL files (None: UTF-8, or as their byte order
+    mark says). Files holding no row at all are refused (FileFormatError "holds no rows").
     """
     if not paths:
         raise IngestError(f"source {source.name!r}: no files given to ingest")
+    if encoding is not None:
+        try:
+            check_encoding(encoding)
+        except ValueError as exc:
+            raise IngestError(f"source {source.name!r}: {exc}") from None
     now = now or dt.datetime.now(dt.UTC)
-    if staging_root is not None:
-        Path(staging_root).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"keel-ingest-{source.name}-", dir=staging_root))
-    con = duckdb.connect(str(workdir / "staging.duckdb"))
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
+    workdir = _make_workdir(source, staging_root)
+    try:
+        con = duckdb.connect(str(workdir / "staging.duckdb"))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     prepared = Prepared(source, [str(Path(p).resolve()) for p in paths], con, workdir, window)
     try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
         _create_staging(con, source, prepared.files)
         names = [c.name for c in source.all_columns()]
+        required = [c.name for c in source.all_columns() if not c.nullable]
         for idx, path in enumerate(prepared.files):
-            for batch in read_batches(Path(path), names):
+            for batch in read_batches(Path(path), names, required=required, encoding=encoding):
                 prepared.rows_read += batch.num_rows
                 _validate_into(con, source, batch, idx, now)
+        if prepared.rows_read == 0:
+            others = len(prepared.files) - 1
+            raise FileFormatError(
+                prepared.files[0],
+                "holds no rows" + (f", nor do the {others} other file(s) given" if others else ""),
+                fix="there is nothing to ingest: check the export that wrote it",
+            )
         if source.event_id:
             _quarantine_duplicates(con, source)
         if window is not None:
@@ -169,10 +228,41 @@ def prepare(
         prepared.quarantined = dict(
             con.execute("SELECT reason_code, count(*) FROM bad GROUP BY 1 ORDER BY 1").fetchall()
         )
+        prepared.check_accounted()
     except BaseException:
         prepared.close()
         raise
     return prepared
+
+
+def _make_workdir(source: EventSource, staging_root: Path | None) -> Path:
+    """A fresh staging folder under ``staging_root``, with a record of the process that owns it."""
+    if staging_root is not None:
+        Path(staging_root).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{source.name}-{os.getpid()}-", dir=staging_root))
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_start": process_start(os.getpid()),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    try:
+        (workdir / OWNER_FILE).write_text(json.dumps(owner))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return workdir
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which is in parentheses and may hold spaces: state is the 3rd
+    # field of the line, starttime the 22nd.
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _create_staging(con: duckdb.DuckDBPyConnection, source: EventSource, files: list[str]) -> None:
@@ -219,13 +309,15 @@ def check_select(source: EventSource, batch_schema: pa.Schema, now: dt.datetime)
             messages.append(f"CASE WHEN {raw} IS NULL THEN 'missing {col.name}' END")
         bad_code = "bad_timestamp" if col.type == "timestamp" else "wrong_type"
         bad = f"({raw} IS NOT NULL AND {conv} IS NULL)"
+        shown = f"'{col.name}: ' || to_json(CAST({raw} AS VARCHAR))"
         codes.append(f"CASE WHEN {bad} THEN '{bad_code}' END")
-        messages.append(
-            f"CASE WHEN {bad} THEN '{col.name}: ' || to_json(CAST({raw} AS VARCHAR)) || ' is not {_TYPE_WORDS.get(col.type, col.type)}' END"
-        )
+        messages.append(f"CASE WHEN {bad} THEN {shown} || ' is not {_TYPE_WORDS.get(col.type, col.type)}' END")
+        for code, when, message in _value_checks(source, col, conv, shown):
+            codes.append(f"CASE WHEN {when} THEN '{code}' END")
+            messages.append(f"CASE WHEN {when} THEN {message} END")
     limit = now + dt.timedelta(seconds=source.max_future_skew_s)
     ts = _convert(source.column(source.timestamp), f'"{source.timestamp}"', batch_schema.field(source.timestamp).type)
-    future = f"({ts} > TIMESTAMPTZ '{limit.isoformat()}')"
+    future = f"(isfinite({ts}) AND {ts} > TIMESTAMPTZ '{limit.isoformat()}')"
     codes.append(f"CASE WHEN {future} THEN 'future_timestamp' END")
     messages.append(
         f"CASE WHEN {future} THEN '{source.timestamp}: ' || CAST({ts} AS VARCHAR) || "
@@ -244,6 +336,45 @@ def check_select(source: EventSource, batch_schema: pa.Schema, now: dt.datetime)
         + (f"coalesce(_raw, {record})" if "_raw" in batch_schema.names else record)
         + " AS _record"
     )
+
+
+def _value_checks(source: EventSource, col: Column, conv: str, shown: str) -> list[tuple[str, str, str]]:
+    """(reason code, SQL condition, SQL message) of the checks on a value that has its declared type."""
+    checks = []
+    if col.type in ("timestamp", "date"):
+        # DuckDB reads 'infinity' and '-infinity' as values; no day partition holds them.
+        word = "timestamp" if col.type == "timestamp" else "date"
+        code = "bad_timestamp" if col.type == "timestamp" else "wrong_type"
+        checks.append((code, f"(NOT isfinite({conv}))", f"{shown} || ' is not a finite {word}'"))
+    if col.name == source.timestamp:
+        earliest = source.earliest.isoformat()
+        checks.append(
+            (
+                "bad_timestamp",
+                f"(isfinite({conv}) AND {conv} < TIMESTAMPTZ '{earliest} 00:00:00+00')",
+                f"'{col.name}: ' || CAST({conv} AS VARCHAR) || ' is before the source''s earliest date {earliest} "
+                "(declare EventSource(earliest=...) if such old events are real)'",
+            )
+        )
+    if col.type == "float64" and not col.allow_non_finite:
+        checks.append(
+            (
+                "non_finite",
+                f"(NOT isfinite({conv}))",
+                f"{shown} || ' is not a finite number (declare Column(..., allow_non_finite=True) if it may be)'",
+            )
+        )
+    if col.type == "string" and (col.name in source.key_columns or col.name == source.event_id):
+        control = f"regexp_extract({conv}, '{_CONTROL_CHARACTERS}')"
+        checks.append(
+            (
+                "control_character",
+                f"({control} <> '')",
+                f"'{col.name}: ' || to_json({conv}) || ' holds control character ' || printf('U+%04X', unicode({control})) "
+                "|| ' (ids and keys must not)'",
+            )
+        )
+    return checks
 
 
 def _validate_into(
