@@ -56,7 +56,13 @@ def file_ingest(source: EventSource):
                 f"no files for source '{source.name}' in {settings.landing / source.name} "
                 "(drop CSV/Parquet/JSONL files there or give the run config files=[...])"
             )
-        return FileIngest(run.resources.lakehouse.lakehouse(), source, tuple(files), window=(run.days[0], run.days[-1]))
+        return FileIngest(
+            run.resources.lakehouse.lakehouse(),
+            source,
+            tuple(files),
+            window=(run.days[0], run.days[-1]),
+            staging_root=settings.staging,
+        )
 
     return writer
 

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="validate files and land them through write-audit-publish")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--source", required=True, help="the declared event source the files hold")
+    p.add_argument(
+        "--encoding",
+        type=_encoding,
+        default=None,
+        help="of CSV and JSONL files not in UTF-8, e.g. latin-1 or cp1252 (a byte order mark is read as such)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("tables", help="list tables, or show one's snapshots, partitions and branches")
@@ -77,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expire-days", type=float, default=7.0)
     p.add_argument("--compact-min-files", type=int, default=4)
     p.add_argument("--branch-days", type=float, default=7.0)
+    p.add_argument(
+        "--staging-hours",
+        type=float,
+        default=24.0,
+        help="a staging folder of another host's ingest goes once unchanged this long (default 24)",
+    )
     p.set_defaults(func=cmd_maintain)
 
     cli_features.add_commands(sub)
@@ -89,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _encoding(name: str) -> str:
+    from keel.readers import check_encoding
+
+    try:
+        check_encoding(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def _project(settings: Settings):
@@ -148,8 +170,21 @@ def cmd_ingest(args) -> int:
     source = _project(settings).source(args.source)
     lake = Lakehouse.from_settings(settings)
     try:
-        report = ingest_files(lake, source, args.files, run_id=f"cli-{uuid.uuid4().hex[:12]}")
-    except (FileFormatError, IngestError, LakehouseError) as exc:
+        report = ingest_files(
+            lake,
+            source,
+            args.files,
+            run_id=f"cli-{uuid.uuid4().hex[:12]}",
+            encoding=args.encoding,
+            staging_root=settings.staging,
+        )
+    except FileFormatError as exc:
+        at = f" at {exc.where}" if exc.where else ""
+        fix = f" ({exc.fix})" if exc.fix else ""
+        name = f"{exc.path}: " if exc.path else ""
+        print(f"keel ingest: {name}{exc.what}{at}; nothing was published{fix}", file=sys.stderr)
+        return 1
+    except (IngestError, LakehouseError) as exc:
         print(f"keel ingest: {exc}; nothing was published", file=sys.stderr)
         return 1
     print(report.summary())
@@ -212,17 +247,19 @@ def cmd_quarantine(args) -> int:
 
 def cmd_maintain(args) -> int:
     from keel.lakehouse import Lakehouse
-    from keel.maintenance import maintain
+    from keel.maintenance import clean_staging, maintain
 
+    settings = Settings.from_env()
     try:
         results = maintain(
-            Lakehouse.from_env(),
+            Lakehouse.from_settings(settings),
             run_id=f"cli-maintain-{uuid.uuid4().hex[:8]}",
             tables=args.table,
             expire_after=dt.timedelta(days=args.expire_days),
             compact_min_files=args.compact_min_files,
             branch_max_age=dt.timedelta(days=args.branch_days),
         )
+        staging = clean_staging(settings.staging, max_age=dt.timedelta(hours=args.staging_hours))
     except ValueError as exc:
         print(f"keel maintain: {exc}", file=sys.stderr)
         return 2
@@ -231,6 +268,7 @@ def cmd_maintain(args) -> int:
             f"{r.table:<28} files {r.files_before:>4} -> {r.files_after:<4} compacted {len(r.compacted_days):>3} days  "
             f"expired {r.expired_snapshots:>3} snapshots  removed {len(r.removed_branches)} branches"
         )
+    print(staging.summary())
     return 0
 
 

@@ -172,6 +172,12 @@ class Settings:
     def dagster_home(self) -> Path:
         return self.home / "dagster"
 
+    @property
+    def staging(self) -> Path:
+        """Where ingests keep their staging databases while they run; `keel maintain` removes what
+        a killed ingest left here."""
+        return self.home / "staging"
+
 
 SERVING_VARIABLES = {
     "models": Variable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -273,7 +274,10 @@ def test_ingest_of_a_missing_file_publishes_nothing(home, capsys, tmp_path):
     code, out, err = run(capsys, "ingest", path, "--source", "transactions")
 
     assert (code, out) == (1, "")
-    assert err == f"keel ingest: file {str(path)!r} does not exist or is not a file; nothing was published\n"
+    assert (
+        err
+        == f"keel ingest: {path.resolve()}: does not exist or is not a file; nothing was published (check the path)\n"
+    )
     assert Lakehouse.from_env().tables() == []
 
 
@@ -281,22 +285,116 @@ def test_ingest_of_a_file_of_another_source_names_the_columns_it_lacks(home, cap
     code, out, err = run(capsys, "ingest", demo_files["signups"], "--source", "transactions")
 
     assert (code, out) == (1, "")
-    assert err.startswith(
-        f"keel ingest: file {str(demo_files['signups'])!r} lacks column(s) amount, currency, merchant_category, "
-        "is_refund that its source declares"
+    assert err == (
+        f"keel ingest: {demo_files['signups']}: lacks column(s) amount, currency, merchant_category, "
+        "is_refund that its source declares at its schema, which names event_id, user_id, event_ts, country, device, "
+        "plan, age; nothing was published (add them, or give --source the source the file holds)\n"
     )
-    assert err.endswith("; nothing was published\n")
+
+
+def test_ingest_of_a_jsonl_file_of_another_source_is_refused_before_anything_is_quarantined(home, capsys, demo_files):
+    code, out, err = run(capsys, "ingest", demo_files["clicks"], "--source", "transactions")
+
+    assert (code, out) == (1, "")
+    assert err.startswith(
+        f"keel ingest: {demo_files['clicks']}: lacks key(s) amount, currency, country, merchant_category, "
+        "is_refund that its source declares at every one of its first "
+    )
+    assert Lakehouse.from_env().tables() == []
 
 
 def test_ingest_of_a_ragged_csv_publishes_nothing(home, capsys, txn_csv):
+    rows = csv_rows(txn_csv)
     append(txn_csv, '"x1","u1","2026-01-02T10:00:00Z",1,"EUR","DE","books",false,"surplus"')
 
     code, out, err = run(capsys, "ingest", txn_csv, "--source", "transactions")
 
     assert (code, out) == (1, "")
-    assert err.startswith(f"keel ingest: file {str(txn_csv.resolve())!r} is not a readable CSV file: ")
-    assert "Expected 8 columns, got 9" in err
+    assert err == (
+        f"keel ingest: {txn_csv.resolve()}: is not a readable CSV file: Expected 8 columns, got 9: "
+        f'"x1","u1","2026-01-02T10:00:00Z",1,"EUR","DE","books",false,"surplus" at row {rows + 1}; '
+        "nothing was published (give every row the header's 8 fields, quoting values that hold commas)\n"
+    )
     assert not Lakehouse.from_env().exists(TXN)
+
+
+def test_ingest_of_a_latin1_file_names_the_byte_and_the_option_that_reads_it(home, capsys, txn_csv):
+    rows = csv_rows(txn_csv)
+    with txn_csv.open("ab") as fh:
+        fh.write('"m-1","müller","2026-01-02T10:00:00Z",1,"EUR","DE","books",false\n'.encode("latin-1"))
+    offset = txn_csv.read_bytes().index(0xFC)
+
+    code, out, err = run(capsys, "ingest", txn_csv, "--source", "transactions")
+
+    assert (code, out) == (1, "")
+    assert err == (
+        f"keel ingest: {txn_csv.resolve()}: is not valid UTF-8 (byte 0xFC) at byte {offset} (line {rows + 2}); "
+        "nothing was published (if it was saved as Latin-1 or Windows-1252, ingest it with --encoding latin-1 "
+        "or --encoding cp1252; otherwise save it as UTF-8)\n"
+    )
+    assert Lakehouse.from_env().tables() == []
+
+    code, out, err = run(capsys, "ingest", txn_csv, "--source", "transactions", "--encoding", "latin-1")
+
+    assert (code, err) == (0, "")
+    assert (
+        out.splitlines()[0] == f"source transactions: 1 file(s), {rows + 1} rows read, {rows + 1} valid, 0 quarantined"
+    )
+    assert "müller" in Lakehouse.from_env().read(TXN)["user_id"].to_pylist()
+
+
+def test_ingest_with_an_unknown_encoding_is_a_usage_error(home, capsys, txn_csv):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ingest", str(txn_csv), "--source", "transactions", "--encoding", "latin-9x"])
+
+    assert exit_.value.code == 2
+    assert "argument --encoding: encoding 'latin-9x' is not known (use e.g. utf-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("garbage.csv", bytes(range(256)) * 4, "is binary, not text (byte 0x00) at byte 0 (line 1)"),
+        ("cut.csv.gz", None, "is cut short: its gzip stream ends early at byte "),
+        (
+            "header.csv",
+            b"event_id,user_id,event_ts,amount,currency,country,merchant_category,is_refund\n",
+            "holds no rows",
+        ),
+    ],
+)
+def test_ingest_of_a_bad_file_is_one_line_naming_it_and_exit_1(home, capsys, txn_csv, tmp_path, name, content, what):
+    path = tmp_path / name
+    if content is None:
+        packed = gzip.compress(txn_csv.read_bytes())
+        content = packed[: len(packed) // 2]
+    path.write_bytes(content)
+
+    code, out, err = run(capsys, "ingest", path, "--source", "transactions")
+
+    assert (code, out) == (1, "")
+    assert err.startswith(f"keel ingest: {path.resolve()}: {what}")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "quarantine" not in err
+    assert "; nothing was published" in err
+    assert Lakehouse.from_env().tables() == []
+
+
+def test_ingest_stages_under_keel_home_and_leaves_nothing_there(home, capsys, txn_csv, monkeypatch):
+    from keel import validation
+
+    roots = []
+    real_prepare = validation.prepare
+
+    def spy(*args, **kwargs):
+        roots.append(kwargs["staging_root"])
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr("keel.ingest.prepare", spy)
+
+    assert run(capsys, "ingest", txn_csv, "--source", "transactions")[0] == 0
+
+    assert roots == [home.resolve() / "staging"]
+    assert list((home / "staging").iterdir()) == []
 
 
 # tables and maintain
@@ -357,7 +455,9 @@ def test_maintain_removes_a_stale_audit_branch_and_expires_old_snapshots(home, c
 
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        f"{TXN:<28} files    3 -> 3    compacted   0 days  expired   2 snapshots  removed 1 branches"
+        f"{TXN:<28} files    3 -> 3    compacted   0 days  expired   2 snapshots  removed 1 branches",
+        f"staging {home.resolve() / 'staging'}: removed 0 folder(s) left by killed ingests, freed 0 bytes; "
+        "kept 0 of running ingests",
     ]
     assert set(lake.table(TXN).refs()) == {"main"}
     assert lake.head(TXN) == head
@@ -385,6 +485,8 @@ def test_maintain_of_every_table_after_a_clean_ingest_changes_no_content(home, c
     assert out.splitlines() == [
         f"{'keel.quarantine':<28} files    0 -> 0    compacted   0 days  expired   0 snapshots  removed 0 branches",
         f"{TXN:<28} files    3 -> 3    compacted   0 days  expired   0 snapshots  removed 0 branches",
+        f"staging {home.resolve() / 'staging'}: removed 0 folder(s) left by killed ingests, freed 0 bytes; "
+        "kept 0 of running ingests",
     ]
     assert {name: lake.head(name) for name in lake.tables()} == before
 
