@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from keel import wap
 from keel.lakehouse import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
-from keel.maintenance import TableMaintenance, day_column, maintain
+from keel.maintenance import TableMaintenance, clean_staging, day_column, maintain
+from keel.validation import OWNER_FILE, STAGING_PREFIX, process_start
 from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"
@@ -368,3 +376,88 @@ def test_time_travel_by_moment_after_expiry_reaches_kept_snapshots_only(lake, ta
     with pytest.raises(LakehouseError, match=r"no snapshot as of .* the snapshots of that time have expired"):
         lake.read(TABLE, as_of=first.committed_at)
     assert lake.read(TABLE, row_filter=day_filter("event_ts", [D1])).num_rows == 7
+
+
+# staging folders that killed ingests left
+
+
+def staging_folder(root: Path, name: str, owner: dict | None, *, size: int = 1000, age_h: float = 0) -> Path:
+    """A staging folder as an ingest leaves it: the database, and the owner record unless None."""
+    folder = root / f"{STAGING_PREFIX}payments-{name}"
+    folder.mkdir(parents=True)
+    (folder / "staging.duckdb").write_bytes(b"x" * size)
+    if owner is not None:
+        (folder / OWNER_FILE).write_text(json.dumps(owner))
+    moment = time.time() - age_h * 3600
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (moment, moment))
+    return folder
+
+
+def owner(pid: int, *, host: str | None = None, start: str | None = "same") -> dict:
+    return {
+        "pid": pid,
+        "host": host or socket.gethostname(),
+        "process_start": process_start(pid) if start == "same" else start,
+        "created_at": "2026-01-05T00:00:00+00:00",
+    }
+
+
+def finished_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def poll_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_clean_staging_removes_the_folders_of_gone_processes_and_keeps_those_of_live_ones(tmp_path):
+    root = tmp_path / "staging"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        kept = [
+            # A live ingest's folder stays however old: a big file may take long.
+            staging_folder(root, "live-old", owner(os.getpid()), age_h=100),
+            # Another host's processes cannot be seen: its folder stays while it changes.
+            staging_folder(root, "other-host-recent", owner(1, host="elsewhere")),
+            # A folder whose owner record is not written yet.
+            staging_folder(root, "starting", None),
+        ]
+        zombie_owner = owner(sleeper.pid)
+        # Killed, and not reaped yet by its parent: a zombie, gone all the same.
+        sleeper.kill()
+        poll_until(lambda: Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        removed = [
+            staging_folder(root, "dead", owner(finished_pid()), size=1234),
+            staging_folder(root, "reused-pid", owner(os.getpid(), start="1"), size=10),
+            staging_folder(root, "zombie", zombie_owner, size=100),
+            staging_folder(root, "other-host-stale", owner(1, host="elsewhere"), size=7, age_h=25),
+            staging_folder(root, "no-record-stale", None, size=3, age_h=25),
+        ]
+        (root / "notes").mkdir()
+        freed = sum(folder_bytes(f) for f in removed)
+
+        result = clean_staging(root, max_age=dt.timedelta(hours=24))
+    finally:
+        sleeper.wait()
+
+    assert sorted(p.name for p in root.iterdir()) == sorted([*(f.name for f in kept), "notes"])
+    assert sorted(result.removed) == sorted(f.name for f in removed)
+    assert sorted(result.kept) == sorted(f.name for f in kept)
+    assert result.bytes_freed == freed > 1234 + 10 + 100 + 7 + 3
+    assert result.summary() == (
+        f"staging {root}: removed 5 folder(s) left by killed ingests, freed {freed:,} bytes; kept 3 of running ingests"
+    )
+
+
+def test_clean_staging_of_no_folder_does_nothing_and_refuses_a_bad_age(tmp_path):
+    assert clean_staging(tmp_path / "none").removed == []
+    with pytest.raises(ValueError, match="staging max_age 0:00:00 must be positive"):
+        clean_staging(tmp_path, max_age=dt.timedelta(0))
