@@ -78,6 +78,10 @@ def ingest_figures(staging: StagedFiles, lake=None) -> dict:
             markdown_table(["reason", "rows"], sorted(staging.quarantined.items())) if staging.quarantined else "none"
         ),
         "rows_outside_partitions": staging.rows_outside_window,
+        # Event ids the table held already (keel.resent): corrections, and re-sends that changed nothing.
+        "rows_replaced": staging.replaced,
+        "rows_unchanged": staging.unchanged,
+        "rows_duplicate": staging.duplicates,
     }
 
 

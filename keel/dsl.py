@@ -126,8 +126,9 @@ class EventSource:
     # correction (the old row leaves its day in the same commit), "quarantine" refuses it as a
     # duplicate. Arriving again unchanged, it is counted and changes nothing either way.
     on_duplicate: str = "replace"
-    # How far from the incoming events' days an earlier copy of an id is looked for ("365d");
-    # None looks through the whole table, which an ingest then scans (ids and timestamps only).
+    # How far before and after an ingest's events an earlier copy of an id is looked for ("365d"):
+    # a copy beyond it is not found. None looks through the whole table, which an ingest then
+    # scans (ids and timestamps only).
     duplicates_within: str | None = None
     # Events timed before this day are quarantined (bad_timestamp): a year-1 or 1970 timestamp is
     # a producer's placeholder, not an event, and would open a partition decades before the rest.

@@ -23,6 +23,7 @@ from keel import validation, wap
 from keel.dsl import EventSource
 from keel.lakehouse import Lakehouse, day_filter
 from keel.quality import AuditReport, audit_events, combine_reports
+from keel.resent import Resent, settle_resent
 from keel.validation import QUARANTINE_SCHEMA, IngestError, Prepared, group_days, prepare
 
 __all__ = [
@@ -58,6 +59,8 @@ class IngestReport:
     audit: AuditReport | None = None
     published_snapshot: int | None = None
     error: str | None = None
+    replaced: int = 0
+    unchanged: int = 0
 
     @property
     def published(self) -> bool:
@@ -70,12 +73,18 @@ class IngestReport:
         ]
         for code, count in sorted(self.quarantined.items()):
             lines.append(f"  quarantined {count:>8}  {code}")
+        if self.replaced or self.unchanged:
+            new = self.rows_valid - self.replaced - self.unchanged
+            lines.append(
+                f"  of the valid rows: {new} new, {self.replaced} replaced (corrections of landed events), "
+                f"{self.unchanged} unchanged (landed already as they are)"
+            )
         if self.rows_outside_window:
             lines.append(f"  skipped {self.rows_outside_window} rows outside the run's partitions")
         if self.staged:
             lines.append(f"  staged {self.staged.partition} on branch {self.staged.branch} ({self.staged.rows} rows)")
         if self.audit:
-            lines.append(f"  audit: {self.audit.summary()}")
+            lines.append("  audit: " + self.audit.summary().replace("\n", "\n    "))
         if self.published:
             lines.append(f"  published: main {self.previous_snapshot} -> {self.published_snapshot}")
         else:
@@ -94,12 +103,16 @@ def write_quarantine(lake: Lakehouse, prepared: Prepared, run_id: str, now: dt.d
     return rows.num_rows
 
 
-def stage_prepared(lake: Lakehouse, prepared: Prepared, run_id: str) -> wap.StagedWrite | None:
-    """Land the good rows on the run's audit branch (None when there are none)."""
+def stage_prepared(
+    lake: Lakehouse, prepared: Prepared, run_id: str, resent: Resent | None = None
+) -> wap.StagedWrite | None:
+    """Land the good rows on the run's audit branch (None when there are none); the old copies of
+    corrected events leave their days in the same staging."""
     source = prepared.source
     lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
     if prepared.rows_valid == 0:
         return None
+    resent = resent or Resent()
     return wap.stage(
         lake,
         source.table_name,
@@ -109,6 +122,8 @@ def stage_prepared(lake: Lakehouse, prepared: Prepared, run_id: str) -> wap.Stag
         day_column=source.timestamp,
         mode="merge" if source.event_id else "replace",
         key=source.event_id,
+        removals=resent.removals,
+        properties=resent.properties() if source.event_id else None,
     )
 
 
@@ -136,7 +151,12 @@ class NothingToLand(IngestError):
 
 @dataclass(frozen=True)
 class StagedFiles:
-    """Files validated, their bad rows quarantined and their good rows staged on the run's branch."""
+    """Files validated, their bad rows quarantined and their good rows staged on the run's branch.
+
+    Every row read is accounted for: ``rows_read`` = ``rows_valid`` + quarantined + outside the
+    window, and of the valid rows, ``replaced`` corrected a landed event and ``unchanged`` were
+    landed already as they are (keel.resent).
+    """
 
     staged: wap.StagedWrite
     files: list[str]
@@ -144,6 +164,9 @@ class StagedFiles:
     rows_valid: int
     rows_outside_window: int
     quarantined: dict[str, int]
+    replaced: int = 0
+    unchanged: int = 0
+    duplicates: int = 0  # re-sent with other values and refused (among the quarantined)
 
 
 @dataclass(frozen=True)
@@ -175,8 +198,14 @@ class FileIngest:
             staging_root=self.staging_root,
             encoding=self.encoding,
         ) as prepared:
+            self.lake.ensure_table(self.source.table_name, self.source.arrow_schema(), day_column=self.source.timestamp)
+            resent = settle_resent(self.lake, self.source, prepared.con, self.lake.head(self.source.table_name))
+            prepared.quarantined = dict(
+                prepared.con.execute("SELECT reason_code, count(*) FROM bad GROUP BY 1 ORDER BY 1").fetchall()
+            )
+            prepared.check_accounted()  # again: settling re-sent ids moved rows to the quarantine
             write_quarantine(self.lake, prepared, run_id, self.now)
-            staged = stage_prepared(self.lake, prepared, run_id)
+            staged = stage_prepared(self.lake, prepared, run_id, resent)
             if staged is None:
                 raise NothingToLand(
                     f"source '{self.source.name}': no valid rows to land from {len(prepared.files)} file(s) "
@@ -195,6 +224,9 @@ class FileIngest:
                 prepared.rows_valid,
                 prepared.rows_outside_window,
                 dict(prepared.quarantined),
+                resent.replaced,
+                resent.unchanged,
+                resent.duplicates,
             )
 
     def audit(self, staged: wap.StagedWrite) -> AuditReport:
@@ -255,6 +287,8 @@ def ingest_files(
         quarantined=staging.quarantined,
         previous_snapshot=previous,
         staged=staging.staged,
+        replaced=staging.replaced,
+        unchanged=staging.unchanged,
     )
     report.audit = writer.audit(staging.staged)
     if not report.audit.success:
@@ -271,6 +305,8 @@ def ingest_files(
         report.error = str(exc)
         return report
     report.staged = published.staged
+    if published.staging is not None:  # staged again on main's new head: its own counts
+        report.replaced, report.unchanged = published.staging.replaced, published.staging.unchanged
     report.previous_snapshot = published.previous_snapshot_id
     report.published_snapshot = published.snapshot_id
     return report

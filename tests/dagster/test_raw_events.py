@@ -101,6 +101,7 @@ def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, inst
     assert check.metadata["failed_expectations"].value == 0
     # The run's figures are on the check; each day's materialization describes that day only.
     assert check.metadata["rows_read"].value == 61 and check.metadata["rows_quarantined"].value == 1
+    assert (check.metadata["rows_replaced"].value, check.metadata["rows_unchanged"].value) == (0, 0)
     by_day = materializations(result)
     assert sorted(by_day) == [d.isoformat() for d in days(START, 4)]
     empty = by_day.pop(days(START, 4)[-1].isoformat()).metadata
@@ -174,11 +175,14 @@ def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the
     # The same partition again, this time with one amount corrected.
     corrected = payment_rows(START, 25)
     corrected[3]["amount"] = 999.0
-    assert run_ingest(defs, instance, [write_csv(keel_home / "day.csv", corrected)], START, START).success
+    again = run_ingest(defs, instance, [write_csv(keel_home / "day.csv", corrected)], START, START)
+    assert again.success
 
     second = lake.read("raw.payments").sort_by("event_id")
     assert second.num_rows == 25
     assert second.column("event_id") == first.column("event_id")
+    (check,) = [e.event_specific_data for e in again.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert (check.metadata["rows_replaced"].value, check.metadata["rows_unchanged"].value) == (1, 24)
     assert 999.0 in second.column("amount").to_pylist()
     assert lake.read("raw.payments", snapshot_id=first_snapshot).sort_by("event_id") == first
 

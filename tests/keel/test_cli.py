@@ -426,7 +426,7 @@ def test_tables_lists_tables_and_shows_one_with_its_snapshots(home, capsys, txn_
     assert lines[4].split()[0] == str(publish.snapshot_id)
     assert lines[4].endswith(
         f"run_id={run_id} partition=2026-01-01..2026-01-03 code_version=test-sha source=ingest:transactions "
-        f"base_snapshot={create.snapshot_id}"
+        f"rows.unchanged=0 rows.replaced=0 rows.duplicate=0 base_snapshot={create.snapshot_id}"
     )
 
 
