@@ -7,6 +7,13 @@ table with no checks (read_csv -> CREATE TABLE). Ours:
 - end to end: ``keel.ingest.ingest_files`` (validate + quarantine + Iceberg branch write +
   Great Expectations audit + publish).
 
+Then the cost of keeping one copy of every event id (``keel.resent``): a second file of
+``--resend-rows`` rows, 1% of them events of the first file re-sent with other values on
+other days, is settled against the table. Ours: ``settle_resent`` (a record-batch scan of the
+table's event-id and timestamp columns, semi-joined with the incoming ids, then the matched
+days compared whole). Floor: bare DuckDB reading the same two columns of the same Parquet
+files and semi-joining them with the same ids.
+
     .venv/bin/python bench/ingest.py [--rows 1000000] [--days 30]
 """
 
@@ -65,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--resend-rows", type=int, default=10_000)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
@@ -95,6 +103,7 @@ def main() -> None:
         report = ingest_files(lake, transactions, [path], run_id="bench", now=now)
         end_to_end = time.perf_counter() - t0
         assert report.published, report.summary()
+        resent = resend_costs(lake, Path(tmp), args.resend_rows, args.rows, now)
 
     print(f"validated {valid:,} rows, quarantined {bad:,}")
     print(f"{'step':<34}{'seconds':>9}{'rows/s':>14}{'x floor':>10}")
@@ -104,6 +113,51 @@ def main() -> None:
         ("keel ingest end to end", end_to_end),
     ):
         print(f"{name:<34}{seconds:>9.2f}{args.rows / seconds:>14,.0f}{seconds / floor:>10.1f}")
+    ours, floor_scan, found, scanned = resent
+    print(f"\none copy per event id: {args.resend_rows:,} incoming rows against {scanned:,} landed, {found:,} re-sent")
+    print(f"{'step':<34}{'seconds':>9}{'rows/s':>14}{'x floor':>10}")
+    for name, seconds in (("floor: DuckDB id scan + semi-join", floor_scan), ("keel settle_resent", ours)):
+        print(f"{name:<34}{seconds:>9.2f}{scanned / seconds:>14,.0f}{seconds / floor_scan:>10.1f}")
+
+
+def resend_costs(lake: Lakehouse, tmp: Path, rows: int, landed: int, now: dt.datetime) -> tuple:
+    """Seconds to settle a file of ``rows`` rows (1% re-sent) against the table, and the floor's."""
+    from keel.resent import settle_resent
+
+    path = tmp / "resend.csv"
+    resent = max(1, rows // 100)
+    duckdb.sql(
+        f"""
+        COPY (
+          SELECT CASE WHEN i < {resent} THEN 'e' || (i * 97 % {landed}) ELSE 'n' || i END AS event_id,
+                 'u' || (i % 1000) AS user_id,
+                 strftime(TIMESTAMP '2026-02-10' + to_seconds(i % 86400), '%Y-%m-%dT%H:%M:%SZ') AS event_ts,
+                 '1.5' AS amount, 'EUR' AS currency, 'US' AS country, 'books' AS merchant_category,
+                 'false' AS is_refund
+          FROM range({rows}) t(i)
+        ) TO '{path}' (HEADER, DELIMITER ',')
+        """
+    )
+    table = lake.table(transactions.table_name)
+    snapshot = lake.head(transactions.table_name)
+    files = [task.file.file_path.removeprefix("file://") for task in table.scan(snapshot_id=snapshot).plan_files()]
+    ours = floor = float("inf")
+    for _ in range(2):
+        with prepare(transactions, [path], now=now) as prepared:
+            t0 = time.perf_counter()
+            settled = settle_resent(lake, transactions, prepared.con, snapshot)
+            ours = min(ours, time.perf_counter() - t0)
+            ids = prepared.con.sql("SELECT event_id FROM good").to_arrow_table()
+        con = duckdb.connect()
+        con.register("incoming", ids)
+        t0 = time.perf_counter()
+        con.execute(
+            f"SELECT s.event_id, s.event_ts FROM read_parquet({files!r}) s SEMI JOIN incoming i "
+            "ON s.event_id = i.event_id"
+        ).fetchall()
+        floor = min(floor, time.perf_counter() - t0)
+        con.close()
+    return ours, floor, settled.replaced + settled.unchanged + settled.duplicates, settled.scanned
 
 
 if __name__ == "__main__":
