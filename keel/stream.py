@@ -271,7 +271,15 @@ class StreamWorker:
         self._checkers = ThreadPoolExecutor(max_workers=len(self.sources), thread_name_prefix="keel-check")
         self._inflight: Future | None = None
         self._metrics_server = None
-        self.counts = {"consumed": 0, "valid": 0, "dead_lettered": 0, "unchanged": 0, "written": 0, "flushes": 0}
+        self.counts = {
+            "consumed": 0,
+            "valid": 0,
+            "dead_lettered": 0,
+            "unchanged": 0,
+            "replaced": 0,
+            "written": 0,
+            "flushes": 0,
+        }
 
     # lifecycle
 
@@ -468,6 +476,9 @@ class StreamWorker:
                 self.counts["unchanged"] += resent.unchanged
                 self.metrics.events.labels(source.name, "unchanged").inc(resent.unchanged)
             pending.corrections.update(resent.corrections)
+            if resent.corrections:
+                self.counts["replaced"] += len(resent.corrections)
+                self.metrics.events.labels(source.name, "replaced").inc(len(resent.corrections))
             for partition, (offsets, _) in records.items():
                 pending.first_offsets.setdefault(partition, offsets[0])
                 pending.next_offsets[partition] = offsets[-1] + 1

@@ -230,7 +230,10 @@ def append_exactly_once(
             merged[partition] = max(offset, recorded.get(partition, 0))
         text = json.dumps({topic: {str(p): o for p, o in sorted(merged.items())}})
         days = days_of(data, source.timestamp)
-        props = lake.snapshot_properties(f"stream:{source.name}", days, run_id, **{OFFSETS_PROPERTY: text})
+        extra = {OFFSETS_PROPERTY: text}
+        if removals:
+            extra["keel.rows.replaced"] = str(sum(len(ids) for ids in removals.values()))
+        props = lake.snapshot_properties(f"stream:{source.name}", days, run_id, **extra)
         try:
             with _without_retries(table).transaction() as tx:
                 if removals:

@@ -230,6 +230,8 @@ def test_a_resent_event_changes_nothing_and_a_correction_replaces_its_landed_cop
 
     rows = lake.read(source.table_name).to_pylist()
     assert len(rows) == 1 and rows[0]["event_ts"].date() == (now - dt.timedelta(days=1, hours=1)).date()
+    assert run.worker.counts["replaced"] == 1
+    assert lake.table(source.table_name).current_snapshot().summary.additional_properties["keel.rows.replaced"] == "1"
     assert not lake.exists(QUARANTINE_TABLE) or lake.read(QUARANTINE_TABLE).num_rows == 0
 
 
