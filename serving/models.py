@@ -8,7 +8,8 @@ it. A model whose champion was taken out with nothing to roll back to stops bein
 person archived.
 
 A ``ServedVersion`` knows its features in input order, where each is read online
-(``group.feature``), the value to use when one is missing (the baseline's median or mode),
+(``group.feature``), what a request may give for each (its declared type and bounds,
+``serving.inputs``), the value to use when one is missing (the baseline's median or mode),
 and how to score rows of raw values. An XGBoost booster scores a ready float vector
 (categories as the booster's own codes) with one thread, the fast path STYLE.md measures,
 and a single row through ``serving.booster.OneRow`` (the C call without the Python
@@ -22,6 +23,7 @@ replaced, so a swap never fails a request nor mixes two versions in one answer.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
 import logging
 import threading
@@ -36,6 +38,7 @@ from keel import model_registry as registry
 from keel.model_roles import Roles, read_roles
 from keel.models import model_frame, predict_frame
 from serving.booster import OneRow
+from serving.inputs import BadInput, InputSpec, input_specs
 
 if TYPE_CHECKING:
     from keel.config import Settings
@@ -58,8 +61,41 @@ class ServedVersion:
     features: tuple[str, ...]
     refs: tuple[str, ...]
     kinds: tuple[str, ...]
+    inputs: tuple[InputSpec, ...]  # what a request may give for each feature (serving.inputs)
     defaults: tuple[Any, ...]
     score: Callable[[list[list[Any]]], np.ndarray]
+
+    @functools.cached_property
+    def _inputs_by_name(self) -> dict[str, InputSpec]:
+        return {spec.name: spec for spec in self.inputs}
+
+    def checked(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Request-time values as the model takes them; BadInput names the first that does not fit."""
+        specs = self._inputs_by_name
+        unknown = sorted(set(given) - specs.keys())
+        if unknown:
+            raise BadInput(
+                f"features: {unknown} are not inputs of model '{self.name}' v{self.version} "
+                f"(it takes: {', '.join(self.features)})"
+            )
+        return {name: specs[name].check(value, f"features.{name}") for name, value in given.items()}
+
+    def checked_columns(self, columns: dict[str, list[Any]], datatypes: dict[str, str]) -> dict[str, list[Any]]:
+        """Open Inference Protocol inputs (one list per feature) as the model takes them."""
+        specs = self._inputs_by_name
+        unknown = sorted(set(columns) - specs.keys())
+        if unknown:
+            raise BadInput(
+                f"inputs: {unknown} are not inputs of model '{self.name}' v{self.version} "
+                f"(it takes: {', '.join(self.features)})"
+            )
+        out = {}
+        for name, values in columns.items():
+            spec = specs[name]
+            if name in datatypes:
+                spec.check_datatype(datatypes[name], f"inputs.{name}")
+            out[name] = spec.check_column(values, f"inputs.{name}")
+        return out
 
     def with_defaults(self, row: Sequence[Any]) -> tuple[list[Any], list[str]]:
         """The row with each missing value replaced by its default, and the names replaced."""
@@ -101,6 +137,7 @@ def load_version(
     task = info.tags.get("task", "classification")
     algorithm = info.tags.get("algorithm", "")
     dtypes = tuple(baseline.get(f, {}).get("dtype", "double") for f in features)
+    inputs = input_specs(project, refs, dtypes)
     if algorithm == "xgboost":
         score = _xgboost_scorer(model, features, kinds)
     else:
@@ -114,6 +151,7 @@ def load_version(
         features=tuple(features),
         refs=refs,
         kinds=kinds,
+        inputs=inputs,
         defaults=defaults,
         score=score,
     )

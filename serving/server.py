@@ -28,18 +28,17 @@ from keel.online import OnlineStore, OnlineStoreError
 from keel.online_lookup import LookupPlan, key_rows, lookup, plan_lookup
 from keel.project import Project
 from serving.breaker import CircuitBreaker
+from serving.inputs import BadInput
 from serving.metrics import ServingMetrics
 from serving.models import ModelSet, ServedModel, ServedVersion
 
 log = logging.getLogger("keel.serving")
 
+__all__ = ["BadInput", "Hydrated", "Server", "UnknownModel"]
+
 
 class UnknownModel(LookupError):
     pass
-
-
-class BadInput(ValueError):
-    """A request the model cannot take; the message names the field."""
 
 
 @dataclass
@@ -81,13 +80,7 @@ class Server:
         request_id = uuid.uuid4().hex
         served = self.model(name)
         version = self.route(served, _entity_text(entity_ids[0]))
-        extra = request_features or {}
-        unknown = sorted(set(extra) - set(version.features))
-        if unknown:
-            raise BadInput(
-                f"features: {unknown} are not inputs of model '{name}' v{version.version} "
-                f"(it takes: {', '.join(version.features)})"
-            )
+        extra = version.checked(request_features) if request_features else {}
         hydrated = self.hydrate(version, entity_ids, extra)
         filled = [version.with_defaults(row) for row in hydrated.rows]
         try:
@@ -154,14 +147,18 @@ class Server:
             self.metrics.breaker_open.set(0 if self.breaker.state == "closed" else 1)
         return Hydrated(rows, degraded, online_s)
 
-    def infer_vectors(self, name: str, columns: dict[str, list[Any]], rows: int) -> dict:
-        """Open Inference Protocol: the client sends the features; the champion scores them."""
+    def infer_vectors(
+        self, name: str, columns: dict[str, list[Any]], rows: int, datatypes: dict[str, str] | None = None
+    ) -> dict:
+        """Open Inference Protocol: the client sends the features (one tensor each, ``datatypes``
+        their declared Open Inference Protocol types); the champion scores them."""
         t0 = time.perf_counter()
         served = self.model(name)
         version = served.champion
         absent = [f for f in version.features if f not in columns]
         if absent:
             raise BadInput(f"inputs: missing input tensor(s) {absent} (model '{name}' takes: {list(version.features)})")
+        columns = version.checked_columns(columns, datatypes or {})
         matrix = [[columns[f][r] for f in version.features] for r in range(rows)]
         filled = [version.with_defaults(row)[0] for row in matrix]
         try:
@@ -244,8 +241,7 @@ class Server:
             "aliases": {alias: v for alias, v in served.versions.items()},
             "platform": "keel",
             "inputs": [
-                {"name": f, "datatype": "BYTES" if k == "category" else "FP64", "shape": [-1]}
-                for f, k in zip(served.champion.features, served.champion.kinds, strict=True)
+                {"name": spec.name, "datatype": spec.datatype, "shape": [-1]} for spec in served.champion.inputs
             ],
             "outputs": [{"name": "prediction", "datatype": "FP64", "shape": [-1]}],
         }

@@ -152,7 +152,7 @@ def test_bad_requests_answer_4xx_naming_the_field(world, settings, online_projec
         ({"entity_ids": []}, 422, "entity_ids"),
         ({"entity_ids": ["a", "b", "c"]}, 422, "more than 2"),
         ({"entity_id": "u1", "features": {"nope": 1}}, 422, "['nope'] are not inputs of model 'churn'"),
-        ({"entity_id": "u1", "features": {"n_7d": "many"}}, 422, "does not fit"),
+        ({"entity_id": "u1", "features": {"n_7d": "many"}}, 422, 'features.n_7d: "many" is a string'),
         ({"entity_id": "u1", "colour": "red"}, 422, "colour"),
         ({"entity_id": {"customer": "u1"}}, 422, "lacks key(s) user_id"),
     ]
