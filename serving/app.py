@@ -1,11 +1,13 @@
 """The serving API on FastAPI: Keel's predict-by-entity REST and the Open Inference Protocol.
 
-FastAPI (a dependency MLflow already brings) validates bodies against typed models and
-publishes the OpenAPI schema the fuzz tests run against; a malformed body answers 422
-naming the field. Bodies are bounded in bytes and entities, and reads of the online store in
-time. Admin
-endpoints need an API key (``Authorization: Bearer KEY`` or ``X-API-Key``), compared in
-constant time; predictions too when ``protect_predict`` is set.
+FastAPI (a dependency MLflow already brings) validates bodies against typed models
+(``serving.schema``) and publishes the OpenAPI schema the fuzz tests run against: every
+status a route answers is documented there, and every refusal or failure, on every route,
+is ``{"error": "<message>"}`` (the Open Inference Protocol's error object), a malformed body
+a 422 naming the field. Request-time feature values are checked against the features'
+declarations (``serving.inputs``). Bodies are bounded in bytes and entities, and reads of
+the online store in time. Admin endpoints need an API key (``Authorization: Bearer KEY`` or
+``X-API-Key``), compared in constant time; predictions too when ``protect_predict`` is set.
 """
 
 from __future__ import annotations
@@ -17,78 +19,63 @@ import hmac
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.config import ServingSettings
 from serving.models import RegistryPoller
+from serving.schema import (
+    API_KEY,
+    API_KEY_SCHEMES,
+    EVERY_ROUTE,
+    FAULT,
+    PROMETHEUS_TEXT,
+    TOO_BIG,
+    UNAUTHORISED,
+    UNREADABLE,
+    AdminModels,
+    InferRequest,
+    InferResponse,
+    Live,
+    Loading,
+    ModelMetadata,
+    PredictRequest,
+    PredictResponse,
+    Ready,
+    Reloaded,
+    V2Live,
+    V2Ready,
+    error,
+    json_error,
+)
 from serving.server import BadInput, Server, UnknownModel
 
 log = logging.getLogger("keel.serving")
 # Predictions take a fast path in BoundedRequests; the FastAPI route documents them (OpenAPI).
 PREDICT_PREFIX = "/v1/models/"
-
-EntityKey = StrictStr | StrictInt | dict[str, StrictStr | StrictInt]
-Value = StrictBool | StrictInt | StrictFloat | StrictStr | None
-
-
-class PredictRequest(BaseModel):
-    """One entity (``entity_id``) or several (``entity_ids``), and optional request-time feature values."""
-
-    model_config = ConfigDict(extra="forbid")
-    entity_id: EntityKey | None = None
-    entity_ids: Annotated[list[EntityKey], Field(min_length=1)] | None = None
-    features: dict[str, Value] | None = None
-
-    @model_validator(mode="after")
-    def one_of_entity_id_or_ids(self) -> PredictRequest:
-        if (self.entity_id is None) == (self.entity_ids is None):
-            raise ValueError("give exactly one of entity_id and entity_ids")
-        return self
+PREDICT_ROUTE, INFER_ROUTE = "/v1/models/{name}/predict", "/v2/models/{name}/infer"
+NEEDS_KEY = "an API key is required (Authorization: Bearer KEY or X-API-Key)"
+ADMIN_OFF = "admin endpoints are off: set KEEL_SERVE_API_KEYS to enable them"
+ADMIN_KEY = "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"
 
 
-class PredictResponse(BaseModel):
-    predictions: list[float]
-    model: str
-    version: int
-    alias: str
-    request_id: str
-    missing_features: list[str] | list[list[str]]
-    degraded: bool
-    canary_share: float
-    latency_ms: float
+class PrometheusText(Response):
+    media_type = PROMETHEUS_TEXT
 
 
-class InferInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: StrictStr
-    shape: Annotated[list[StrictInt], Field(min_length=1, max_length=2)]
-    datatype: StrictStr
-    data: list[Value]
+def create_app(
+    server: Server, settings: ServingSettings, poller: RegistryPoller | None = None, *, fast_path: bool = True
+) -> FastAPI:
+    """The ASGI app over a ``Server``; ``poller`` (started and stopped with the app) keeps models fresh.
 
-
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    id: StrictStr | None = None
-    inputs: Annotated[list[InferInput], Field(min_length=1)]
-
-
-def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller | None = None) -> FastAPI:
-    """The ASGI app over a ``Server``; ``poller`` (started and stopped with the app) keeps models fresh."""
+    ``fast_path`` answers predictions in the ASGI layer (``BoundedRequests``) without FastAPI's
+    per-request machinery; off, FastAPI's route answers them (the same validation and answer).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -104,40 +91,76 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
             # Objects frozen at start or on a swap are collected normally again on the way out.
             gc.unfreeze()
 
-    app = FastAPI(title="Keel serving", version="1", lifespan=lifespan)
+    app = FastAPI(title="Keel serving", version="1", lifespan=lifespan, responses=EVERY_ROUTE)
     keys = [k.encode() for k in settings.api_keys]
+    guarded = {"security": API_KEY}
+    # Predictions need a key only when protect_predict is set; the schema says so only then.
+    scoring_refusals = {401: UNAUTHORISED} if settings.protect_predict else {}
+    scoring_security = guarded if settings.protect_predict else None
 
     def authorised(request: Request) -> bool:
         return _authorised(keys, request.headers.get("x-api-key"), request.headers.get("authorization"))
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def refuse(name: str, status: int, message: str) -> JSONResponse:
+        server.metrics.refused(served_name(server, name), status)
+        return _error(status, message)
+
+    def count_if_scoring(request: Request) -> bool:
+        """Count an unreadable request to a scoring route as the fast path does; False for other routes."""
+        if getattr(request.scope.get("route"), "path", None) not in (PREDICT_ROUTE, INFER_ROUTE):
+            return False
+        server.metrics.refused(served_name(server, request.path_params.get("name", "")), 422)
+        return True
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
-        return error(422, validation_message(exc.errors()))
+    async def invalid(request: Request, exc: RequestValidationError):
+        count_if_scoring(request)
+        return _error(422, validation_message(exc.errors()))
 
-    @app.get("/health/live")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 for a body it cannot decode (not UTF-8), where it answers 422 for
+        # JSON it cannot parse, and the fast path 422 for both: one status for an unreadable body.
+        if exc.status_code == 400 and count_if_scoring(request):
+            return _error(422, f"body: {exc.detail} (send JSON in UTF-8)")
+        # An unknown path (404) or method (405): the same error object as every other refusal.
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, exc: Exception):
+        # Starlette raises the exception again once this is sent, and uvicorn logs its traceback.
+        return _error(500, "the server failed to answer; the server log has the traceback")
+
+    @app.get("/health/live", responses={200: {"model": Live}})
     async def live():
         return {"status": "live"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses={200: {"model": Ready}, 503: {"model": Loading, "description": "Loading"}})
     async def ready():
         if server.models.ready:
             return {"status": "ready", "models": {n: m.versions for n, m in server.models.snapshot().items()}}
         return JSONResponse({"status": "loading", "errors": server.models.errors}, status_code=503)
 
-    @app.get("/v2/health/live")
+    @app.get("/v2/health/live", responses={200: {"model": V2Live}})
     async def v2_live():
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", responses={200: {"model": V2Ready}, 503: {"model": V2Ready, "description": "Loading"}})
     async def v2_ready():
         return JSONResponse({"ready": server.models.ready}, status_code=200 if server.models.ready else 503)
 
     # The answer is built by Server and returned as is: re-validating it against the model
     # would cost ~10% of a request. The model documents it in the OpenAPI schema.
-    @app.post("/v1/models/{name}/predict", responses={200: {"model": PredictResponse}})
+    @app.post(
+        PREDICT_ROUTE,
+        responses={
+            200: {"model": PredictResponse},
+            **scoring_refusals,
+            404: error("No model of that name is served here"),
+            422: UNREADABLE,
+        },
+        openapi_extra=scoring_security,
+    )
     async def predict(name: str, body: PredictRequest, request: Request):
         status, out = answer_predict(server, settings, name, body, authorised(request))
         return JSONResponse(out, status_code=status)
@@ -152,32 +175,49 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
         allowed = _authorised(keys, _text(headers.get(b"x-api-key")), _text(headers.get(b"authorization")))
         return answer_predict(server, settings, name, body, allowed)
 
-    app.add_middleware(BoundedRequests, max_body_bytes=settings.max_body_bytes, predict=fast_predict)
+    app.add_middleware(
+        BoundedRequests, max_body_bytes=settings.max_body_bytes, predict=fast_predict if fast_path else None
+    )
 
-    @app.get("/v2/models/{name}")
+    @app.get(
+        "/v2/models/{name}",
+        responses={
+            200: {"model": ModelMetadata},
+            404: error("No model of that name is served here"),
+            422: error("The request does not fit the schema"),
+        },
+    )
     async def metadata(name: str):
         try:
             return server.describe(name)
         except UnknownModel as exc:
-            return error(404, str(exc))
+            return _error(404, str(exc))
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post(
+        INFER_ROUTE,
+        responses={
+            200: {"model": InferResponse},
+            **scoring_refusals,
+            404: error("No model of that name is served here"),
+            422: UNREADABLE,
+        },
+        openapi_extra=scoring_security,
+    )
     async def infer(name: str, body: InferRequest, request: Request):
-        def refuse(status: int, message: str) -> JSONResponse:
-            server.metrics.refused(served_name(server, name), status)
-            return error(status, message)
-
         if settings.protect_predict and not authorised(request):
-            return refuse(401, "an API key is required (Authorization: Bearer KEY or X-API-Key)")
+            return refuse(name, 401, NEEDS_KEY)
         try:
-            columns, rows = _columns(body)
+            columns, rows, datatypes = _columns(body)
             if rows > settings.max_entities:
                 raise BadInput(f"inputs: {rows} rows, more than {settings.max_entities} (KEEL_SERVE_MAX_ENTITIES)")
-            out = server.infer_vectors(name, columns, rows)
+            out = server.infer_vectors(name, columns, rows, datatypes)
         except UnknownModel as exc:
-            return refuse(404, str(exc))
+            return refuse(name, 404, str(exc))
         except BadInput as exc:
-            return refuse(422, str(exc))
+            return refuse(name, 422, str(exc))
+        except Exception:  # a fault of ours: say so, count it
+            log.exception("failed", extra={"model": name, "status": 500})
+            return refuse(name, 500, f"model {name!r} failed to answer; the server log has the traceback")
         return {
             "model_name": name,
             "model_version": str(out["version"]),
@@ -185,33 +225,57 @@ def create_app(server: Server, settings: ServingSettings, poller: RegistryPoller
             "outputs": [{"name": "prediction", "shape": [rows], "datatype": "FP64", "data": out["predictions"]}],
         }
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PrometheusText,
+        responses={
+            200: {
+                "description": "Prometheus' text exposition format (version 0.0.4)",
+                "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}},
+            },
+            413: json_error(TOO_BIG),
+            500: json_error(FAULT),
+        },
+    )
     async def metrics():
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PrometheusText(server.metrics.render())
 
-    @app.get("/admin/models")
+    admin = {401: UNAUTHORISED, 403: error("Admin endpoints are off (KEEL_SERVE_API_KEYS is empty)")}
+
+    @app.get("/admin/models", responses={200: {"model": AdminModels}, **admin}, openapi_extra=guarded)
     async def admin_models(request: Request):
         if not keys:
-            return error(403, "admin endpoints are off: set KEEL_SERVE_API_KEYS to enable them")
+            return _error(403, ADMIN_OFF)
         if not authorised(request):
-            return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+            return _error(401, ADMIN_KEY)
         return {
             "models": {n: m.versions for n, m in server.models.snapshot().items()},
             "errors": server.models.errors,
             "swaps": server.models.swaps,
         }
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses={200: {"model": Reloaded}, **admin}, openapi_extra=guarded)
     async def admin_reload(request: Request):
         if not keys:
-            return error(403, "admin endpoints are off: set KEEL_SERVE_API_KEYS to enable them")
+            return _error(403, ADMIN_OFF)
         if not authorised(request):
-            return error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
+            return _error(401, ADMIN_KEY)
         t = time.perf_counter()
         changes = await asyncio.to_thread(server.models.refresh)
         return {"changes": changes, "seconds": round(time.perf_counter() - t, 3)}
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def answer_predict(
@@ -242,7 +306,7 @@ def _predict_or_refuse(
     server: Server, settings: ServingSettings, name: str, body: PredictRequest, authorised: bool
 ) -> tuple[int, dict]:
     if settings.protect_predict and not authorised:
-        return 401, {"error": "an API key is required (Authorization: Bearer KEY or X-API-Key)"}
+        return 401, {"error": NEEDS_KEY}
     ids = [body.entity_id] if body.entity_ids is None else body.entity_ids
     if len(ids) > settings.max_entities:
         return 422, {
@@ -355,9 +419,10 @@ async def _answer_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _columns(body: InferRequest) -> tuple[dict[str, list[Any]], int]:
-    """Named 1-D inputs, one per feature (each of shape [rows])."""
+def _columns(body: InferRequest) -> tuple[dict[str, list[Any]], int, dict[str, str]]:
+    """Named 1-D inputs, one per feature (each of shape [rows]), and their declared datatypes."""
     columns: dict[str, list[Any]] = {}
+    datatypes: dict[str, str] = {}
     rows = None
     for tensor in body.inputs:
         shape = tensor.shape
@@ -371,6 +436,7 @@ def _columns(body: InferRequest) -> tuple[dict[str, list[Any]], int]:
         if tensor.name in columns:
             raise BadInput(f"inputs.{tensor.name}: given twice")
         columns[tensor.name] = tensor.data
+        datatypes[tensor.name] = tensor.datatype
     if not rows:
         raise BadInput("inputs: no rows to score (shape [0])")
-    return columns, rows
+    return columns, rows, datatypes
