@@ -1,7 +1,7 @@
 """Data quality of the feature tables and the inference log as Dagster assets, one day at a time.
 
 ``monitoring/<table>_quality`` profiles each day of its table against the table's own recent
-history (``keel.data_quality``) and records the outcomes in ``monitoring.quality``. Its checks
+history (``keel.monitoring.data_quality``) and records the outcomes in ``monitoring.quality``. Its checks
 ``nulls``, ``range``, ``categories``, ``freshness`` and ``volume`` judge the latest day of the
 run: WARN or ERROR by the rules' bounds. They alert; they do not retrain (a model retrained
 on broken data learns the breakage).
@@ -15,8 +15,15 @@ from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
 from assets.write_audit_publish import daily_partitions, run_days
-from keel.data_quality import CHECKS, QualityTarget, profile_days, project_targets, quality_rows, write_quality
-from keel.inference_log import TABLE as INFERENCE_LOG_TABLE
+from keel.inference_log.writer import TABLE as INFERENCE_LOG_TABLE
+from keel.monitoring.data_quality import (
+    CHECKS,
+    QualityTarget,
+    profile_days,
+    project_targets,
+    quality_rows,
+    write_quality,
+)
 from keel.project import Project
 from resources import LakehouseResource
 

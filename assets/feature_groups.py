@@ -3,7 +3,7 @@
 ``features/<group>`` computes its days point-in-time (values as of each day's end), stages them
 on the run's audit branch, audits them there (its blocking check ``audit``: keys, counts, ranges,
 entities per day against the days before) and publishes them: the writer
-``keel.materialize.GroupDays``, the same one ``keel backfill`` runs. The graph reads
+``keel.features.materialize.GroupDays``, the same one ``keel backfill`` runs. The graph reads
 source -> group -> downstream groups.
 """
 
@@ -12,9 +12,9 @@ import dagster as dg
 from assets.metadata import markdown_table
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
 from keel.dsl import FeatureGroup
-from keel.materialize import GroupDays, GroupWrite
+from keel.features.materialize import GroupDays, GroupWrite
+from keel.features.registry import describe, lineage
 from keel.project import Project
-from keel.registry import describe, lineage
 from keel.store import FeatureStore
 
 

@@ -2,8 +2,8 @@
 
 ``monitoring/inference_log`` reads the partition's days from what serving wrote (JSONL files
 under KEEL_HOME/inference_log and, when KEEL_KAFKA_BOOTSTRAP is set, the topic
-keel.inference_log), stages them on the run's audit branch, audits them (its blocking check
-``audit``) and publishes them: the writer ``keel.inference_log_load.LogDays``. Upstream in
+keel.inference_log.writer), stages them on the run's audit branch, audits them (its blocking check
+``audit``) and publishes them: the writer ``keel.inference_log.loader.LogDays``. Upstream in
 the graph are the ``serving/<model>`` processes that write the log. The job
 ``load_inference_log`` runs at 00:30 UTC for the day before; a range backfills as one run,
 and a reload replaces its days.
@@ -16,9 +16,9 @@ import dagster as dg
 
 from assets.metadata import markdown_table
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
-from keel.inference_log import TABLE
-from keel.inference_log_load import LoadedLog, LogDays, LogSummary, summarize
-from keel.lakehouse import Lakehouse, day_filter
+from keel.inference_log.loader import LoadedLog, LogDays, LogSummary, summarize
+from keel.inference_log.writer import TABLE
+from keel.lakehouse.tables import Lakehouse, day_filter
 from keel.project import Project
 
 PUBLISHED_KEY = dg.AssetKey(["monitoring", "inference_log"])

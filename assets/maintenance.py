@@ -5,7 +5,7 @@ import datetime as dt
 import dagster as dg
 
 from assets.metadata import markdown_table
-from keel.maintenance import clean_staging, maintain
+from keel.lakehouse.maintenance import clean_staging, maintain
 from resources import LakehouseResource
 
 

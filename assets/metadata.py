@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import pyarrow as pa
 
-from keel.quality import AuditReport
+from keel.lakehouse.audit import AuditReport
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -19,11 +19,10 @@ import dagster as dg
 import numpy as np
 
 from assets.metadata import markdown_table
-from keel import model_registry as registry
-from keel import promotion
-from keel.models import METRICS, ModelError, ModelSpec, TrainResult, train
+from keel.models import promotion, registry
+from keel.models.reference import feature_importances
+from keel.models.spec import METRICS, ModelError, ModelSpec, TrainResult, train
 from keel.project import Project
-from keel.reference import feature_importances
 from keel.store import FeatureStore
 from resources import LakehouseResource, MlflowResource
 

@@ -25,14 +25,14 @@ from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
 from assets.models import champion_key
-from keel import drift_report
 from keel.config import Settings
-from keel.drift import DriftError, DriftReport, TargetDrift
-from keel.drift_report import most_drifted, times_threshold
-from keel.monitor import DriftRun, PerformanceRun, References, drift_history, run_drift, run_performance
-from keel.monitoring import MonitorSpec
+from keel.models.reference import ReferenceSampleError
+from keel.monitoring import report as drift_report
+from keel.monitoring.declarations import MonitorSpec
+from keel.monitoring.drift import DriftError, DriftReport, TargetDrift
+from keel.monitoring.report import most_drifted, times_threshold
+from keel.monitoring.run import DriftRun, PerformanceRun, References, drift_history, run_drift, run_performance
 from keel.project import Project
-from keel.reference import ReferenceSampleError
 from resources import LakehouseResource, MlflowResource
 
 WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR

@@ -11,9 +11,9 @@ their online values and compares them with the offline point-in-time values at t
 import dagster as dg
 
 from assets.metadata import markdown_table
-from keel.consistency import check_group
 from keel.dsl import FeatureGroup
-from keel.online_sync import sync_group
+from keel.online.consistency import check_group
+from keel.online.sync import sync_group
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import LakehouseResource, OnlineStoreResource

@@ -4,7 +4,7 @@ Per model, one asset written through write-audit-publish like the feature tables
 ``predictions/<name>`` scores the partition's days with the version holding the alias
 ``champion``, stages them on the run's audit branch, audits them (its blocking check ``audit``:
 one row per entity and day, predictions in range, lineage set, entities per day against the
-days before) and publishes them: the writer ``keel.batch_predict.Scoring``, the same one
+days before) and publishes them: the writer ``keel.models.batch_predict.Scoring``, the same one
 ``keel models score`` runs. The job ``predict_<name>`` runs at 03:00 UTC for the day before,
 after the 02:00 retrain; a range backfills as one run.
 """
@@ -14,8 +14,8 @@ import dagster as dg
 from assets.metadata import markdown_table
 from assets.models import champion_key
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
-from keel.batch_predict import ScoredDays, Scoring, predictions_table
-from keel.models import ModelSpec
+from keel.models.batch_predict import ScoredDays, Scoring, predictions_table
+from keel.models.spec import ModelSpec
 from keel.project import Project
 from keel.store import FeatureStore
 

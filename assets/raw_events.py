@@ -3,7 +3,7 @@
 ``landing/<source>`` stands for the files dropped in the landing folder (or the Kafka topic the
 stream worker appends from). ``raw/<source>`` validates files, quarantines bad rows, stages the
 good ones on the run's audit branch, audits them (its blocking check ``audit``) and publishes
-them: the writer ``keel.ingest.FileIngest``, the same one ``keel ingest`` runs.
+them: the writer ``keel.ingest.batch.FileIngest``, the same one ``keel ingest`` runs.
 """
 
 from pathlib import Path
@@ -13,9 +13,9 @@ import dagster as dg
 from assets.metadata import markdown_table
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
 from keel.dsl import EventSource
-from keel.ingest import FileIngest, StagedFiles
+from keel.ingest.batch import FileIngest, StagedFiles
+from keel.ingest.readers import FORMATS
 from keel.project import Project
-from keel.readers import FORMATS
 
 
 class IngestConfig(dg.Config):
@@ -78,7 +78,7 @@ def ingest_figures(staging: StagedFiles, lake=None) -> dict:
             markdown_table(["reason", "rows"], sorted(staging.quarantined.items())) if staging.quarantined else "none"
         ),
         "rows_outside_partitions": staging.rows_outside_window,
-        # Event ids the table held already (keel.resent): corrections, and re-sends that changed nothing.
+        # Event ids the table held already (keel.ingest.resent): corrections, and re-sends that changed nothing.
         "rows_replaced": staging.replaced,
         "rows_unchanged": staging.unchanged,
         "rows_duplicate": staging.duplicates,

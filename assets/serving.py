@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import dagster as dg
 
 from assets.models import champion_key
-from keel.models import ModelSpec
+from keel.models.spec import ModelSpec
 from keel.project import Project
 
 

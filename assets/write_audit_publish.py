@@ -3,13 +3,13 @@
 Raw events, feature groups, batch predictions and the inference log are each one asset in
 the graph. The asset is a graph of three steps that every run materializing it runs together:
 
-1. ``stage`` writes the run's rows to the table's branch ``audit_<run id>`` (keel.wap);
+1. ``stage`` writes the run's rows to the table's branch ``audit_<run id>`` (keel.lakehouse.wap);
 2. ``audit`` audits the branch and reports the result as the asset's blocking check
    ``audit``; a failed audit fails the run here, before anything reaches main, and keeps the
    branch for inspection;
 3. ``publish`` fast-forwards main to the branch. When another writer published first, it
    stages the run again on main's new head, audits that and publishes it
-   (``keel.wap.publish_or_restage``, the same engine call ``keel ingest`` makes).
+   (``keel.lakehouse.wap.publish_or_restage``, the same engine call ``keel ingest`` makes).
 
 The asset cannot be materialized without its audit (Dagster refuses to subset it), so
 "Materialize" in the UI always runs all three. Every step claims the table's concurrency
@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 
 from assets import single_run_backfills
 from assets.metadata import audit_metadata, table_preview
-from keel import wap
-from keel.lakehouse import Lakehouse, day_filter
+from keel.lakehouse import wap
+from keel.lakehouse.tables import Lakehouse, day_filter
 from keel.project import Project
 
 # Per-partition previews read at most this many days a run wrote (a backfill of years reads a month).
@@ -69,7 +69,7 @@ class Stage:
 class WapTable:
     """A table written through write-audit-publish, as the Dagster graph shows it.
 
-    ``writer`` builds the engine's writer (keel.wap.Writer) for a run; ``run_metadata`` turns
+    ``writer`` builds the engine's writer (keel.lakehouse.wap.Writer) for a run; ``run_metadata`` turns
     what its ``stage`` returned into figures of the run (computed once, in the stage step),
     ``day_metadata`` into figures of one day. ``resources`` are the resource keys the writer needs besides ``lakehouse``.
     """

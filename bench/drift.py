@@ -1,4 +1,4 @@
-"""Drift statistics speed: ``keel.drift_stats.compare`` against SciPy called column by column.
+"""Drift statistics speed: ``keel.monitoring.statistics.compare`` against SciPy called column by column.
 
 Data, generated in memory as Arrow with a fixed seed: a reference and a current window of
 ``--rows`` rows each, with 60 columns:
@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from keel.drift_stats import PSI_EPS, compare
+from keel.monitoring.statistics import PSI_EPS, compare
 
 N_NUMERIC, N_CATEGORICAL = 50, 10
 CATEGORY_SIZES = (3, 5, 8, 12, 20, 35, 50, 80, 120, 200)
@@ -167,7 +167,7 @@ def main() -> None:
         args.repeat, lambda: compare(reference, current, kinds, bins=args.bins, workers=args.workers)
     )
     floor_s, base = best_time(args.floor_repeat, lambda: floor(reference, current, kinds, args.bins))
-    print(f"ours   keel.drift_stats.compare:         {ours_s:7.2f}s  (best of {args.repeat})")
+    print(f"ours   keel.monitoring.statistics.compare:         {ours_s:7.2f}s  (best of {args.repeat})")
     print(f"floor  SciPy/NumPy column by column:      {floor_s:7.2f}s  (best of {args.floor_repeat})")
     print(f"ratio  ours / floor:                      {ours_s / floor_s:7.3f}x")
 

@@ -2,12 +2,12 @@
 
 Floor, measured in the same run on the same file: bare DuckDB loading the CSV into a typed
 table with no checks (read_csv -> CREATE TABLE). Ours:
-- validate: ``keel.ingest.prepare`` (batched read, per-row type/key/timestamp/range checks,
+- validate: ``keel.ingest.batch.prepare`` (batched read, per-row type/key/timestamp/range checks,
   reason codes, duplicate event ids), the part that scales with the file;
-- end to end: ``keel.ingest.ingest_files`` (validate + quarantine + Iceberg branch write +
+- end to end: ``keel.ingest.batch.ingest_files`` (validate + quarantine + Iceberg branch write +
   Great Expectations audit + publish).
 
-Then the cost of keeping one copy of every event id (``keel.resent``): a second file of
+Then the cost of keeping one copy of every event id (``keel.ingest.resent``): a second file of
 ``--resend-rows`` rows, 1% of them events of the first file re-sent with other values on
 other days, is settled against the table. Ours: ``settle_resent`` (a record-batch scan of the
 table's event-id and timestamp columns, semi-joined with the incoming ids, then the matched
@@ -26,8 +26,8 @@ from pathlib import Path
 import duckdb
 
 from keel.config import Settings
-from keel.ingest import ingest_files, prepare
-from keel.lakehouse import Lakehouse
+from keel.ingest.batch import ingest_files, prepare
+from keel.lakehouse.tables import Lakehouse
 from pipelines.sources import CURRENCIES, MERCHANT_CATEGORIES, transactions
 
 
@@ -122,7 +122,7 @@ def main() -> None:
 
 def resend_costs(lake: Lakehouse, tmp: Path, rows: int, landed: int, now: dt.datetime) -> tuple:
     """Seconds to settle a file of ``rows`` rows (1% re-sent) against the table, and the floor's."""
-    from keel.resent import settle_resent
+    from keel.ingest.resent import settle_resent
 
     path = tmp / "resend.csv"
     resent = max(1, rows // 100)

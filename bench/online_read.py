@@ -27,7 +27,7 @@ import redis
 
 from keel.devservers import RedisServer
 from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup
-from keel.online import RedisOnlineStore, record_name
+from keel.online.store import RedisOnlineStore, record_name
 from keel.project import Project
 from keel.store import FeatureStore
 

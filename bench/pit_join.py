@@ -1,4 +1,4 @@
-"""Point-in-time join speed: ``keel.offline.point_in_time`` against a bare DuckDB ASOF join.
+"""Point-in-time join speed: ``keel.features.point_in_time.point_in_time`` against a bare DuckDB ASOF join.
 
 Data, all in memory as Arrow: ``--entities`` users whose activity follows a power law (the
 busiest few hold percents of all events), ``--events`` card transactions over ``--days``
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import Derived, Feature, FeatureGroup
-from keel.offline import point_in_time
+from keel.features.point_in_time import point_in_time
 from pipelines.entities import user
 from pipelines.features import user_transactions
 from pipelines.sources import COUNTRIES, CURRENCIES, MERCHANT_CATEGORIES, transactions

@@ -146,9 +146,9 @@ def register_model(settings) -> None:
     """Train the classifier on rows with a planted signal, register it and make it champion."""
     import xgboost
 
-    from keel.model_registry import log_and_register
-    from keel.models import ModelSpec, TrainResult, model_frame, score
-    from keel.promotion import promote
+    from keel.models.promotion import promote
+    from keel.models.registry import log_and_register
+    from keel.models.spec import ModelSpec, TrainResult, model_frame, score
     from keel.store import TrainingSet
 
     rng = np.random.default_rng(3)
@@ -207,7 +207,7 @@ def bench_settings(home: str):
 def serve_ours(home: str, redis_url: str, port: int) -> None:
     unshadow()
     from keel.config import ServingSettings
-    from keel.online import RedisOnlineStore
+    from keel.online.store import RedisOnlineStore
     from serving.app import create_app
     from serving.models import ModelSet
     from serving.server import Server
@@ -228,7 +228,7 @@ def serve_ours(home: str, redis_url: str, port: int) -> None:
 
 def serve_floor(home: str, port: int, row: list[float]) -> None:
     unshadow()
-    from keel.model_registry import load_model
+    from keel.models.registry import load_model
     from serving.booster import OneRow
 
     model, features, _ = load_model(bench_settings(home), MODEL, "champion")
@@ -612,8 +612,8 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     from keel.devservers import RedisServer
-    from keel.model_registry import load_model
-    from keel.online import RedisOnlineStore
+    from keel.models.registry import load_model
+    from keel.online.store import RedisOnlineStore
 
     client_cls = RawClient if args.client == "raw" else Httpx2Client
     load_before = os.getloadavg()

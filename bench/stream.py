@@ -36,9 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keel.config import Settings
 from keel.devservers import KafkaBroker, RedisServer, create_topics, free_port
-from keel.online import OnlineStore, to_us
-from keel.producer import EventProducer, iso
-from keel.stream_io import end_offsets
+from keel.online.store import OnlineStore, to_us
+from keel.stream.kafka_io import end_offsets
+from keel.stream.producer import EventProducer, iso
 from pipelines import project
 
 REPO = Path(__file__).resolve().parents[1]

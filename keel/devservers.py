@@ -15,7 +15,7 @@ not change the join time there, so it can stay long enough for slow writes betwe
 
 Also measured on tansu 0.6 (memory engine): ListOffsets(latest) answers the base offset of
 the partition's last record batch plus one, not the log end; the high watermark in fetch
-responses is right. ``keel.stream_io.end_offsets`` reads end offsets through a fetch.
+responses is right. ``keel.stream.kafka_io.end_offsets`` reads end offsets through a fetch.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``FeatureStore.from_env().get_training_set(spine, features=[...])`` returns one row per
 spine row, in spine order, each feature's value exactly as computable at the row's
-timestamp (the contract of ``keel.offline``). Only the raw partitions the windows and TTLs
+timestamp (the contract of ``keel.features.point_in_time``). Only the raw partitions the windows and TTLs
 need are read, and the snapshot ids read are recorded so ``as_of=`` reproduces the set.
 """
 
@@ -21,10 +21,10 @@ from pyiceberg.expressions import And, BooleanExpression, GreaterThan, LessThanO
 
 from keel.config import Settings
 from keel.dsl import COLUMN_TYPES, DeclarationError, EventSource, FeatureGroup, window_seconds
-from keel.lakehouse import Lakehouse
-from keel.offline import point_in_time
-from keel.online import OnlineStore, OnlineStoreError
-from keel.online_lookup import LookupPlan, OnlineFeatures, lookup, plan_lookup
+from keel.features.point_in_time import point_in_time
+from keel.lakehouse.tables import Lakehouse
+from keel.online.lookup import LookupPlan, OnlineFeatures, lookup, plan_lookup
+from keel.online.store import OnlineStore, OnlineStoreError
 from keel.project import Project, load_project
 
 SPINE_FORMATS = (".parquet", ".csv", ".jsonl", ".json")

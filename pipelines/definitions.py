@@ -18,7 +18,7 @@ from assets.predictions import prediction_definitions
 from assets.raw_events import raw_event_definitions
 from assets.serving import serving_definitions, serving_key
 from keel.config import Settings
-from keel.monitoring import monitors_for
+from keel.monitoring.declarations import monitors_for
 from pipelines import project
 from pipelines.models import MODELS
 from pipelines.monitoring import MONITORS

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from keel.config import Settings
-from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse.tables import Lakehouse
 
 USERS = 1000
 # The data drifts after the first third of the window: labels (30 days late) exist on both sides.
@@ -265,7 +265,7 @@ def training_set_summary(settings: Settings, project) -> str:
 
 def online_summary(result, settings: Settings, project) -> str:
     """Keys written per group, the consistency checks' verdicts, and one lookup as a table."""
-    from keel.online import OnlineStore
+    from keel.online.store import OnlineStore
     from keel.store import FeatureStore
 
     lines = []
@@ -305,7 +305,7 @@ def online_summary(result, settings: Settings, project) -> str:
 
 def model_summary(result, settings: Settings, spec) -> str:
     """The new version's hold-out metrics, the promotion decision and the lineage MLflow records."""
-    from keel.model_registry import show
+    from keel.models.registry import show
 
     trained = result.metadata(f"models/{spec.name}_challenger")
     decided = result.metadata(f"models/{spec.name}_champion")
@@ -325,8 +325,8 @@ def model_summary(result, settings: Settings, spec) -> str:
 
 def scoring_summary(lake: Lakehouse, spec, day: dt.date) -> str:
     """How many users the day's batch scored, their mean, and the riskiest few with lineage."""
-    from keel.batch_predict import predictions_table
-    from keel.lakehouse import day_filter
+    from keel.lakehouse.tables import day_filter
+    from keel.models.batch_predict import predictions_table
 
     rows = lake.read(predictions_table(spec), row_filter=day_filter("feature_ts", [day]))
     scores = rows.column("prediction").to_numpy()
@@ -344,7 +344,7 @@ def scoring_summary(lake: Lakehouse, spec, day: dt.date) -> str:
 
 def reproduction_summary(settings: Settings, spec) -> tuple[str, bool]:
     """The champion's training set rebuilt from its recorded snapshots and compared by digest."""
-    from keel.reproduce import reproduce
+    from keel.models.reproduce import reproduce
     from keel.store import FeatureStore
 
     t = time.perf_counter()
@@ -368,9 +368,9 @@ def serving_summary(settings: Settings, lake: Lakehouse, spec, day: dt.date) -> 
     import urllib.error
     import urllib.request
 
-    from keel.batch_predict import predictions_table
     from keel.devservers import free_port
-    from keel.lakehouse import day_filter
+    from keel.lakehouse.tables import day_filter
+    from keel.models.batch_predict import predictions_table
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,7 @@
 The shop's data drifts after a day of the demo window (``pipelines.generate``: new sign-ups
 favour other plans and devices, baskets grow, sessions lengthen). The first champion was
 trained on labels from before the drift only. This step replays its traffic from two weeks
-before the drift to yesterday (``keel.replay``), loads the inference log, profiles the
+before the drift to yesterday (``keel.monitoring.replay``), loads the inference log, profiles the
 tables and runs the model's monitoring, each as a Dagster run; then Dagster's daemon closes
 the loop by itself: the monitoring_alerts sensor sends the alerts, the retrain sensor starts
 the train job on the failed drift check, and the new challenger is promoted or not.
@@ -18,7 +18,7 @@ import time
 import pyarrow.compute as pc
 
 from keel.config import Settings
-from keel.lakehouse import Lakehouse
+from keel.lakehouse.tables import Lakehouse
 
 REPLAY_PER_DAY = 200
 BEFORE_DRIFT_DAYS = 14
@@ -33,8 +33,8 @@ def monitoring_loop(runs, settings: Settings, lake: Lakehouse, spec, span, drift
     from assets.inference_log import JOB_NAME as LOAD_JOB
     from assets.models import train_job_name
     from assets.monitoring import monitor_job_name
-    from keel import replay
-    from keel.drift_report import report_path
+    from keel.monitoring import replay
+    from keel.monitoring.report import report_path
     from keel.store import FeatureStore
     from pipelines import project
 
@@ -126,7 +126,7 @@ def monitoring_loop(runs, settings: Settings, lake: Lakehouse, spec, span, drift
 
 def _drift_lines(lake: Lakehouse, spec, drift_day: dt.date) -> list[str]:
     """How many windows before and after the drift were judged drifted, and the top features."""
-    from keel.drift import DRIFT_TABLE
+    from keel.monitoring.drift import DRIFT_TABLE
 
     rows = lake.read(DRIFT_TABLE).filter(pc.equal(pc.field("model"), spec.name))
     dataset = [r for r in rows.to_pylist() if r["target"] == "dataset"]

@@ -1,6 +1,6 @@
 """Models of the shop: who is about to churn, from what they buy, how they browse and who they are."""
 
-from keel.models import ModelSpec, Split
+from keel.models.spec import ModelSpec, Split
 from pipelines.entities import user
 from pipelines.sources import churn_labels
 

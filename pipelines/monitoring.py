@@ -1,6 +1,6 @@
 """How the shop's models are monitored: thresholds beyond the defaults, and when labels land."""
 
-from keel.monitoring import MonitorSpec
+from keel.monitoring.declarations import MonitorSpec
 from pipelines.models import churn
 
 churn_monitor = MonitorSpec(

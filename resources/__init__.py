@@ -5,8 +5,8 @@ import os
 import dagster as dg
 
 from keel.config import VARIABLES, Settings
-from keel.lakehouse import Lakehouse
-from keel.online import OnlineStore
+from keel.lakehouse.tables import Lakehouse
+from keel.online.store import OnlineStore
 
 
 def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:

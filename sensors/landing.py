@@ -1,7 +1,7 @@
 """The landing-folder sensor: a new or changed file in KEEL_LANDING/<source>/ starts an ingest run
 over the days it holds, and the file stays in the cursor until that run has succeeded.
 
-keel/landing.py decides, and documents the cursor and a file's states; this module feeds it what
+keel/ingest/landing.py decides, and documents the cursor and a file's states; this module feeds it what
 only Dagster knows (the runs under each run key, why a run failed), turns its decisions into run
 requests and delivers its alerts, those a sink missed kept pending as in sensors/alerts.py.
 """
@@ -14,10 +14,8 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 
 from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
-from keel.alert_sinks import Sink, sinks_from_settings
-from keel.alerts import flush_outbox
 from keel.config import Settings
-from keel.landing import (
+from keel.ingest.landing import (
     FAILED,
     IN_PROGRESS,
     LOST_RUN_SECONDS,
@@ -33,6 +31,8 @@ from keel.landing import (
     landing_tick,
     retry_delay,
 )
+from keel.monitoring.alert_sinks import Sink, sinks_from_settings
+from keel.monitoring.alerts import flush_outbox
 from keel.project import Project
 from resources import LakehouseResource
 from sensors.alerts import log_delivery

@@ -1,7 +1,7 @@
 """The ``model_registry`` sensor: roles a person changes in MLflow are settled, and Dagster hears
 of every champion the train job did not promote itself.
 
-Every 30 s, per declared model, ``keel.model_roles.settle`` folds in what moved in MLflow
+Every 30 s, per declared model, ``keel.models.roles.settle`` folds in what moved in MLflow
 since the last settle (an alias moved, a stage transitioned in the UI) and writes aliases,
 stages and version tags to agree. When the champion is not the one this sensor last saw and
 the latest materialization of ``models/<name>_champion`` does not already name it (the train
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import dagster as dg
 
 from assets.models import champion_key
-from keel import model_registry as registry
-from keel.model_roles import Roles, settle
-from keel.models import ModelSpec
+from keel.models import registry
+from keel.models.roles import Roles, settle
+from keel.models.spec import ModelSpec
 from resources import MlflowResource
 
 MINIMUM_INTERVAL_SECONDS = 30

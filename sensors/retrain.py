@@ -14,7 +14,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from assets.models import train_job_name
 from assets.monitoring import drift_key, performance_key
-from keel.models import ModelSpec
+from keel.models.spec import ModelSpec
 
 COOL_DOWN_SECONDS = 6 * 3600
 # Evaluations read per check and tick; more failures than this between ticks change nothing.

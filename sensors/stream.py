@@ -6,7 +6,7 @@ import json
 import dagster as dg
 
 from keel.project import Project
-from keel.stream_io import group_lag, newest_event
+from keel.stream.kafka_io import group_lag, newest_event
 from resources import LakehouseResource
 from resources.kafka import KafkaResource
 

@@ -21,8 +21,8 @@ def build_app(
     """Load every served model's champion (and challenger) and return the app; the registry
     is polled every ``serving.poll_s`` while the app runs."""
     from keel.config import ServingSettings, Settings
-    from keel.models import load_models
-    from keel.online import OnlineStore
+    from keel.models.spec import load_models
+    from keel.online.store import OnlineStore
     from keel.project import load_project
     from serving.app import create_app
     from serving.breaker import CircuitBreaker

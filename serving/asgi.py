@@ -45,7 +45,7 @@ def create():
     settings = Settings.from_env()
     inference_log = None
     try:
-        from keel.inference_log import InferenceLogWriter
+        from keel.inference_log.writer import InferenceLogWriter
     except ImportError:
         InferenceLogWriter = None  # noqa: N806
     if InferenceLogWriter is not None:

@@ -1,7 +1,7 @@
 """Models as the server holds them: each name's champion (and challenger), loaded natively
 from MLflow, and swapped whole when their roles move in the registry.
 
-Roles are read with ``keel.model_roles.read_roles``, which writes nothing: an alias moved or
+Roles are read with ``keel.models.roles.read_roles``, which writes nothing: an alias moved or
 a stage transitioned in the MLflow UI is served at the next poll, before anything settles
 it. A model whose champion was taken out with nothing to roll back to stops being served
 (its predictions answer 404 and ``/health/ready`` says why) rather than serve a version a
@@ -13,7 +13,7 @@ A ``ServedVersion`` knows its features in input order, where each is read online
 and how to score rows of raw values. An XGBoost booster scores a ready float vector
 (categories as the booster's own codes) with one thread, the fast path STYLE.md measures,
 and a single row through ``serving.booster.OneRow`` (the C call without the Python
-wrapper's per-call work); other flavours go through ``keel.models``' encoding.
+wrapper's per-call work); other flavours go through ``keel.models.spec``' encoding.
 
 ``ModelSet`` holds one immutable ``ServedModel`` per name. A request reads it once and
 uses that object to the end, and a new version is loaded completely before the mapping is
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from keel import model_registry as registry
-from keel.model_roles import Roles, read_roles
-from keel.models import model_frame, predict_frame
+from keel.models import registry
+from keel.models.roles import Roles, read_roles
+from keel.models.spec import model_frame, predict_frame
 from serving.booster import OneRow
 from serving.inputs import BadInput, InputSpec, input_specs
 
@@ -342,7 +342,7 @@ def _xgboost_scorer(model, features: Sequence[str], kinds: Sequence[str]) -> Cal
 
 
 def _generic_scorer(model, task: str, features: Sequence[str], dtypes: Sequence[str]) -> Callable:
-    """Rows of raw values -> scores through keel.models' own encoding (any flavour)."""
+    """Rows of raw values -> scores through keel.models.spec' own encoding (any flavour)."""
     types = [_arrow_type(d) for d in dtypes]
 
     def score(rows: list[list[Any]]) -> np.ndarray:

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from keel.online import OnlineStore, OnlineStoreError
-from keel.online_lookup import LookupPlan, key_rows, lookup, plan_lookup
+from keel.online.lookup import LookupPlan, key_rows, lookup, plan_lookup
+from keel.online.store import OnlineStore, OnlineStoreError
 from keel.project import Project
 from serving.breaker import CircuitBreaker
 from serving.inputs import BadInput
@@ -57,7 +57,7 @@ class Server:
     shadow: bool = False
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
-    inference_log: Any = None  # keel.inference_log writer: .log(record), .close()
+    inference_log: Any = None  # keel.inference_log.writer writer: .log(record), .close()
     _plans: dict = field(default_factory=dict)
 
     def model(self, name: str) -> ServedModel:

@@ -8,7 +8,7 @@ import pytest
 
 from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
-from keel.lakehouse import Lakehouse
+from keel.lakehouse.tables import Lakehouse
 
 pytest_plugins = ["tests.servers"]
 

@@ -8,8 +8,8 @@ import pytest
 
 from assets.metadata import audit_check_result, audit_metadata
 from assets.raw_events import raw_event_definitions
+from keel.lakehouse.audit import audit_events
 from keel.project import Project
-from keel.quality import audit_events
 from pipelines.sources import CURRENCIES, transactions
 from resources import resource_definitions
 from tests.conftest import payment_rows

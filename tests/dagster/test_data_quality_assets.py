@@ -9,7 +9,7 @@ import pytest
 
 from assets import single_run_backfills
 from assets.data_quality import quality_asset
-from keel.data_quality import CHECKS, QUALITY_TABLE
+from keel.monitoring.data_quality import CHECKS, QUALITY_TABLE
 from resources import lakehouse_resource
 from tests.keel.test_data_quality import DAY, TARGET, events, history, planted, write
 

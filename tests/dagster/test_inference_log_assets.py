@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 
 from assets.inference_log import JOB_NAME, PUBLISHED_KEY, inference_log_definitions
-from keel.inference_log import TABLE, InferenceLogWriter
+from keel.inference_log.writer import TABLE, InferenceLogWriter
 from keel.project import Project
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG

@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 
 from assets.models import model_definitions
-from keel import model_registry as registry
+from keel.models import registry
 from keel.project import Project
 from resources import resource_definitions
 from sensors.retrain import retrain_sensor

@@ -7,9 +7,8 @@ import dagster as dg
 import pytest
 
 from assets.models import champion_key
-from keel import model_registry as registry
-from keel import promotion
-from keel.model_roles import Request, settle
+from keel.models import promotion, registry
+from keel.models.roles import Request, settle
 from resources import mlflow_resource
 from sensors.model_registry import model_registry_sensor, model_registry_sensor_definitions
 from tests.dagster.test_model_assets import run_train

@@ -15,18 +15,18 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.monitoring import NAMED_IN_MESSAGE, drift_checks, drift_key, monitoring_definitions, performance_key
-from keel import model_registry as registry
-from keel import wap
 from keel.config import LOCAL_MLFLOW_UI
-from keel.drift import DRIFT_TABLE, DriftReport, TargetDrift
-from keel.drift_report import ARTIFACT_FOLDER
-from keel.drift_stats import categorical_drift, numeric_drift
-from keel.inference_log import FileSink, InferenceLogWriter, log_root
-from keel.inference_log_load import stage_inference_log
-from keel.monitor import DriftRun
-from keel.monitoring import MonitorSpec, Threshold
-from keel.performance import PERFORMANCE_TABLE
-from keel.reference import LABEL, PREDICTION, SPLIT, load_reference
+from keel.inference_log.loader import stage_inference_log
+from keel.inference_log.writer import FileSink, InferenceLogWriter, log_root
+from keel.lakehouse import wap
+from keel.models import registry
+from keel.models.reference import LABEL, PREDICTION, SPLIT, load_reference
+from keel.monitoring.declarations import MonitorSpec, Threshold
+from keel.monitoring.drift import DRIFT_TABLE, DriftReport, TargetDrift
+from keel.monitoring.performance import PERFORMANCE_TABLE
+from keel.monitoring.report import ARTIFACT_FOLDER
+from keel.monitoring.run import DriftRun
+from keel.monitoring.statistics import categorical_drift, numeric_drift
 from resources import resource_definitions
 from sensors.alerts import alert_sensor
 from sensors.retrain import retrain_sensor
@@ -305,7 +305,7 @@ def test_definitions_hold_the_assets_checks_job_and_schedule(model_project, buye
 
 
 def test_an_hourly_monitor_has_hourly_partitions_and_windows(model_project, buyer, outcomes, settings):
-    from keel.monitor import windows
+    from keel.monitoring.run import windows
 
     monitor = MonitorSpec(spec(buyer, outcomes), partitions="hourly")
     defs = dg.Definitions.merge(monitoring_definitions(model_project, [monitor]), resource_definitions(settings))

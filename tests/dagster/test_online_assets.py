@@ -10,8 +10,8 @@ import pytest
 from assets.feature_groups import feature_group_definitions
 from assets.online import ONLINE_SYNC_JOB, online_definitions
 from assets.raw_events import raw_event_definitions
-from keel.materialize import backfill
-from keel.online import OnlineStore
+from keel.features.materialize import backfill
+from keel.online.store import OnlineStore
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import resource_definitions

@@ -7,11 +7,10 @@ import dagster as dg
 import pytest
 
 from assets.predictions import prediction_definitions
-from keel import model_registry as registry
-from keel import promotion
-from keel.batch_predict import predictions_table
-from keel.materialize import backfill
-from keel.models import train
+from keel.features.materialize import backfill
+from keel.models import promotion, registry
+from keel.models.batch_predict import predictions_table
+from keel.models.spec import train
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import resource_definitions

@@ -7,9 +7,9 @@ import dagster as dg
 import pytest
 
 from assets.raw_events import ingest_job_name, ingest_run_config, raw_event_definitions
-from keel import wap
 from keel.dsl import Entity
-from keel.ingest import QUARANTINE_TABLE
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse import wap
 from keel.project import Project
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -198,7 +198,7 @@ def test_no_files_fails_with_a_message_naming_the_folder(defs, instance, keel_ho
 def test_a_run_whose_publish_conflicts_stages_again_and_keeps_both_writes(defs, instance, lake, keel_home, payments):
     """Another writer (here `keel ingest`) publishes between this run's stage and its publish:
     the run stages again on main's new head, audits it and publishes, instead of failing."""
-    from keel.ingest import ingest_files
+    from keel.ingest.batch import ingest_files
 
     ours = payment_rows(START, 20, prefix="ours")
     theirs = payment_rows(START, 12, prefix="theirs")

@@ -2,7 +2,7 @@
 
 import datetime as dt
 
-from keel import ingest
+from keel.ingest import batch as ingest
 from tests.conftest import payment_rows
 from tests.dagster.test_raw_events import START, defs, instance, project, run_ingest, write_csv  # noqa: F401
 

@@ -7,8 +7,8 @@ import time
 import dagster as dg
 
 from keel.config import Settings
-from keel.producer import EventProducer
-from keel.stream import StreamConfig, StreamWorker
+from keel.stream.producer import EventProducer
+from keel.stream.worker import StreamConfig, StreamWorker
 from pipelines import project
 from resources import lakehouse_resource
 from resources.kafka import KafkaResource

@@ -1,7 +1,7 @@
 """What the deploy checks share: the metric names Keel exports, PromQL selectors, promtool.
 
 Serving's and the stream worker's names are read from their source (the prometheus_client
-constructors in serving/metrics.py and keel/stream.py); the monitoring exporter's from
+constructors in serving/metrics.py and keel/stream/worker.py); the monitoring exporter's from
 deploy/prometheus/metrics.txt, the list its author checks against.
 """
 

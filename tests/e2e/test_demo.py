@@ -5,8 +5,8 @@ import re
 
 import dagster as dg
 
-from keel.cli import main
-from keel.ingest import QUARANTINE_TABLE
+from keel.cli.main import main
+from keel.ingest.batch import QUARANTINE_TABLE
 from pipelines import demo
 
 # The demo's own size (three months, 1,000 users): the drift comes after the first month, churn

@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from keel import model_registry as registry
-from keel import promotion
-from keel.cli import main
+from keel.cli.main import main
 from keel.config import Settings
 from keel.devservers import free_port
+from keel.models import promotion, registry
 from tests.keel.test_model_registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
 
 API_KEY = "e2e-key"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keel.models import ModelSpec
+from keel.models.spec import ModelSpec
 
 
 @pytest.fixture

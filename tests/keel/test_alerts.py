@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.alert_sinks import (
+from keel.config import Settings, redact_url
+from keel.monitoring.alert_sinks import (
     ConsoleSink,
     JsonlSink,
     WebhookError,
@@ -23,7 +24,7 @@ from keel.alert_sinks import (
     sinks_from_settings,
     slack_payload,
 )
-from keel.alerts import (
+from keel.monitoring.alerts import (
     Alert,
     Evaluation,
     PendingAlert,
@@ -32,7 +33,6 @@ from keel.alerts import (
     plain_metadata,
     reconcile,
 )
-from keel.config import Settings, redact_url
 
 T0 = dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC)
 DRIFT = "monitoring/churn_drift:drift"

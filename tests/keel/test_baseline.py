@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.baseline import QUANTILES, baseline_stats, prediction_stats
+from keel.models.baseline import QUANTILES, baseline_stats, prediction_stats
 
 
 def test_numeric_and_categorical_features_and_predictions():

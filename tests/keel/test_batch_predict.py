@@ -10,11 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel import model_registry as registry
-from keel import promotion
-from keel.batch_predict import BatchPredictError, predictions_table, score_days, stage_scores
-from keel.materialize import backfill, day_end
-from keel.models import predict, train
+from keel.features.materialize import backfill, day_end
+from keel.models import promotion, registry
+from keel.models.batch_predict import BatchPredictError, predictions_table, score_days, stage_scores
+from keel.models.spec import predict, train
 from keel.store import FeatureStore
 from tests.keel.test_models import START, land_labels, spec, synthetic
 from tests.keel.test_store import land
@@ -118,8 +117,8 @@ def test_days_without_features_or_models_without_champion_are_refused(store, set
 
 
 def test_the_audit_holds_back_a_staged_day_with_a_broken_row(store, settings, lake, champion):
-    from keel import wap
-    from keel.batch_predict import audit_scores
+    from keel.lakehouse import wap
+    from keel.models.batch_predict import audit_scores
 
     model, _ = champion
     scored = stage_scores(store, settings, model, DAYS[:2], run_id="bad")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 
-from keel.cli import main
-from keel.lakehouse import Lakehouse
+from keel.cli.main import main
+from keel.lakehouse.tables import Lakehouse
 from pipelines.generate import generate, write_files
 
 KEEL = Path(sys.executable).with_name("keel")
@@ -380,7 +380,7 @@ def test_ingest_of_a_bad_file_is_one_line_naming_it_and_exit_1(home, capsys, txn
 
 
 def test_ingest_stages_under_keel_home_and_leaves_nothing_there(home, capsys, txn_csv, monkeypatch):
-    from keel import validation
+    from keel.ingest import validation
 
     roots = []
     real_prepare = validation.prepare
@@ -389,7 +389,7 @@ def test_ingest_stages_under_keel_home_and_leaves_nothing_there(home, capsys, tx
         roots.append(kwargs["staging_root"])
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr("keel.ingest.prepare", spy)
+    monkeypatch.setattr("keel.ingest.batch.prepare", spy)
 
     assert run(capsys, "ingest", txn_csv, "--source", "transactions")[0] == 0
 

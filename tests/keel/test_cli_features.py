@@ -5,7 +5,7 @@ import datetime as dt
 import pyarrow.parquet as pq
 import pytest
 
-from keel.cli import main
+from keel.cli.main import main
 from tests.keel import feature_project
 from tests.keel.test_store import HISTORY, SPINE, START, land
 

@@ -5,10 +5,9 @@ import logging
 
 import pytest
 
-from keel import model_registry as registry
-from keel import promotion
-from keel.cli import main
+from keel.cli.main import main
 from keel.config import Settings
+from keel.models import promotion, registry
 from tests.keel.test_model_registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
 
 

@@ -5,10 +5,10 @@ import logging
 
 import pytest
 
-from keel import model_registry as registry
-from keel.cli import main
+from keel.cli.main import main
 from keel.config import Settings
-from keel.model_roles import Request, settle
+from keel.models import registry
+from keel.models.roles import Request, settle
 from tests.keel.test_model_roles import assert_in_step, person_moves_stage
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from keel.cli import main
+from keel.cli.main import main
 from tests.keel import online_project
 from tests.keel.test_store import HISTORY, START, land
 

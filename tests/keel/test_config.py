@@ -373,7 +373,7 @@ def test_an_explicit_mlflow_ui_url_wins_and_loses_its_trailing_slash(tmp_path):
 
 
 def test_keel_config_shows_the_mlflow_ui_url(keel_home, monkeypatch, capsys):
-    from keel.cli import main
+    from keel.cli.main import main
 
     monkeypatch.setenv("KEEL_MLFLOW_UI_URL", "https://mlflow.example.com/")
 

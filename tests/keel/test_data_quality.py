@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel.data_quality import (
+from keel.monitoring.data_quality import (
     QUALITY_TABLE,
     DayQuality,
     Outcome,

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel import drift_report
-from keel.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_rows, parse_features
-from keel.models import ModelSpec
-from keel.monitoring import MonitorSpec, Threshold, replace_window
-from keel.reference import HOLDOUT, LABEL, LABEL_TS, PREDICTION, SPLIT, TRAIN
+from keel.models.reference import HOLDOUT, LABEL, LABEL_TS, PREDICTION, SPLIT, TRAIN
+from keel.models.spec import ModelSpec
+from keel.monitoring import report as drift_report
+from keel.monitoring.declarations import MonitorSpec, Threshold, replace_window
+from keel.monitoring.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_rows, parse_features
 
 START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 END = START + dt.timedelta(days=1)

@@ -20,13 +20,13 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import pytest
 
-from keel import drift_report
 from keel.config import Settings
 from keel.devservers import free_port
-from keel.drift import TargetDrift
-from keel.drift_stats import categorical_drift, numeric_drift
-from keel.model_registry import mlflow_client
-from keel.monitoring import Threshold
+from keel.models.registry import mlflow_client
+from keel.monitoring import report as drift_report
+from keel.monitoring.declarations import Threshold
+from keel.monitoring.drift import TargetDrift
+from keel.monitoring.statistics import categorical_drift, numeric_drift
 
 MODEL = "churn"
 WINDOW = dt.datetime(2026, 5, 11, tzinfo=dt.UTC)
@@ -84,7 +84,7 @@ def test_most_drifted_ranks_by_times_past_the_threshold_across_statistics():
 def register_versions(settings: Settings, model: str, n: int) -> list[tuple[str, str]]:
     """``n`` versions of ``model``, each in its own run: [(experiment id, run id)] by version.
 
-    The experiment is made as ``keel.model_registry`` makes it: artifacts under KEEL_HOME for a
+    The experiment is made as ``keel.models.registry`` makes it: artifacts under KEEL_HOME for a
     local store, the server's default (proxied) artifact root for a tracking server.
     """
     client = mlflow_client(settings)

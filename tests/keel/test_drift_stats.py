@@ -1,4 +1,4 @@
-"""keel.drift_stats against SciPy and brute-force references, on small samples with ties, NULLs, NaN and inf."""
+"""keel.monitoring.statistics against SciPy and brute-force references, on small samples with ties, NULLs, NaN and inf."""
 
 import math
 from collections import Counter
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from keel.drift_stats import (
+from keel.monitoring.statistics import (
     MAX_CATEGORIES,
     OTHER,
     PLOT_BINS,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from keel import wap
 from keel.devservers import free_port
-from keel.inference_log import (
+from keel.inference_log.loader import audit_inference_log, stage_inference_log, summarize
+from keel.inference_log.writer import (
     TABLE,
     FileSink,
     InferenceLogWriter,
@@ -22,9 +22,9 @@ from keel.inference_log import (
     encode,
     log_root,
 )
-from keel.inference_log_load import audit_inference_log, stage_inference_log, summarize
-from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import day_filter
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse import wap
+from keel.lakehouse.tables import day_filter
 
 DAY = dt.date(2026, 3, 10)
 MIDNIGHT = dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(), dt.UTC)

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel import readers, validation, wap
-from keel.ingest import QUARANTINE_TABLE, IngestError, group_days, ingest_files, prepare
-from keel.readers import FileFormatError
+from keel.ingest import readers, validation
+from keel.ingest.batch import QUARANTINE_TABLE, IngestError, group_days, ingest_files, prepare
+from keel.ingest.readers import FileFormatError
+from keel.lakehouse import wap
 from tests.conftest import payment_rows
 
 TABLE = "raw.payments"
@@ -650,7 +651,7 @@ def test_published_snapshots_carry_the_run_partition_source_and_code_version(lak
         "keel.code_version": "test-sha",
         "keel.source": "ingest:payments",
         "keel.base_snapshot": str(report.previous_snapshot),
-        # What became of event ids the table held already (keel.resent): nothing, here.
+        # What became of event ids the table held already (keel.ingest.resent): nothing, here.
         "keel.rows.unchanged": "0",
         "keel.rows.replaced": "0",
         "keel.rows.duplicate": "0",

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel import validation
 from keel.dsl import Column, DeclarationError, EventSource
-from keel.ingest import QUARANTINE_TABLE, IngestError, ingest_files
-from keel.readers import FileFormatError
+from keel.ingest import validation
+from keel.ingest.batch import QUARANTINE_TABLE, IngestError, ingest_files
+from keel.ingest.readers import FileFormatError
 from tests.conftest import payment_rows, payments_source
 from tests.keel.test_ingest import (
     COLUMNS,

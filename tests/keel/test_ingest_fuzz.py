@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.cli import main
-from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse
+from keel.cli.main import main
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse.tables import Lakehouse
 from tests.conftest import payment_rows
 from tests.keel.test_ingest import COLUMNS, text
 

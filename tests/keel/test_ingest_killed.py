@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from keel.cli import main
+from keel.cli.main import main
 from pipelines.generate import generate, write_files
 
 REPO = Path(__file__).resolve().parents[2]
 # `keel ingest`, paused after validating its first batch until the test kills it.
 PAUSED_INGEST = """
 import sys
-from keel import validation
+from keel.ingest import validation
 
 real = validation.read_batches
 
@@ -30,7 +30,7 @@ def paused(path, columns, **options):
 
 
 validation.read_batches = paused
-from keel.cli import main
+from keel.cli.main import main
 
 sys.exit(main(sys.argv[1:]))
 """

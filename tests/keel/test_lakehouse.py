@@ -10,8 +10,8 @@ import pytest
 from pyiceberg.expressions import AlwaysFalse
 from pyiceberg.transforms import DayTransform, IdentityTransform
 
-from keel import wap
-from keel.lakehouse import (
+from keel.lakehouse import wap
+from keel.lakehouse.tables import (
     PROP_CODE_VERSION,
     PROP_PARTITION,
     PROP_RUN_ID,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from keel import wap
-from keel.lakehouse import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
-from keel.maintenance import TableMaintenance, clean_staging, day_column, maintain
-from keel.validation import OWNER_FILE, STAGING_PREFIX, process_start
+from keel.ingest.validation import OWNER_FILE, STAGING_PREFIX, process_start
+from keel.lakehouse import wap
+from keel.lakehouse.maintenance import TableMaintenance, clean_staging, day_column, maintain
+from keel.lakehouse.tables import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
 from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"

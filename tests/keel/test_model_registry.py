@@ -13,11 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from keel import model_registry as registry
-from keel import promotion, reference
 from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
-from keel.models import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
+from keel.models import promotion, reference, registry
+from keel.models.spec import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
 from keel.store import TrainingSet
 from tests.keel.test_model_roles import assert_in_step, registry_view
 
@@ -70,7 +69,7 @@ def spec(algorithm: str = "xgboost", params: dict | None = None, metric: str = "
 
 
 def fit(model_spec: ModelSpec, model, features: list[str], data: pa.Table, params: dict | None = None) -> TrainResult:
-    """A TrainResult as keel.models.train builds one, on a synthetic table (no lakehouse)."""
+    """A TrainResult as keel.models.spec.train builds one, on a synthetic table (no lakehouse)."""
     train, holdout = data.slice(0, N_TRAIN), data.slice(N_TRAIN)
     model.fit(model_frame(train, features), np.asarray(train.column("churned"), dtype=int))
     predictions = predict(model, model_spec, holdout, features)
@@ -125,7 +124,7 @@ def story(tmp_path_factory):
     out["first_view"] = registry_view(registry.mlflow_client(settings), "churn")
     out["first_again_error"] = catch(promotion.promote_if_better, settings, s1, recent)
 
-    # v2: a scikit-learn pipeline (keel.models' encoding) on noise only: worse, not promoted.
+    # v2: a scikit-learn pipeline (keel.models.spec' encoding) on noise only: worse, not promoted.
     s2 = spec("sklearn:sklearn.linear_model.LogisticRegression")
     pipeline, params = _estimator(s2, model_frame(data, ["noise", "segment"]))
     r2 = fit(s2, pipeline, ["noise", "segment"], data, params)

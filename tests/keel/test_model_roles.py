@@ -13,11 +13,10 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from keel import model_registry as registry
-from keel import model_roles as roles_
-from keel import promotion
 from keel.config import Settings
-from keel.model_roles import ARCHIVED, NONE, PRODUCTION, RECORD_TAG, STAGING, Request, read_roles, settle
+from keel.models import promotion, registry
+from keel.models import roles as roles_
+from keel.models.roles import ARCHIVED, NONE, PRODUCTION, RECORD_TAG, STAGING, Request, read_roles, settle
 
 ROLE_TAGS = {t for tags in roles_.ROLE_TAGS.values() for t in tags} | {"previous_champion"}
 

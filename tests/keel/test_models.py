@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel import wap
 from keel.dsl import Column, Entity, EventSource, Feature, FeatureGroup
-from keel.models import ModelError, ModelSpec, Split, evaluate, model_frame, predict, train
+from keel.lakehouse import wap
+from keel.models.spec import ModelError, ModelSpec, Split, evaluate, model_frame, predict, train
 from keel.project import Project
 from keel.store import FeatureStore
 from tests.keel.test_store import groups_for, land

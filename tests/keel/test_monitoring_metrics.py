@@ -7,12 +7,12 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from keel.data_quality import QualityTarget, profile_days, quality_rows, write_quality
-from keel.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_rows
-from keel.monitoring import MonitorSpec, replace_window
-from keel.monitoring_metrics import METRICS, MonitoringCollector, exposition
-from keel.performance import PERFORMANCE_TABLE, PerformanceReport, performance_rows
-from keel.performance import SCHEMA as PERFORMANCE_SCHEMA
+from keel.monitoring.data_quality import QualityTarget, profile_days, quality_rows, write_quality
+from keel.monitoring.declarations import MonitorSpec, replace_window
+from keel.monitoring.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_rows
+from keel.monitoring.performance import PERFORMANCE_TABLE, PerformanceReport, performance_rows
+from keel.monitoring.performance import SCHEMA as PERFORMANCE_SCHEMA
+from keel.monitoring.prometheus import METRICS, MonitoringCollector, exposition
 from tests.keel.test_drift import reference, traffic
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
@@ -22,7 +22,7 @@ YESTERDAY = TODAY - dt.timedelta(days=1)
 
 @pytest.fixture
 def monitor(buyer, outcomes):
-    from keel.models import ModelSpec
+    from keel.models.spec import ModelSpec
 
     return MonitorSpec(ModelSpec(name="churn", entity=buyer, features=("spend",), labels=outcomes, label="churned"))
 

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel.lakehouse import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE
-from keel.models import load_models
-from keel.monitoring import (
+from keel.lakehouse.tables import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE
+from keel.models.spec import load_models
+from keel.monitoring.declarations import (
     STATISTICS,
     WINDOW_FIELDS,
     MonitorError,
@@ -188,7 +188,7 @@ def test_a_bad_setting_names_the_model_the_field_the_value_and_the_fix(churn, fi
 def test_the_model_must_be_a_declared_model_spec():
     with pytest.raises(MonitorError) as caught:
         MonitorSpec("churn")
-    assert str(caught.value) == "monitor of model 'churn': model 'churn' is not a keel.models.ModelSpec"
+    assert str(caught.value) == "monitor of model 'churn': model 'churn' is not a keel.models.spec.ModelSpec"
 
 
 def test_hourly_partitions_and_a_zero_label_delay_are_accepted(churn):
@@ -292,7 +292,7 @@ def test_monitors_that_are_not_monitor_specs_are_an_error(project_module, churn)
     with pytest.raises(MonitorError) as caught:
         load_monitors(name, {"churn": churn})
     assert str(caught.value) == (
-        "module 'keel_test_stray.monitoring': MONITORS must be a tuple of keel.monitoring.MonitorSpec"
+        "module 'keel_test_stray.monitoring': MONITORS must be a tuple of keel.monitoring.declarations.MonitorSpec"
     )
 
 

@@ -1,4 +1,4 @@
-"""The point-in-time engine against a brute-force reference of its contract (keel.offline's docstring)."""
+"""The point-in-time engine against a brute-force reference of its contract (keel.features.point_in_time's docstring)."""
 
 import datetime as dt
 import math
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel import offline
 from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup, window_seconds
-from keel.offline import PointInTimeError, point_in_time
+from keel.features.point_in_time import PointInTimeError, point_in_time
+from keel.features.point_in_time import point_in_time as offline
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 USERS = ("a", "b", "c")

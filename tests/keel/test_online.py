@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import redis
 
-from keel.consistency import check_consistency
 from keel.dsl import Derived, Feature, FeatureGroup
-from keel.materialize import backfill
-from keel.online import (
+from keel.features.materialize import backfill
+from keel.online.consistency import check_consistency
+from keel.online.store import (
     EXPIRED,
     MISSING,
     NULL,
@@ -21,7 +21,7 @@ from keel.online import (
     SqliteOnlineStore,
     record_name,
 )
-from keel.online_sync import sync_group
+from keel.online.sync import sync_group
 from keel.project import Project
 from keel.store import FeatureStore
 from tests.keel.test_store import HISTORY, START, at, event, groups_for, land

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics
 
-from keel.models import ModelError
-from keel.monitoring import MonitorSpec
-from keel.performance import (
+from keel.models.reference import HOLDOUT, LABEL, PREDICTION, SPLIT, TRAIN
+from keel.models.spec import ModelError
+from keel.monitoring.declarations import MonitorSpec
+from keel.monitoring.performance import (
     SCHEMA,
     PerformanceReport,
     labelled_predictions,
@@ -21,7 +22,6 @@ from keel.performance import (
     reliability,
     window_performance,
 )
-from keel.reference import HOLDOUT, LABEL, PREDICTION, SPLIT, TRAIN
 
 START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 END = START + dt.timedelta(days=1)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from keel.dsl import Column, Entity, EventSource
-from keel.quality import audit_events, combine_reports
+from keel.lakehouse.audit import audit_events, combine_reports
 from pipelines.sources import COUNTRIES, CURRENCIES, MERCHANT_CATEGORIES, signups, transactions
 
 DAY = datetime(2026, 1, 5, tzinfo=UTC)
@@ -480,7 +480,7 @@ def test_metadata_is_json_serialisable():
 
 
 def test_suite_is_built_once_per_source():
-    from keel.quality import _suite
+    from keel.lakehouse.audit import _suite
 
     table = txn_table(txn_rows(3))
     audit_events(table, transactions)
@@ -492,12 +492,12 @@ def test_suite_is_built_once_per_source():
 def test_fresh_process_import_and_audit_are_warning_free_and_write_nothing(tmp_path):
     script = textwrap.dedent("""
         import sys, warnings
-        import keel.quality
+        import keel.lakehouse.audit
         assert "great_expectations" not in sys.modules, "GX must load lazily"
         shown = warnings.showwarning
         from pipelines.sources import transactions
         import pyarrow as pa
-        report = keel.quality.audit_events(
+        report = keel.lakehouse.audit.audit_events(
             pa.Table.from_pylist([], schema=transactions.arrow_schema()), transactions)
         assert not report.success
         assert warnings.showwarning is shown, "GX's import must not hijack warnings"

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel import readers
-from keel.readers import FileFormatError, file_format, read_batches, timestamp_range
+from keel.ingest import readers
+from keel.ingest.readers import FileFormatError, file_format, read_batches, timestamp_range
 
 COLUMNS = ["event_id", "user_id", "event_ts", "amount"]
 

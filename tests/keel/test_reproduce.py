@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from keel import model_registry as registry
-from keel.models import ModelError, load_models, model_named, train
-from keel.reproduce import reproduce
+from keel.models import registry
+from keel.models.reproduce import reproduce
+from keel.models.spec import ModelError, load_models, model_named, train
 from keel.store import FeatureStore, table_digest
 from tests.keel.test_models import START, land_labels, spec, synthetic
 from tests.keel.test_store import groups_for, land

@@ -1,4 +1,4 @@
-"""Event ids arriving again (keel.resent): one copy of every event id in a raw table, whatever its day."""
+"""Event ids arriving again (keel.ingest.resent): one copy of every event id in a raw table, whatever its day."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from keel.ingest import QUARANTINE_TABLE, ingest_files
-from keel.lakehouse import Lakehouse
+from keel.ingest.batch import QUARANTINE_TABLE, ingest_files
+from keel.lakehouse.tables import Lakehouse
 from tests.conftest import payment_rows
 from tests.keel.test_ingest import write_csv
 

@@ -7,11 +7,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from keel import wap
 from keel.dsl import Derived, Feature, FeatureGroup
-from keel.materialize import audit_group, backfill, day_end, read_version, stage_days
+from keel.features.materialize import audit_group, backfill, day_end, read_version, stage_days
+from keel.features.registry import RegistryError, lineage, register, registered
+from keel.lakehouse import wap
 from keel.project import Project
-from keel.registry import RegistryError, lineage, register, registered
 from keel.store import FeatureStore, TrainingSetError
 from tests.conftest import as_table
 

@@ -11,15 +11,15 @@ import pyarrow.compute as pc
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from keel import cli
-from keel.cli import main
+from keel.cli.main import main
+from keel.cli.main import main as cli
 from keel.config import ConfigError, Settings
-from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse
-from keel.online import OnlineStore, Record
-from keel.producer import EventProducer
-from keel.stream import StreamConfig, StreamError, StreamWorker
-from keel.stream_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, end_offsets, recorded_offsets
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse.tables import Lakehouse
+from keel.online.store import OnlineStore, Record
+from keel.stream.kafka_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, end_offsets, recorded_offsets
+from keel.stream.producer import EventProducer
+from keel.stream.worker import StreamConfig, StreamError, StreamWorker
 from pipelines import project
 
 TOPICS = {s.kafka_topic: 2 for s in project.sources if s.kafka_topic}
@@ -201,7 +201,7 @@ def send(bootstrap: str, *events: dict) -> None:
 
 
 def test_a_resent_event_changes_nothing_and_a_correction_replaces_its_landed_copy(stream_env):
-    """The rule a batch ingest applies (keel.resent), on the stream: one copy of every event id."""
+    """The rule a batch ingest applies (keel.ingest.resent), on the stream: one copy of every event id."""
     bootstrap = stream_env
     settings = Settings.from_env()
     now = dt.datetime.now(dt.UTC)

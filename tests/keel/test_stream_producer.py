@@ -8,8 +8,8 @@ import time
 import pytest
 from kafka import KafkaConsumer
 
-from keel import cli
-from keel.producer import BAD_KINDS, EventProducer, ProducerError
+from keel.cli.main import main as cli
+from keel.stream.producer import BAD_KINDS, EventProducer, ProducerError
 from pipelines.sources import SOURCES
 
 TOPICS = {s.kafka_topic: 2 for s in SOURCES if s.kafka_topic}

@@ -14,13 +14,13 @@ from kafka import KafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from keel.config import Settings
-from keel.consistency import check_consistency
 from keel.devservers import free_port
-from keel.ingest import QUARANTINE_TABLE
-from keel.lakehouse import Lakehouse
-from keel.online import OnlineStore, entity_key
-from keel.producer import EventProducer
+from keel.ingest.batch import QUARANTINE_TABLE
+from keel.lakehouse.tables import Lakehouse
+from keel.online.consistency import check_consistency
+from keel.online.store import OnlineStore, entity_key
 from keel.store import FeatureStore
+from keel.stream.producer import EventProducer
 from pipelines import project
 from tests.keel.test_stream import SOURCES, TOPICS, produced, valid_messages, wait_for
 

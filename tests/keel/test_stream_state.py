@@ -1,4 +1,4 @@
-"""StreamFeatures against keel.offline: every row of updates() is the offline value at (entity, feature_ts)."""
+"""StreamFeatures against keel.features.point_in_time: every row of updates() is the offline value at (entity, feature_ts)."""
 
 import datetime as dt
 import math
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel import stream_state
 from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup
-from keel.offline import point_in_time
-from keel.stream_state import StreamFeatures, StreamStateError
+from keel.features.point_in_time import point_in_time
+from keel.stream import state as stream_state
+from keel.stream.state import StreamFeatures, StreamStateError
 from pipelines.features import user_clicks, user_engagement, user_profile, user_transactions
 from tests.keel.test_offline import (
     USERS,
@@ -118,7 +118,7 @@ def event_table(source: EventSource, rows: list[dict]) -> pa.Table:
 
 
 def offline(group: FeatureGroup, events: dict[str, list[dict]], rows: pa.Table) -> list[dict]:
-    """``keel.offline.point_in_time`` at each row's (user, feature_ts), as dicts of feature values."""
+    """``keel.features.point_in_time.point_in_time`` at each row's (user, feature_ts), as dicts of feature values."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     try:

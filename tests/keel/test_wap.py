@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from keel import wap
-from keel.lakehouse import PROP_BASE_SNAPSHOT, PROP_RUN_ID, Lakehouse, LakehouseError, day_filter
+from keel.lakehouse import wap
+from keel.lakehouse.tables import PROP_BASE_SNAPSHOT, PROP_RUN_ID, Lakehouse, LakehouseError, day_filter
 from tests.conftest import as_table, payment_rows
 
 TABLE = "raw.payments"
@@ -458,8 +458,8 @@ def test_rerun_after_a_crash_before_publish_leaves_one_copy_of_each_row(
 CRASHING_STAGE = textwrap.dedent("""
     import json, os, sys
     import pyarrow.parquet as pq
-    from keel import wap
-    from keel.lakehouse import Lakehouse
+    from keel.lakehouse import wap
+    from keel.lakehouse.tables import Lakehouse
 
     files, crash = sys.argv[1:-1], sys.argv[-1]
 

@@ -14,13 +14,12 @@ from fastapi.testclient import TestClient
 from schemathesis import checks
 from schemathesis.core.failures import FailureGroup
 
-from keel import model_registry as registry
-from keel import promotion
 from keel.config import ServingSettings
-from keel.materialize import backfill
-from keel.models import train
-from keel.online import OnlineStore
-from keel.online_sync import sync_group
+from keel.features.materialize import backfill
+from keel.models import promotion, registry
+from keel.models.spec import train
+from keel.online.store import OnlineStore
+from keel.online.sync import sync_group
 from keel.project import Project
 from keel.store import FeatureStore
 from serving.app import create_app

@@ -14,14 +14,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from keel import model_registry as registry
-from keel import promotion
 from keel.config import ServingSettings
 from keel.devservers import RedisServer
-from keel.materialize import day_end
-from keel.models import predict
-from keel.online import RedisOnlineStore
-from keel.online_sync import sync_group
+from keel.features.materialize import day_end
+from keel.models import promotion, registry
+from keel.models.spec import predict
+from keel.online.store import RedisOnlineStore
+from keel.online.sync import sync_group
 from serving.app import create_app
 from serving.models import ModelSet
 from serving.server import Server
@@ -314,9 +313,9 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
 
 def test_predictions_reach_the_inference_log_table(world, settings, lake, online_project, clean_redis_url):
     """Train, promote, serve with hydration from Redis, shut down gracefully, load the day: every answer is a row."""
-    from keel import wap
-    from keel.inference_log import TABLE, InferenceLogWriter
-    from keel.inference_log_load import audit_inference_log, stage_inference_log
+    from keel.inference_log.loader import audit_inference_log, stage_inference_log
+    from keel.inference_log.writer import TABLE, InferenceLogWriter
+    from keel.lakehouse import wap
 
     redis = RedisOnlineStore(clean_redis_url)
     for group in online_project.feature_groups:
