@@ -5,7 +5,8 @@ import datetime as dt
 import dagster as dg
 
 from assets.metadata import markdown_table
-from keel.lakehouse.maintenance import clean_staging, maintain
+from keel.ingest.staging import clean_staging
+from keel.lakehouse.maintenance import maintain
 from resources import LakehouseResource
 
 

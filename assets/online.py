@@ -12,10 +12,10 @@ import dagster as dg
 
 from assets.metadata import markdown_table
 from keel.dsl import FeatureGroup
+from keel.features.training_sets import OfflineStore
 from keel.online.consistency import check_group
 from keel.online.sync import sync_group
 from keel.project import Project
-from keel.store import FeatureStore
 from resources import LakehouseResource, OnlineStoreResource
 
 ONLINE_SYNC_JOB = "online_sync"
@@ -68,7 +68,7 @@ def online_group_assets(project: Project, group: FeatureGroup) -> tuple:
     )
     def consistency(lakehouse: LakehouseResource, online: OnlineStoreResource) -> dg.AssetCheckResult:
         with online.store() as store:
-            result = check_group(FeatureStore(lakehouse.lakehouse(), project, store), group, sample=CONSISTENCY_SAMPLE)
+            result = check_group(OfflineStore(lakehouse.lakehouse(), project), store, group, sample=CONSISTENCY_SAMPLE)
         rows = [[m["entity"], m["feature_ts"], m["feature"], m["online"], m["offline"]] for m in result.mismatches]
         return dg.AssetCheckResult(
             passed=result.matched == result.compared,

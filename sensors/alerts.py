@@ -1,4 +1,4 @@
-"""The alert sensor: monitoring check evaluations in, deduplicated alerts out (see keel/monitoring/alerts.py).
+"""The alert sensor: monitoring check evaluations in, deduplicated alerts out (see keel/alerts/policy.py).
 
 Dagster gives a check execution its id when the check is *planned*, at the start of its run,
 and fills the row in place when the evaluation arrives; so ids do not come in completion
@@ -16,7 +16,7 @@ Cursor (JSON)::
      "pending": [{"alert": {...}, "sinks": ["webhook"], "attempts": 3, "first_failed": "...", "error": "..."}]}
 
 Alerts a sink failed to take stay in ``pending`` and are retried first on every tick; after
-a day (``keel.monitoring.alerts.MAX_PENDING_AGE``) or beyond 200 waiting they are dropped with a logged
+a day (``keel.alerts.policy.MAX_PENDING_AGE``) or beyond 200 waiting they are dropped with a logged
 error. The first tick without a cursor reads only the newest evaluation of each check: the
 current state alerts, history from before the sensor ran does not.
 """
@@ -36,9 +36,9 @@ from dagster._core.storage.asset_check_execution_record import (
 )
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 
+from keel.alerts.policy import Evaluation, PendingAlert, Sink, flush_outbox, plain_metadata, reconcile
+from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
-from keel.monitoring.alert_sinks import Sink, sinks_from_settings
-from keel.monitoring.alerts import Evaluation, PendingAlert, flush_outbox, plain_metadata, reconcile
 
 # Evaluations read per check and tick; beyond this only the newest count (the state they end in is right).
 HISTORY = 500

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 
 from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
+from keel.alerts.policy import Sink, flush_outbox
+from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
 from keel.ingest.landing import (
     FAILED,
@@ -31,8 +33,6 @@ from keel.ingest.landing import (
     landing_tick,
     retry_delay,
 )
-from keel.monitoring.alert_sinks import Sink, sinks_from_settings
-from keel.monitoring.alerts import flush_outbox
 from keel.project import Project
 from resources import LakehouseResource
 from sensors.alerts import log_delivery

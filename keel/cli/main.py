@@ -251,7 +251,8 @@ def cmd_quarantine(args) -> int:
 
 
 def cmd_maintain(args) -> int:
-    from keel.lakehouse.maintenance import clean_staging, maintain
+    from keel.ingest.staging import clean_staging
+    from keel.lakehouse.maintenance import maintain
     from keel.lakehouse.tables import Lakehouse
 
     settings = Settings.from_env()

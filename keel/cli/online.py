@@ -101,7 +101,9 @@ def cmd_consistency(args) -> int:
         return 2
     store = _store()
     try:
-        report = check_consistency(store, _online_groups(store, args.group or []), sample=args.sample, seed=args.seed)
+        report = check_consistency(
+            store, store.online, _online_groups(store, args.group or []), sample=args.sample, seed=args.seed
+        )
     except OnlineStoreError as exc:
         print(f"keel: {exc}", file=sys.stderr)
         return 1

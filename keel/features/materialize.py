@@ -19,10 +19,10 @@ import pyarrow as pa
 
 from keel.dsl import Column, EventSource, Feature, FeatureGroup, window_seconds
 from keel.features.point_in_time import point_in_time
+from keel.features.training_sets import OfflineStore, sources_of
 from keel.lakehouse import wap
 from keel.lakehouse.audit import AuditReport, audit_events
 from keel.lakehouse.tables import Lakehouse, day_filter
-from keel.store import FeatureStore, sources_of
 
 PROP_VERSION = "keel.version"
 PROP_FINGERPRINT = "keel.fingerprint"
@@ -88,7 +88,7 @@ def audit_declaration(group: FeatureGroup) -> EventSource:
     )
 
 
-def compute_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.date], pinned: dict | None = None):
+def compute_days(store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date], pinned: dict | None = None):
     """The group's rows for ``days``: one per (entity with recent events, day), as of each day's end."""
     days = sorted(set(days))
     ends = pa.array([day_end(d) for d in days], pa.timestamp("us", tz="UTC"))
@@ -140,7 +140,7 @@ def _all_upstream(group: FeatureGroup) -> list[FeatureGroup]:
     return out
 
 
-def stage_days(store: FeatureStore, group: FeatureGroup, days: Sequence[dt.date], run_id: str) -> GroupWrite:
+def stage_days(store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date], run_id: str) -> GroupWrite:
     """Compute ``days`` of the group and stage them on the run's audit branch."""
     lake = store.lake
     lake.ensure_table(group.table_name, group.arrow_schema(), day_column="feature_ts")
@@ -180,7 +180,7 @@ class GroupDays:
     """The write-audit-publish writer of a group's days: what ``keel backfill`` and the Dagster
     asset ``features/<group>`` both run. A re-stage recomputes the days from main's inputs."""
 
-    store: FeatureStore
+    store: OfflineStore
     group: FeatureGroup
     days: tuple[dt.date, ...]
 
@@ -199,7 +199,7 @@ class GroupDays:
 
 
 def backfill(
-    store: FeatureStore, group: FeatureGroup, start: dt.date, end: dt.date, run_id: str
+    store: OfflineStore, group: FeatureGroup, start: dt.date, end: dt.date, run_id: str
 ) -> tuple[GroupWrite, AuditReport, int | None]:
     """Compute, audit and publish ``start..end``: the write, its audit and main's new snapshot (None: not published)."""
     writer = GroupDays(store, group, tuple(days_between(start, end)))

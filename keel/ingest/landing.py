@@ -27,7 +27,7 @@ A cursor of the earlier shape, ``{path: signature}``, is read as files requested
 key ``path:signature``: runs that failed before the upgrade are retried, and a file that never
 had a run is looked at afresh.
 
-Alerts go out through keel.monitoring.alerts.flush_outbox as the monitoring alerts do; those a sink missed
+Alerts go out through keel.alerts.policy.flush_outbox as the monitoring alerts do; those a sink missed
 stay in ``pending`` and are retried on later ticks.
 """
 
@@ -40,9 +40,9 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from keel.alerts.policy import Alert, OutboxResult, PendingAlert, plain_metadata, run_url
 from keel.dsl import EventSource
 from keel.ingest.readers import FileFormatError, timestamp_range
-from keel.monitoring.alerts import Alert, OutboxResult, PendingAlert, plain_metadata, run_url
 
 # A file still being copied changes size and mtime; wait until it has been still this long.
 SETTLE_SECONDS = 5.0

@@ -14,11 +14,7 @@ folder holds an owner record, so ``keel maintain`` can remove what a killed inge
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +24,7 @@ import pyarrow as pa
 
 from keel.dsl import DUCKDB_TYPES, Column, EventSource
 from keel.ingest.readers import FileFormatError, check_encoding, read_batches
+from keel.ingest.staging import make_workdir
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -42,9 +39,6 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 CHUNK_ROWS = 1_000_000
-# A staging folder is <root>/keel-ingest-<source>-<pid>-<random>, holding OWNER_FILE.
-STAGING_PREFIX = "keel-ingest-"
-OWNER_FILE = "owner.json"
 # Control characters (C0, DEL, C1) have no place in an id; they break joins, logs and keys online.
 _CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"
 
@@ -197,7 +191,7 @@ def prepare(
         except ValueError as exc:
             raise IngestError(f"source {source.name!r}: {exc}") from None
     now = now or dt.datetime.now(dt.UTC)
-    workdir = _make_workdir(source, staging_root)
+    workdir = make_workdir(source, staging_root)
     try:
         con = duckdb.connect(str(workdir / "staging.duckdb"))
     except BaseException:
@@ -233,36 +227,6 @@ def prepare(
         prepared.close()
         raise
     return prepared
-
-
-def _make_workdir(source: EventSource, staging_root: Path | None) -> Path:
-    """A fresh staging folder under ``staging_root``, with a record of the process that owns it."""
-    if staging_root is not None:
-        Path(staging_root).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{source.name}-{os.getpid()}-", dir=staging_root))
-    owner = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "process_start": process_start(os.getpid()),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-    }
-    try:
-        (workdir / OWNER_FILE).write_text(json.dumps(owner))
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    return workdir
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux), so a reused pid is told apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the command name, which is in parentheses and may hold spaces: state is the 3rd
-    # field of the line, starttime the 22nd.
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _create_staging(con: duckdb.DuckDBPyConnection, source: EventSource, files: list[str]) -> None:

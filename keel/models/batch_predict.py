@@ -36,7 +36,7 @@ from keel.models.spec import ModelSpec, predict, resolve_refs
 
 if TYPE_CHECKING:
     from keel.config import Settings
-    from keel.store import FeatureStore
+    from keel.features.training_sets import OfflineStore
 
 NAMESPACE = "predictions"
 DAYS_PER_CHUNK = 7  # days scored per chunk: bounds memory on long backfills
@@ -88,7 +88,7 @@ class ScoredDays:
 
 
 def stage_scores(
-    store: FeatureStore,
+    store: OfflineStore,
     settings: Settings,
     spec: ModelSpec,
     days: Sequence[dt.date],
@@ -186,7 +186,7 @@ def stage_scores(
     )
 
 
-def audit_scores(store: FeatureStore, spec: ModelSpec, staged: wap.StagedWrite) -> AuditReport:
+def audit_scores(store: OfflineStore, spec: ModelSpec, staged: wap.StagedWrite) -> AuditReport:
     """The staged days, audited: one row per entity and day, predictions in range, lineage
     set, and entities per day within range of main's recent days."""
     lake = store.lake
@@ -201,7 +201,7 @@ class Scoring:
     """The write-audit-publish writer of a model's batch predictions for some days: what
     ``keel models score`` and the Dagster asset ``predictions/<model>`` both run."""
 
-    store: FeatureStore
+    store: OfflineStore
     settings: Settings
     spec: ModelSpec
     days: tuple[dt.date, ...]
@@ -218,7 +218,7 @@ class Scoring:
 
 
 def score_days(
-    store: FeatureStore, settings: Settings, spec: ModelSpec, days: Sequence[dt.date], run_id: str
+    store: OfflineStore, settings: Settings, spec: ModelSpec, days: Sequence[dt.date], run_id: str
 ) -> tuple[ScoredDays, AuditReport, int | None]:
     """Score, audit and publish ``days``: the write, its audit and main's new snapshot (None: not published)."""
     writer = Scoring(store, settings, spec, tuple(days))
@@ -233,7 +233,7 @@ def score_days(
 
 
 def _feature_rows(
-    store: FeatureStore,
+    store: OfflineStore,
     spec: ModelSpec,
     by_group: dict[str, list[str]],
     tables: dict[str, str],
@@ -300,7 +300,7 @@ def _on_day(table: pa.Table, day: dt.date) -> np.ndarray:
     )
 
 
-def _changed_definitions(store: FeatureStore, info: registry.ModelVersionInfo) -> list[str]:
+def _changed_definitions(store: OfflineStore, info: registry.ModelVersionInfo) -> list[str]:
     """Groups whose definition changed since the version was trained: their tables may now
     hold values the model never saw in training."""
     recorded = json.loads(info.tags.get("feature_definitions") or "{}")

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
     from keel.config import Settings
+    from keel.features.training_sets import OfflineStore
     from keel.models.spec import ModelSpec
-    from keel.store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def comparison_features(settings: Settings, name: str) -> list[str]:
     return out
 
 
-def holdout_from_lineage(store: FeatureStore, spec: ModelSpec, settings: Settings) -> pa.Table:
+def holdout_from_lineage(store: OfflineStore, spec: ModelSpec, settings: Settings) -> pa.Table:
     """The challenger's hold-out, rebuilt from its recorded lineage: the label rows after its
     split time (up to when it was registered) at its label snapshot, with every feature the
     challenger or the champion reads, point-in-time at the snapshots each recorded."""

@@ -24,7 +24,7 @@ from keel.models.spec import ModelSpec, TrainResult, train
 
 if TYPE_CHECKING:
     from keel.config import Settings
-    from keel.store import FeatureStore
+    from keel.features.training_sets import OfflineStore
 
 # Tags a version needs to be reproduced; versions registered before they were recorded lack them.
 REQUIRED_TAGS = ("snapshot_ids", "label_cutoff", "training_set_digest", "feature_refs")
@@ -66,7 +66,7 @@ def recorded_spec(spec: ModelSpec, info: registry.ModelVersionInfo) -> ModelSpec
     )
 
 
-def reproduce(store: FeatureStore, settings: Settings, spec: ModelSpec, version: int | str) -> Reproduction:
+def reproduce(store: OfflineStore, settings: Settings, spec: ModelSpec, version: int | str) -> Reproduction:
     """Rebuild ``version``'s training set from its recorded snapshots and cutoff, retrain,
     and compare with what it recorded."""
     info = registry.get_version(settings, spec.name, version)

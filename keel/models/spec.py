@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import LessThanOrEqual
 
 from keel.dsl import DeclarationError, Entity, EventSource, FeatureGroup, _check_name, window_seconds
+from keel.features.training_sets import OfflineStore, TrainingSet, TrainingSetError
 from keel.project import Project
-from keel.store import FeatureStore, TrainingSet, TrainingSetError
 
 TASKS = ("classification", "regression")
 ALGORITHMS = ("xgboost", "lightgbm", "sklearn:<module.Class>")
@@ -324,7 +324,7 @@ class TrainResult:
 
 
 def train(
-    store: FeatureStore,
+    store: OfflineStore,
     spec: ModelSpec,
     *,
     as_of: Mapping[str, int] | TrainingSet | None = None,
@@ -390,7 +390,7 @@ def train(
     )
 
 
-def _read_labels(store: FeatureStore, spec: ModelSpec, pinned: dict, now: dt.datetime) -> pa.Table:
+def _read_labels(store: OfflineStore, spec: ModelSpec, pinned: dict, now: dt.datetime) -> pa.Table:
     """The label rows (keys, timestamp, label) known at ``now``, in a fixed order whatever the file layout."""
     source, name = spec.labels, spec.labels.table_name
     if not store.lake.exists(name):

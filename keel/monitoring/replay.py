@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 
 from keel.config import Settings
+from keel.features.training_sets import OfflineStore
 from keel.inference_log.writer import InferenceLogWriter
 from keel.lakehouse.tables import day_filter
 from keel.models import registry
 from keel.models.spec import ModelSpec, predict, resolve_refs
-from keel.store import FeatureStore
 
 DAY = dt.timedelta(days=1)
 
@@ -52,7 +52,7 @@ class ReplayResult:
 
 
 def replay(
-    store: FeatureStore,
+    store: OfflineStore,
     settings: Settings,
     spec: ModelSpec,
     days: Sequence[dt.date],
@@ -91,7 +91,7 @@ def replay(
     return out
 
 
-def _requests(store: FeatureStore, spec: ModelSpec, refs: list[str], day: dt.date, n: int, seed: int) -> pa.Table:
+def _requests(store: OfflineStore, spec: ModelSpec, refs: list[str], day: dt.date, n: int, seed: int) -> pa.Table:
     """``n`` requests on ``day``: entities drawn (with replacement, as a user may be scored several
     times a day) from those active that day, each at a random moment of the day, by time."""
     keys = list(spec.entity.join_keys)
@@ -121,7 +121,7 @@ def _requests(store: FeatureStore, spec: ModelSpec, refs: list[str], day: dt.dat
     )
 
 
-def _population_tables(store: FeatureStore, spec: ModelSpec, refs: list[str]) -> list[str]:
+def _population_tables(store: OfflineStore, spec: ModelSpec, refs: list[str]) -> list[str]:
     """The feature tables whose rows say who is active: those of groups with a TTL (a row only
     while the entity's values are fresh), else all of the model's."""
     groups = [store.project.group(g) for g in dict.fromkeys(ref.split(".", 1)[0] for ref in refs)]

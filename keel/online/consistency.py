@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import COLUMN_TYPES, FeatureGroup
-from keel.online.store import KEY_SEPARATOR, from_us
-from keel.store import FeatureStore
+from keel.features.training_sets import OfflineStore
+from keel.online.store import KEY_SEPARATOR, OnlineStore, from_us
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-9
@@ -75,12 +75,18 @@ def same(online, offline, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL) ->
 
 
 def check_group(
-    store: FeatureStore, group: FeatureGroup, *, sample: int = 100, seed: int = 0, max_mismatches: int = 50
+    store: OfflineStore,
+    online: OnlineStore,
+    group: FeatureGroup,
+    *,
+    sample: int = 100,
+    seed: int = 0,
+    max_mismatches: int = 50,
 ) -> GroupConsistency:
     """Compare up to ``sample`` random entities' online records of ``group`` with offline values."""
-    keys = store.online.sample(group, sample, seed)
+    keys = online.sample(group, sample, seed)
     names = [f.name for f in group.features]
-    records = store.online.read([(group, names)], keys)[0]
+    records = online.read([(group, names)], keys)[0]
     pairs = [(k, r) for k, r in zip(keys, records, strict=True) if r is not None]
     result = GroupConsistency(group.name, len(pairs), 0, 0)
     if not pairs:
@@ -109,11 +115,16 @@ def check_group(
 
 
 def check_consistency(
-    store: FeatureStore, groups: Sequence[FeatureGroup] | None = None, *, sample: int = 100, seed: int = 0
+    store: OfflineStore,
+    online: OnlineStore,
+    groups: Sequence[FeatureGroup] | None = None,
+    *,
+    sample: int = 100,
+    seed: int = 0,
 ) -> ConsistencyReport:
     """Consistency of every online group (or ``groups``) that has records in the online store."""
     chosen = [g for g in (groups or store.project.feature_groups) if g.online]
-    return ConsistencyReport([check_group(store, g, sample=sample, seed=seed) for g in chosen])
+    return ConsistencyReport([check_group(store, online, g, sample=sample, seed=seed) for g in chosen])
 
 
 def _spine(group: FeatureGroup, keys: list[str], stamps: list[int]) -> pa.Table:

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import COLUMN_TYPES, DUCKDB_TYPES, Derived, EventSource, Feature, FeatureGroup, window_seconds
-from keel.store import sources_of
+from keel.features.training_sets import sources_of
 from keel.stream.windows import EMPTY, Events, Lifetime, Runs, to_arrow, window_feature
 
 LATENESS = dt.timedelta(days=1)

@@ -6,8 +6,8 @@ import json
 import dagster as dg
 import pytest
 
+from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
-from keel.monitoring.alert_sinks import sinks_from_settings
 from sensors.alerts import alert_sensor, alert_sensor_definitions
 from tests.keel.test_alerts import SECRET, FakeWebhook, Waits, closed_port
 

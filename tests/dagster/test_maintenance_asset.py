@@ -47,7 +47,7 @@ def test_maintenance_removes_staging_folders_of_gone_ingests_and_records_the_byt
     import subprocess
     import sys
 
-    from keel.ingest.validation import OWNER_FILE, STAGING_PREFIX, process_start
+    from keel.ingest.staging import OWNER_FILE, STAGING_PREFIX, process_start
 
     def folder(name: str, pid: int) -> None:
         path = settings.staging / f"{STAGING_PREFIX}payments-{name}"

@@ -14,17 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.config import Settings, redact_url
-from keel.monitoring.alert_sinks import (
-    ConsoleSink,
-    JsonlSink,
-    WebhookError,
-    WebhookSink,
-    format_line,
-    sinks_from_settings,
-    slack_payload,
-)
-from keel.monitoring.alerts import (
+from keel.alerts.policy import (
     Alert,
     Evaluation,
     PendingAlert,
@@ -33,6 +23,16 @@ from keel.monitoring.alerts import (
     plain_metadata,
     reconcile,
 )
+from keel.alerts.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    WebhookError,
+    WebhookSink,
+    format_line,
+    sinks_from_settings,
+    slack_payload,
+)
+from keel.config import Settings, redact_url
 
 T0 = dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC)
 DRIFT = "monitoring/churn_drift:drift"

@@ -18,6 +18,7 @@ from keel.dsl import Column, DeclarationError, EventSource
 from keel.ingest import validation
 from keel.ingest.batch import QUARANTINE_TABLE, IngestError, ingest_files
 from keel.ingest.readers import FileFormatError
+from keel.ingest.staging import OWNER_FILE
 from tests.conftest import payment_rows, payments_source
 from tests.keel.test_ingest import (
     COLUMNS,
@@ -474,7 +475,7 @@ def test_the_staging_folder_lives_under_the_given_root_and_is_gone_after_success
 
     def spy(prepared):
         seen.append(prepared.workdir)
-        assert json.loads((prepared.workdir / validation.OWNER_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((prepared.workdir / OWNER_FILE).read_text())["pid"] == os.getpid()
         real_close(prepared)
 
     with pytest.MonkeyPatch.context() as mp:

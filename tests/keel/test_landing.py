@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from keel.alerts.policy import PendingAlert, flush_outbox
 from keel.ingest.landing import (
     FAILED,
     IN_PROGRESS,
@@ -31,7 +32,6 @@ from keel.ingest.landing import (
     retry_delay,
 )
 from keel.ingest.readers import FileFormatError
-from keel.monitoring.alerts import PendingAlert, flush_outbox
 
 START = dt.date(2026, 1, 1)
 T0 = dt.datetime(2026, 1, 10, 12, 0, tzinfo=dt.UTC)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from keel.ingest.validation import OWNER_FILE, STAGING_PREFIX, process_start
+from keel.ingest.staging import OWNER_FILE, STAGING_PREFIX, clean_staging, process_start
 from keel.lakehouse import wap
-from keel.lakehouse.maintenance import TableMaintenance, clean_staging, day_column, maintain
+from keel.lakehouse.maintenance import TableMaintenance, day_column, maintain
 from keel.lakehouse.tables import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
 from tests.conftest import as_table, payment_rows
 

@@ -293,7 +293,7 @@ def test_synced_values_equal_offline_and_a_corrupted_one_is_reported(synced, lak
     for group in (spend, ratio):
         sync_group(lake, store.online, group, now=at(10))
 
-    report = check_consistency(store, sample=10)
+    report = check_consistency(store, store.online, sample=10)
     assert [(g.group, g.entities, g.compared) for g in report.groups] == [("spend", 2, 8), ("spend_ratio", 2, 2)]
     assert report.match_rate == 1.0 and not report.mismatches
 
@@ -311,7 +311,7 @@ def test_synced_values_equal_offline_and_a_corrupted_one_is_reported(synced, lak
         schema=spend.arrow_schema(),
     )
     store.online.write(spend, wrong, now=at(10))  # a later feature_ts than the synced day-9 row wins
-    report = check_consistency(store, [spend], sample=10)
+    report = check_consistency(store, store.online, [spend], sample=10)
     assert report.matched == report.compared - 2
     assert {(m["entity"], m["feature"], m["online"], m["offline"]) for m in report.mismatches} == {
         ("bob", "amount_7d", 10.5, 10.0),

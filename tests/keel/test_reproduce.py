@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from keel.features.training_sets import table_digest
 from keel.models import registry
 from keel.models.reproduce import reproduce
 from keel.models.spec import ModelError, load_models, model_named, train
-from keel.store import FeatureStore, table_digest
+from keel.store import FeatureStore
 from tests.keel.test_models import START, land_labels, spec, synthetic
 from tests.keel.test_store import groups_for, land
 

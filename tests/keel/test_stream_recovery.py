@@ -135,7 +135,7 @@ def assert_exactly_once(lake: Lakehouse, messages) -> None:
 
 def assert_online_matches_offline(settings: Settings, lake: Lakehouse) -> None:
     with OnlineStore.from_settings(settings) as online:
-        report = check_consistency(FeatureStore(lake, project, online), sample=10_000)
+        report = check_consistency(FeatureStore(lake, project), online, sample=10_000)
         assert report.compared > 0
         assert report.match_rate == 1.0, report.mismatches[:5]
         # And the values are the latest: as of each user's newest event of the group's source.

@@ -1,6 +1,6 @@
 """Where monitoring alerts go: the console, a JSONL file, a Slack-compatible webhook.
 
-Each sink's ``send`` raises when the alert did not get there, so ``keel.monitoring.alerts.deliver``
+Each sink's ``send`` raises when the alert did not get there, so ``keel.alerts.policy.deliver``
 can keep it pending. The webhook retries connection errors, timeouts, 5xx and 429 (waiting
 as Retry-After says, within bounds) with capped exponential backoff inside a time budget,
 never retries another 4xx, and never prints its URL whole: a Slack webhook URL is a secret.
@@ -21,20 +21,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO
 
+from keel.alerts.policy import Alert, Sink
 from keel.config import Settings, redact_url
-
-if TYPE_CHECKING:
-    from keel.monitoring.alerts import Alert
-
-
-class Sink(Protocol):
-    """Somewhere alerts go. ``send`` raises when the alert did not get there."""
-
-    name: str
-
-    def send(self, alert: Alert) -> None: ...
 
 
 class ConsoleSink:

@@ -16,9 +16,16 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-from keel.monitoring.alert_sinks import Sink
+
+class Sink(Protocol):
+    """Somewhere alerts go (keel.alerts.sinks has the console, JSONL and webhook ones). ``send`` raises when the alert did not get there."""
+
+    name: str
+
+    def send(self, alert: Alert) -> None: ...
+
 
 SEVERITIES = ("WARN", "ERROR")
 _RANK = {"WARN": 0, "ERROR": 1}
