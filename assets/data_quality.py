@@ -15,7 +15,7 @@ from assets import single_run_backfills
 from assets.inference_log import PUBLISHED_KEY as INFERENCE_LOG_KEY
 from assets.metadata import markdown_table
 from assets.write_audit_publish import daily_partitions, run_days
-from keel.inference_log.writer import TABLE as INFERENCE_LOG_TABLE
+from keel.inference_log.records import TABLE as INFERENCE_LOG_TABLE
 from keel.monitoring.data_quality import (
     CHECKS,
     QualityTarget,

@@ -17,7 +17,7 @@ import dagster as dg
 from assets.metadata import markdown_table
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
 from keel.inference_log.loader import LoadedLog, LogDays, LogSummary, summarize
-from keel.inference_log.writer import TABLE
+from keel.inference_log.records import TABLE
 from keel.lakehouse.tables import Lakehouse, day_filter
 from keel.project import Project
 

@@ -2,33 +2,32 @@
 
 Per model: ``models/<name>_challenger`` builds the point-in-time training set, trains,
 logs the run to MLflow and registers a new version as the challenger (alias ``challenger``,
-stage Staging); its blocking check ``gates`` holds the version back when its hold-out
-metric is under the floor, a feature is NULL in every training row, or its predictions are
-degenerate. ``models/<name>_champion`` compares the challenger with the champion on the
+stage Staging); its blocking check ``gates`` (``keel.models.gates``) holds the version back
+when its hold-out metric is under the floor, a feature is NULL in every training row, or its
+predictions are degenerate. ``models/<name>_champion`` compares the challenger with the champion on the
 same hold-out (rebuilt from the challenger's recorded snapshots) and promotes it (alias
 ``champion``, stage Production) when it is better by the declared margin. The job
 ``train_<name>`` runs both; a schedule starts it at 02:00 UTC and sensors/retrain.py starts
 it when monitoring fails. A champion changed any other way (``keel models promote``, the
-MLflow UI) is recorded on ``models/<name>_champion`` by sensors/model_registry.py.
+MLflow UI) is recorded on ``models/<name>_champion`` by sensors/model_registry.py. Each
+asset runs one step of ``keel.models.promotion`` (``train_challenger``, ``promote_challenger``).
 """
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
 import dagster as dg
-import numpy as np
 
 from assets.metadata import markdown_table
-from keel.models import promotion, registry
+from keel.models import promotion
+from keel.models.gates import describe_gates, metric_floor
 from keel.models.reference import feature_importances
-from keel.models.spec import METRICS, ModelError, ModelSpec, TrainResult, train
+from keel.models.spec import ModelError, ModelSpec
+from keel.models.training import TrainResult
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import LakehouseResource, MlflowResource
 
-# The hold-out metric a challenger must reach before it may be promoted, per metric; a
-# metric without an entry has no floor unless the factory is given one.
-DEFAULT_FLOORS = {"roc_auc": 0.6, "average_precision": 0.1, "accuracy": 0.5, "r2": 0.0}
 TOP_IMPORTANCES = 15
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 DAILY_AT_2 = "0 2 * * *"
@@ -97,11 +96,7 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
                 "gates",
                 asset=challenger_key(spec),
                 blocking=True,
-                description=(
-                    f"Promotion gates for '{spec.name}': hold-out {spec.metric} "
-                    f"{'>=' if METRICS[spec.metric].higher_is_better else '<='} {floor}, no feature NULL in every "
-                    "training row, predictions finite and not constant (within [0, 1] for a classifier)."
-                ),
+                description=describe_gates(spec, floor),
             )
         ],
         description=(
@@ -116,14 +111,12 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
     ):
         store = FeatureStore(lakehouse.lakehouse(), project)
         try:
-            result = train(store, spec, now=config.cutoff())
+            trained = promotion.train_challenger(store, mlflow.settings(), spec, floor=floor, now=config.cutoff())
         except ModelError as exc:
             # Bad data or a bad declaration: retrying cannot help, unlike a lost connection.
             raise dg.Failure(str(exc), allow_retries=False) from None
-        info = registry.log_and_register(mlflow.settings(), spec, result)
+        result, info, gates = trained.result, trained.version, trained.gates
         context.log.info(f"{spec.name}: registered version {info.version} (run {info.run_id}): {result.metrics}")
-        gates = gate_outcomes(spec, result, floor)
-        failed = [name for name, (ok, _) in gates.items() if not ok]
         metadata = {
             **static,
             "version": info.version,
@@ -143,9 +136,9 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
             metadata["top_importances"] = dg.MetadataValue.md(markdown_table(["feature", "importance"], importances))
         check = dg.AssetCheckResult(
             check_name="gates",
-            passed=not failed,
+            passed=trained.passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="all gates passed" if not failed else "; ".join(gates[n][1] for n in failed),
+            description=trained.verdict,
             metadata={"version": info.version, **{name: detail for name, (_, detail) in gates.items()}},
         )
         return dg.MaterializeResult(metadata=metadata, check_results=[check])
@@ -164,12 +157,10 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         **shared,
     )
     def champion(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
-        settings = mlflow.settings()
         store = FeatureStore(lakehouse.lakehouse(), project)
-        holdout = promotion.holdout_from_lineage(store, spec, settings)
         # In the train job this step runs only after 'gates' passed; run alone, it reads the verdict.
         passed, why = latest_gates(context.instance, spec)
-        decision = promotion.promote_if_better(settings, spec, holdout, gates_passed=passed, gate_reason=why)
+        decision = promotion.promote_challenger(store, mlflow.settings(), spec, gates_passed=passed, gate_reason=why)
         context.log.info(f"{spec.name}: {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
         current = decision.challenger_version if decision.promoted else decision.champion_version
         roles = decision.roles
@@ -192,38 +183,6 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         )
 
     return challenger, champion
-
-
-def gate_outcomes(spec: ModelSpec, result: TrainResult, floor: float | None) -> dict[str, tuple[bool, str]]:
-    """Each gate's verdict and a sentence saying why."""
-    value = float(result.metrics.get(spec.metric, float("nan")))
-    if floor is None:
-        metric_gate = (bool(np.isfinite(value)), f"{spec.metric}={value:.6g} (no floor declared)")
-    else:
-        higher = METRICS[spec.metric].higher_is_better
-        ok = bool(np.isfinite(value)) and (value >= floor if higher else value <= floor)
-        metric_gate = (ok, f"hold-out {spec.metric}={value:.6g}, needs {'>=' if higher else '<='} {floor:g}")
-
-    table = result.training_set.table
-    empty = [f for f in result.features if table.column(f).null_count == table.num_rows]
-    null_gate = (not empty, f"features NULL in every training row: {', '.join(empty)}" if empty else "none all-NULL")
-
-    p = np.asarray(result.predictions, dtype=np.float64)
-    finite = bool(np.isfinite(p).all()) and p.size > 0
-    std = float(np.std(p)) if finite else float("nan")
-    low, high = (float(p.min()), float(p.max())) if finite else (float("nan"), float("nan"))
-    in_range = spec.task != "classification" or (low >= 0.0 and high <= 1.0)
-    sane = finite and std > 0 and in_range
-    prediction_gate = (
-        sane,
-        f"hold-out predictions: std={std:.4g}, min={low:.4g}, max={high:.4g}"
-        + (
-            ""
-            if sane
-            else " (must be finite, not constant" + (", within [0, 1])" if spec.task != "regression" else ")")
-        ),
-    )
-    return {"metric_floor": metric_gate, "no_all_null_feature": null_gate, "prediction_distribution": prediction_gate}
 
 
 def latest_gates(instance: dg.DagsterInstance, spec: ModelSpec) -> tuple[bool, str]:
@@ -252,13 +211,11 @@ def model_definitions(
 ) -> dg.Definitions:
     """Training, gating and promotion assets, a train job and a daily 02:00 UTC schedule per model.
 
-    ``floors``: the gate's metric floor per model name (default: DEFAULT_FLOORS by metric).
+    ``floors``: the gate's metric floor per model name (default: keel.models.gates.DEFAULT_FLOORS by metric).
     """
-    floors = dict(floors or {})
     assets, jobs, schedules = [], [], []
     for spec in models:
-        floor = floors.get(spec.name, DEFAULT_FLOORS.get(spec.metric))
-        challenger, champion = model_assets(project, spec, floor)
+        challenger, champion = model_assets(project, spec, metric_floor(spec, floors))
         job = dg.define_asset_job(
             train_job_name(spec),
             selection=dg.AssetSelection.assets(challenger, champion),

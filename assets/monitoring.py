@@ -10,8 +10,9 @@ the window whose labels have landed since (``label_delay`` + ``label_window`` ag
 
 Each window's figures are on its own partition's materialization (the judged window's also
 carry every feature's statistics, the plots and the report's link); the checks judge the
-latest window of the run and list the run's windows. A WARN check
-is an alert; an ERROR ``drift`` or ``performance`` check is what the retrain sensor acts on.
+latest window of the run and list the run's windows; their verdicts come from
+``keel.monitoring.verdicts``. A WARN check is an alert; an ERROR ``drift`` or ``performance``
+check is what the retrain sensor acts on.
 """
 
 import datetime as dt
@@ -28,17 +29,15 @@ from assets.models import champion_key
 from keel.config import Settings
 from keel.models.reference import ReferenceSampleError
 from keel.monitoring import report as drift_report
+from keel.monitoring import verdicts
 from keel.monitoring.declarations import MonitorSpec
-from keel.monitoring.drift import DriftError, DriftReport, TargetDrift
-from keel.monitoring.report import most_drifted, times_threshold
+from keel.monitoring.drift import DriftError, DriftReport
+from keel.monitoring.report import most_drifted
 from keel.monitoring.run import DriftRun, PerformanceRun, References, drift_history, run_drift, run_performance
 from keel.project import Project
 from resources import LakehouseResource, MlflowResource
 
-WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
 HOUR_OF_DAY = 1
-# Drifted features the drift check's message names; past that, "and N more" (the metadata has all).
-NAMED_IN_MESSAGE = 10
 
 
 def drift_key(name: str) -> dg.AssetKey:
@@ -118,10 +117,8 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
         windows = by_window(context, run.reports)
         for key in context.partition_keys:
             context.add_asset_metadata(drift_window_metadata(windows.get(key, []), run), partition_key=key)
-        latest = run.latest()
-        if latest:
-            # The version the checks judge: the one that answered most in the window.
-            shown = max(latest, key=lambda r: r.rows)
+        shown = run.judged()
+        if shown is not None:
             path = drift_report.report_path(settings.home, spec.name, shown.start)
             history = drift_history(lake, spec.name, until=window.end)
             drift_report.write(history, path, model=spec.name, window_start=shown.start, version=shown.version)
@@ -182,135 +179,30 @@ def monitoring_assets(project: Project, monitor: MonitorSpec) -> list:
 
 # Check results ----------------------------------------------------------------------------
 
+SEVERITY = {verdicts.ERROR: dg.AssetCheckSeverity.ERROR, verdicts.WARN: dg.AssetCheckSeverity.WARN}
+
+
+def check_result(verdict: verdicts.Verdict, drawn: dict | None = None) -> dg.AssetCheckResult:
+    """An engine verdict as a Dagster check result; ``drawn`` is metadata the asset adds (tables of the run)."""
+    metadata = {k: dg.MetadataValue.json(v) if isinstance(v, list) else v for k, v in verdict.metadata.items()}
+    return dg.AssetCheckResult(
+        check_name=verdict.check,
+        passed=verdict.passed,
+        severity=SEVERITY[verdict.severity],
+        description=verdict.description,
+        metadata={**metadata, **(drawn or {})},
+    )
+
 
 def drift_checks(run: DriftRun, monitor: MonitorSpec) -> list[dg.AssetCheckResult]:
-    latest = run.latest()
-    main = max(latest, key=lambda r: r.rows) if latest else None
-    return [
-        _feature_check(main, monitor, drift_overview(run)),
-        _target_check("prediction_drift", main, main.prediction if main else None, ERROR),
-        _target_check("label_drift", main, main.label if main else None, WARN),
-    ]
-
-
-def _feature_check(r: DriftReport | None, monitor: MonitorSpec, overview: dict) -> dg.AssetCheckResult:
-    if r is None:
-        return dg.AssetCheckResult(
-            check_name="drift", passed=True, description="no traffic in the windows run", metadata=overview
-        )
-    drifted = most_drifted(r.drifted)
-    meta = {
-        "window": r.start.isoformat(),
-        "version": r.version,
-        "rows": r.rows,
-        "sample_rows": r.sample_rows,
-        "drift_share": float(r.drift_share),
-        "drift_share_threshold": float(monitor.drift_share),
-        "drifted": dg.MetadataValue.json([_drifted_entry(t) for t in drifted]),
-        "warned": dg.MetadataValue.json([t.name for t in most_drifted(r.warned)]),
-        **overview,
-    }
-    if not r.judged:
-        why = f"not judged: {r.rows} answers in {r.start:%Y-%m-%d %H:%M}, fewer than min_rows={r.min_rows}"
-        return dg.AssetCheckResult(check_name="drift", passed=True, description=why, metadata=meta)
-    level = r.level
-    described = (
-        f"{len(drifted)} of {len(r.features)} features drifted ({r.drift_share:.0%}) in {r.start:%Y-%m-%d %H:%M}"
-        + _named(drifted)
-    )
-    return dg.AssetCheckResult(
-        check_name="drift",
-        passed=level == "ok",
-        severity=ERROR if level == "drift" else WARN,
-        description=("dataset drift: " if level == "drift" else "") + described,
-        metadata=meta,
-    )
-
-
-def _named(drifted: list[TargetDrift]) -> str:
-    """The drifted features for the message, furthest past their threshold first (`most_drifted`)."""
-    if not drifted:
-        return ""
-    shown = drifted[:NAMED_IN_MESSAGE]
-    named = ", ".join(
-        f"{t.name} ({t.threshold.statistic} {_fmt(t.value)}, {_past(_times_threshold(t))})" for t in shown
-    )
-    more = len(drifted) - len(shown)
-    rest = f", and {more} more (all in the metadata's 'drifted')" if more else ""
-    return f"; most drifted first: {named}{rest}"
-
-
-def _drifted_entry(t: TargetDrift) -> dict:
-    times = _times_threshold(t)
-    return {
-        "feature": t.name,
-        "kind": t.kind,
-        "statistic": t.threshold.statistic,
-        "value": t.value,
-        "threshold": float(t.threshold.threshold),
-        # JSON has no infinity: a p-value of 0 is past any threshold, shown as null.
-        "times_threshold": round(times, 4) if times is not None and times != float("inf") else None,
-    }
-
-
-def _times_threshold(t: TargetDrift) -> float | None:
-    return times_threshold(t.threshold.statistic, t.value, t.threshold.threshold)
-
-
-def _past(times: float | None) -> str:
-    if times is None:
-        return "not judged"
-    return "far past its threshold" if times == float("inf") else f"{times:.3g}x its threshold"
-
-
-def _target_check(name: str, r: DriftReport | None, t: TargetDrift | None, severity) -> dg.AssetCheckResult:
-    if r is None or t is None:
-        why = "no traffic in the windows run" if r is None else "no labels in the window yet"
-        return dg.AssetCheckResult(check_name=name, passed=True, description=why)
-    level = t.level if r.judged else "unknown"
-    meta = {"window": r.start.isoformat(), "version": r.version, **_stat_meta(t)}
-    text = f"{t.threshold.statistic}={_fmt(t.value)} (threshold {t.threshold.threshold:g}) in {r.start:%Y-%m-%d %H:%M}"
-    return dg.AssetCheckResult(
-        check_name=name,
-        passed=level in ("ok", "unknown"),
-        severity=severity if level == "drift" else WARN,
-        description=f"{level}: {text}",
-        metadata=meta,
-    )
+    feature, *targets = verdicts.drift_verdicts(run, monitor)
+    return [check_result(feature, drift_overview(run)), *(check_result(v) for v in targets)]
 
 
 def performance_check(run: PerformanceRun, monitor: MonitorSpec) -> dg.AssetCheckResult:
     # The run's windows at a glance (each window's own figures are on its partition).
     overview = {"windows_in_run": _performance_table(run.reports, monitor.model.metric)}
-    judged = run.latest_judged()
-    if not judged:
-        labelled = sum(r.labelled for r in run.reports)
-        return dg.AssetCheckResult(
-            check_name="performance",
-            passed=True,
-            description=f"not judged yet: {labelled} labelled predictions (needs {monitor.min_labels} in a window)",
-            metadata=overview,
-        )
-    r = max(judged, key=lambda r: r.labelled)
-    text = (
-        f"live {r.metric} {r.live.get(r.metric, float('nan')):.4f} against {r.training.get(r.metric, float('nan')):.4f} "
-        f"in training (drop {r.drop:+.4f}, tolerance {r.tolerance:g}) on {r.labelled} labelled predictions of "
-        f"{r.start:%Y-%m-%d %H:%M}"
-    )
-    return dg.AssetCheckResult(
-        check_name="performance",
-        passed=r.level == "ok",
-        severity=ERROR if r.level == "drop" else WARN,
-        description=text,
-        metadata={
-            "window": r.start.isoformat(),
-            "version": r.version,
-            "labelled": r.labelled,
-            "drop": float(r.drop),
-            **{f"live_{k}": float(v) for k, v in r.live.items() if v == v},
-            **overview,
-        },
-    )
+    return check_result(verdicts.performance_verdict(run, monitor), overview)
 
 
 # Metadata ---------------------------------------------------------------------------------
@@ -449,10 +341,6 @@ def performance_window_metadata(reports: list, run: PerformanceRun, metric: str)
             )
         )
     return out
-
-
-def _stat_meta(t: TargetDrift) -> dict:
-    return {k: float(v) for k, v in t.statistics().items() if v is not None}
 
 
 def _fmt(value) -> str:

@@ -14,7 +14,7 @@ from assets.metadata import markdown_table
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
 from keel.dsl import EventSource
 from keel.ingest.batch import FileIngest, StagedFiles
-from keel.ingest.readers import FORMATS
+from keel.ingest.landing_folder import landing_files
 from keel.project import Project
 
 
@@ -22,19 +22,6 @@ class IngestConfig(dg.Config):
     """Which files to land; empty means every file in the source's landing folder."""
 
     files: list[str] = []
-
-
-def landing_files(landing: Path, source: EventSource) -> list[Path]:
-    """Files waiting in ``landing/<source>/`` that a reader understands, oldest name first."""
-    folder = landing / source.name
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _known_format(p))
-
-
-def _known_format(path: Path) -> bool:
-    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    return bool(suffixes) and suffixes[-1] in FORMATS
 
 
 def landing_key(source: EventSource) -> dg.AssetKey:

@@ -1,8 +1,9 @@
 """Online read latency: ``FeatureStore.get_online_features`` against a raw redis-py pipeline.
 
 A Redis server is started on a loopback port (``keel.devservers``; or ``--redis-url``). Two
-online groups of ten features each (counts, sums, averages, a string and a timestamp) hold
-``--entities`` users, written through ``OnlineStore.write``. Then, interleaved so both see
+online groups of ten features each (counts, sums, averages, a string and a timestamp:
+``bench/online_features.py``, typed) hold ``--entities`` users, written through
+``OnlineStore.write``. Then, interleaved so both see
 the same server state:
 
 - ours: ``get_online_features(ids, 20 features)``: resolve (cached), one pipelined round
@@ -17,75 +18,17 @@ give p50 / p95 / p99 in microseconds, and the ratio of ours to the floor.
 """
 
 import argparse
-import datetime as dt
 import random
 import time
 
 import numpy as np
-import pyarrow as pa
 import redis
+from online_features import entity_ids, feature_columns, fill, online_project
 
 from keel.devservers import RedisServer
-from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup
-from keel.online.store import RedisOnlineStore, record_name
-from keel.project import Project
+from keel.online.redis_backend import RedisOnlineStore
+from keel.online.store import record_name
 from keel.store import FeatureStore
-
-user = Entity(name="user", join_keys={"user_id": "string"})
-events = EventSource(
-    name="events",
-    entity=user,
-    columns=(
-        Column("amount", "float64"),
-        Column("page", "string"),
-        Column("items", "int64"),
-    ),
-)
-
-
-def group(name: str, p: str) -> FeatureGroup:
-    return FeatureGroup(
-        name=name,
-        entity=user,
-        source=events,
-        ttl="30d",
-        online=True,
-        features=(
-            Feature(p + "n_1h", "count", window="1h"),
-            Feature(p + "n_24h", "count", window="24h"),
-            Feature(p + "n_7d", "count", window="7d"),
-            Feature(p + "amount_sum_24h", "sum", "amount", window="24h"),
-            Feature(p + "amount_avg_7d", "avg", "amount", window="7d"),
-            Feature(p + "amount_max_7d", "max", "amount", window="7d"),
-            Feature(p + "items_sum_7d", "sum", "items", window="7d"),
-            Feature(p + "last_page", "last", "page", window="7d"),
-            Feature(p + "last_seen", "last", "event_ts", window="7d"),
-            Derived(p + "rate_24h", f"{p}n_24h / 24.0"),
-        ),
-    )
-
-
-def fill(store: RedisOnlineStore, groups: list[FeatureGroup], n: int) -> list[str]:
-    rng = np.random.default_rng(7)
-    ids = [f"u{i:06d}" for i in range(n)]
-    now = dt.datetime.now(dt.UTC)
-    for g, p in zip(groups, ("a_", "p_"), strict=True):
-        rows = {
-            "user_id": ids,
-            "feature_ts": [now - dt.timedelta(seconds=int(s)) for s in rng.integers(0, 86_400, n)],
-            p + "n_1h": rng.integers(0, 5, n),
-            p + "n_24h": rng.integers(0, 50, n),
-            p + "n_7d": rng.integers(0, 300, n),
-            p + "amount_sum_24h": rng.gamma(2.0, 40.0, n),
-            p + "amount_avg_7d": rng.gamma(2.0, 20.0, n),
-            p + "amount_max_7d": rng.gamma(3.0, 40.0, n),
-            p + "items_sum_7d": rng.integers(0, 40, n),
-            p + "last_page": rng.choice(["home", "search", "product", "cart", "checkout"], n).tolist(),
-            p + "last_seen": [now - dt.timedelta(seconds=int(s)) for s in rng.integers(0, 86_400, n)],
-            p + "rate_24h": rng.random(n),
-        }
-        store.write(g, pa.Table.from_pydict(rows, schema=g.arrow_schema()))
-    return ids
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -126,12 +69,13 @@ def main() -> None:
     server = None if args.redis_url else RedisServer().start()
     url = args.redis_url or server.url
     try:
-        groups = [group("activity", "a_"), group("purchases", "p_")]
+        project = online_project(typed=True)
+        groups = list(project.feature_groups)
         store = RedisOnlineStore(url, prefix="bench")
-        project = Project(name="bench", sources=(events,), start_date=dt.date(2026, 1, 1), feature_groups=tuple(groups))
         fs = FeatureStore(None, project, store)
         t = time.perf_counter()
-        ids = fill(store, groups, args.entities)
+        ids = entity_ids(args.entities)
+        fill(store, groups, ids, feature_columns(np.random.default_rng(7), args.entities, groups))
         print(f"wrote {args.entities:,} entities x {len(groups)} groups in {time.perf_counter() - t:.2f}s to {url}")
         features = [f"{g.name}.{f.name}" for g in groups for f in g.features]
         client = redis.Redis.from_url(url)

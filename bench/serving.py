@@ -1,7 +1,7 @@
 """Serving latency and throughput: hydrate + predict over HTTP against a bare ASGI app on a ready vector.
 
 Setup: a Redis on a loopback port (``keel.devservers``), two online groups of ten numeric
-features each holding ``--entities`` users (``OnlineStore.write``), and an XGBoost classifier
+features each (``bench/online_features.py``) holding ``--entities`` users (``OnlineStore.write``), and an XGBoost classifier
 (100 trees of depth 6, ``nthread=1``) over those 20 features, trained on random rows with a
 planted signal, registered in a file-backed MLflow under a temporary KEEL_HOME and promoted
 to champion. Two servers, each one uvicorn worker in its own spawned process
@@ -61,9 +61,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from online_features import entity_ids, feature_columns, fill, online_project, user
 
-from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup
-from keel.project import Project
+from keel.dsl import Column, EventSource
 
 MODEL = "bench_ctr"
 PATH = f"/v1/models/{MODEL}/predict"
@@ -73,73 +73,11 @@ MAX_OPEN_CONNECTIONS = 256
 KEEP_ALIVE_S = 4.0  # below uvicorn's timeout_keep_alive (5 s)
 TARGET_P99_MS = 10.0  # issue 6: p99 under 10 ms at 500 requests/s
 
-user = Entity(name="user", join_keys={"user_id": "string"})
-events = EventSource(
-    name="events",
-    entity=user,
-    columns=(Column("amount", "float64"), Column("items", "int64")),
-)
 clicks = EventSource(name="clicks", entity=user, columns=(Column("clicked", "bool"),))
-
-
-def group(name: str, p: str) -> FeatureGroup:
-    return FeatureGroup(
-        name=name,
-        entity=user,
-        source=events,
-        ttl="30d",
-        online=True,
-        features=(
-            Feature(p + "n_1h", "count", window="1h"),
-            Feature(p + "n_24h", "count", window="24h"),
-            Feature(p + "n_7d", "count", window="7d"),
-            Feature(p + "amount_sum_24h", "sum", "amount", window="24h"),
-            Feature(p + "amount_avg_7d", "avg", "amount", window="7d"),
-            Feature(p + "amount_max_7d", "max", "amount", window="7d"),
-            Feature(p + "amount_min_7d", "min", "amount", window="7d"),
-            Feature(p + "amount_std_7d", "stddev", "amount", window="7d"),
-            Feature(p + "items_sum_7d", "sum", "items", window="7d"),
-            Derived(p + "rate_24h", f"{p}n_24h / 24.0"),
-        ),
-    )
-
-
-GROUPS = (group("activity", "a_"), group("purchases", "p_"))
-PROJECT = Project(name="bench", sources=(events,), start_date=dt.date(2026, 1, 1), feature_groups=GROUPS)
+PROJECT = online_project()
+GROUPS = PROJECT.feature_groups
 FEATURES = [f.name for g in GROUPS for f in g.features]
 REFS = [f"{g.name}.{f.name}" for g in GROUPS for f in g.features]
-
-
-def feature_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """The 20 feature values of ``n`` entities, plausible for their names."""
-    out = {}
-    for p in ("a_", "p_"):
-        n_24h = rng.integers(0, 50, n)
-        out |= {
-            p + "n_1h": rng.integers(0, 5, n),
-            p + "n_24h": n_24h,
-            p + "n_7d": n_24h + rng.integers(0, 250, n),
-            p + "amount_sum_24h": rng.gamma(2.0, 40.0, n),
-            p + "amount_avg_7d": rng.gamma(2.0, 20.0, n),
-            p + "amount_max_7d": rng.gamma(3.0, 40.0, n),
-            p + "amount_min_7d": rng.gamma(1.0, 5.0, n),
-            p + "amount_std_7d": rng.gamma(2.0, 10.0, n),
-            p + "items_sum_7d": rng.integers(0, 40, n),
-            p + "rate_24h": n_24h / 24.0,
-        }
-    return out
-
-
-def fill(store, ids: list[str], columns: dict[str, np.ndarray]) -> None:
-    rng = np.random.default_rng(11)
-    now = dt.datetime.now(dt.UTC)
-    for g in GROUPS:
-        rows = {
-            "user_id": ids,
-            "feature_ts": [now - dt.timedelta(seconds=int(s)) for s in rng.integers(0, 86_400, len(ids))],
-        }
-        rows |= {f.name: columns[f.name] for f in g.features}
-        store.write(g, pa.Table.from_pydict(rows, schema=g.arrow_schema()))
 
 
 def register_model(settings) -> None:
@@ -147,12 +85,13 @@ def register_model(settings) -> None:
     import xgboost
 
     from keel.models.promotion import promote
-    from keel.models.registry import log_and_register
-    from keel.models.spec import ModelSpec, TrainResult, model_frame, score
+    from keel.models.registration import log_and_register
+    from keel.models.spec import ModelSpec
+    from keel.models.training import TrainResult, model_frame, score
     from keel.store import TrainingSet
 
     rng = np.random.default_rng(3)
-    columns = feature_columns(rng, TRAIN_ROWS)
+    columns = feature_columns(rng, TRAIN_ROWS, GROUPS)
     z = {k: (v - v.mean()) / v.std() for k, v in columns.items()}
     logit = 1.2 * z["a_n_24h"] - 0.8 * z["p_amount_avg_7d"] + 0.6 * z["p_items_sum_7d"] + 0.4 * z["a_amount_max_7d"]
     clicked = rng.random(TRAIN_ROWS) < 1 / (1 + np.exp(-logit))
@@ -193,9 +132,16 @@ def register_model(settings) -> None:
 
 
 def unshadow() -> None:
-    """Drop this script's folder from the import path: its name would hide the serving package."""
+    """Import the serving package with this script's folder off the import path (the script's
+    name would hide the package); the folder goes back last, for bench/online_features.py,
+    which the spawned servers import again with the path they inherit."""
     here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    others = [p for p in sys.path if Path(p or ".").resolve() != here]
+    if len(others) < len(sys.path):
+        sys.path[:] = others
+        import serving  # noqa: F401
+
+        sys.path.append(str(here))
 
 
 def bench_settings(home: str):
@@ -207,7 +153,7 @@ def bench_settings(home: str):
 def serve_ours(home: str, redis_url: str, port: int) -> None:
     unshadow()
     from keel.config import ServingSettings
-    from keel.online.store import RedisOnlineStore
+    from keel.online.redis_backend import RedisOnlineStore
     from serving.app import create_app
     from serving.models import ModelSet
     from serving.server import Server
@@ -613,7 +559,7 @@ def main() -> None:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     from keel.devservers import RedisServer
     from keel.models.registry import load_model
-    from keel.online.store import RedisOnlineStore
+    from keel.online.redis_backend import RedisOnlineStore
 
     client_cls = RawClient if args.client == "raw" else Httpx2Client
     load_before = os.getloadavg()
@@ -624,9 +570,9 @@ def main() -> None:
         try:
             settings = bench_settings(home)
             store = RedisOnlineStore(redis_server.url)
-            ids = [f"u{i:06d}" for i in range(args.entities)]
-            columns = feature_columns(np.random.default_rng(7), args.entities)
-            fill(store, ids, columns)
+            ids = entity_ids(args.entities)
+            columns = feature_columns(np.random.default_rng(7), args.entities, GROUPS)
+            fill(store, GROUPS, ids, columns)
             store.close()
             print(f"wrote {args.entities:,} entities x {len(GROUPS)} groups ({len(FEATURES)} features) to Redis")
             register_model(settings)

@@ -75,7 +75,7 @@ def tansu_binary() -> Path:
     return Path(found)
 
 
-class _Server(ABC):
+class Server(ABC):
     """A child process listening on a loopback port, with its output kept in a scratch folder."""
 
     name = "server"
@@ -94,7 +94,7 @@ class _Server(ABC):
     def _ready(self) -> bool:
         """Whether the server answers yet."""
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> _Server:
+    def start(self, timeout: float = START_TIMEOUT_S) -> Server:
         if self.process is not None:
             return self
         self.workdir = Path(tempfile.mkdtemp(prefix=f"keel-{self.name}-"))
@@ -148,7 +148,7 @@ class _Server(ABC):
         self.stop()
 
 
-class RedisServer(_Server):
+class RedisServer(Server):
     """``redis-server`` on 127.0.0.1 with persistence off; ``url`` is ``redis://127.0.0.1:PORT/0``."""
 
     name = "redis"
@@ -186,7 +186,7 @@ class RedisServer(_Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-class KafkaBroker(_Server):
+class KafkaBroker(Server):
     """tansu with in-memory storage on 127.0.0.1; ``bootstrap`` is ``127.0.0.1:PORT``.
 
     Everything it holds is lost when it stops.

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from keel.dsl import DeclarationError, Entity, EventSource, FeatureGroup, _check_expressions
+from keel.dsl import DeclarationError, Entity, EventSource, FeatureGroup, check_expressions
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def resolve_groups(
         if any(isinstance(u, str) for u in group.upstream):
             ups = tuple(resolved[u if isinstance(u, str) else u.name] for u in group.upstream)
             object.__setattr__(group, "upstream", ups)
-            _check_expressions(group)
+            check_expressions(group)
         for up in group.upstream:
             if up.entity.join_keys != group.entity.join_keys:
                 raise DeclarationError(

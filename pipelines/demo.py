@@ -64,8 +64,8 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     from assets.models import train_job_name
     from assets.online import ONLINE_SYNC_JOB
     from assets.predictions import predict_job_name
-    from assets.raw_events import landing_files
     from keel.devservers import free_port
+    from keel.ingest.landing_folder import landing_files
     from pipelines import project
     from pipelines.dagster_service import DagsterService
     from pipelines.demo_monitoring import monitoring_loop

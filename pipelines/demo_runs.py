@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from keel.ingest.landing import version_prefix
+from keel.ingest.landing_folder import version_prefix
 from pipelines.dagster_service import DagsterService
 
 # Dagster's run tags for a single run over a partition range (BackfillPolicy.single_run()).

@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import dagster as dg
+
+# Dagster 1.13 has no public read of a check's execution history; these are its storage call's records and statuses.
 from dagster._core.storage.asset_check_execution_record import (
     COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
     AssetCheckExecutionRecord,
     AssetCheckExecutionRecordStatus,
 )
-from dagster._core.storage.tags import PARTITION_NAME_TAG
 
 from keel.alerts.policy import Evaluation, PendingAlert, Sink, flush_outbox, plain_metadata, reconcile
 from keel.alerts.sinks import sinks_from_settings
@@ -47,6 +48,8 @@ _PAGE = 100
 IN_FLIGHT_AGE_SECONDS = 24 * 3600
 # Webhook retries stop within this, well inside Dagster's 60 s sensor evaluation limit.
 WEBHOOK_BUDGET_SECONDS = 30
+# The tag Dagster puts on a run of one partition (its documented run tag; the constant is private).
+PARTITION_TAG = "dagster/partition"
 
 
 def alert_sensor(
@@ -196,7 +199,7 @@ def _run_partitions(instance, records) -> dict[str, str | None]:
     for r in records:
         if r.run_id not in out and r.partition is None:
             run = instance.get_run_by_id(r.run_id)
-            out[r.run_id] = run.tags.get(PARTITION_NAME_TAG) if run else None
+            out[r.run_id] = run.tags.get(PARTITION_TAG) if run else None
     return out
 
 

@@ -1,9 +1,10 @@
 """The landing-folder sensor: a new or changed file in KEEL_LANDING/<source>/ starts an ingest run
 over the days it holds, and the file stays in the cursor until that run has succeeded.
 
-keel/ingest/landing.py decides, and documents the cursor and a file's states; this module feeds it what
-only Dagster knows (the runs under each run key, why a run failed), turns its decisions into run
-requests and delivers its alerts, those a sink missed kept pending as in sensors/alerts.py.
+keel/ingest/landing.py lists the folder, decides, delivers the alerts (those a sink missed kept
+pending, as in sensors/alerts.py) and documents the cursor and a file's states; this module feeds
+it what only Dagster knows (the runs under each run key, why a run failed) and turns its decisions
+into run requests.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from assets.raw_events import ingest_job_name, ingest_run_config, landing_files
-from keel.alerts.policy import Sink, flush_outbox
+from assets.raw_events import ingest_job_name, ingest_run_config
+from keel.alerts.policy import Sink
 from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
 from keel.ingest.landing import (
@@ -27,12 +28,11 @@ from keel.ingest.landing import (
     SUCCEEDED,
     WILL_RETRY,
     IngestRequest,
-    LandingFile,
     RunOutcome,
-    clip,
-    landing_tick,
     retry_delay,
+    tick_landing_folder,
 )
+from keel.ingest.landing_alerts import clip
 from keel.project import Project
 from resources import LakehouseResource
 from sensors.alerts import log_delivery
@@ -88,28 +88,25 @@ def landing_sensor(
         ),
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, lakehouse: LakehouseResource):
-        now, settings = clock(), settings_factory()
-        landing = lakehouse.settings().landing
-        listed = [LandingFile.stat(path, s) for s in project.sources for path in landing_files(landing, s)]
-        tick = landing_tick(
+        settings = settings_factory()
+        tick = tick_landing_folder(
             context.cursor,
-            listed,
+            lakehouse.settings().landing,
+            project.sources,
             lambda run_key: _runs(context.instance, run_key),
-            now=now,
+            sinks_factory(settings),
+            now=clock(),
             start=project.start_date,
             dagster_url=settings.dagster_url,
         )
         for warning in tick.warnings:
             context.log.warning(warning)
+        log_delivery(context.log, tick.delivery)
 
-        outcome = flush_outbox(tick.cursor.pending, tick.alerts, sinks_factory(settings), now=now)
-        log_delivery(context.log, outcome)
-
-        summary, cursor = tick.summary(outcome), tick.cursor_after(outcome)
         if not tick.requests:
-            return dg.SensorResult(skip_reason=summary, cursor=cursor)
-        context.log.info(summary)
-        return dg.SensorResult(run_requests=[_run_request(r) for r in tick.requests], cursor=cursor)
+            return dg.SensorResult(skip_reason=tick.summary, cursor=tick.cursor)
+        context.log.info(tick.summary)
+        return dg.SensorResult(run_requests=[_run_request(r) for r in tick.requests], cursor=tick.cursor)
 
     return landing_files_sensor
 

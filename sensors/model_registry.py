@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import dagster as dg
 
 from assets.models import champion_key
-from keel.models import registry
-from keel.models.roles import Roles, settle
+from keel.models.registry_client import ModelRegistryError, mlflow_client
+from keel.models.role_types import Roles
+from keel.models.roles import settle
 from keel.models.spec import ModelSpec
 from resources import MlflowResource
 
@@ -43,12 +44,12 @@ def model_registry_sensor(
     )
     def model_registry(context: dg.SensorEvaluationContext, mlflow: MlflowResource):
         cursor = json.loads(context.cursor) if context.cursor else {}
-        client = registry.mlflow_client(mlflow.settings())
+        client = mlflow_client(mlflow.settings())
         events, skipped = [], []
         for spec in models:
             try:
                 roles = settle(client, spec.name)
-            except registry.ModelRegistryError:
+            except ModelRegistryError:
                 skipped.append(f"{spec.name} is not registered yet")
                 continue
             for change in roles.changes:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 
 import dagster as dg
+
+# Dagster 1.13 has no public read of a check's execution history; this is its storage call's status filter.
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from assets.models import train_job_name

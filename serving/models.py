@@ -13,7 +13,7 @@ A ``ServedVersion`` knows its features in input order, where each is read online
 and how to score rows of raw values. An XGBoost booster scores a ready float vector
 (categories as the booster's own codes) with one thread, the fast path STYLE.md measures,
 and a single row through ``serving.booster.OneRow`` (the C call without the Python
-wrapper's per-call work); other flavours go through ``keel.models.spec``' encoding.
+wrapper's per-call work); other flavours go through ``keel.models.training``' encoding.
 
 ``ModelSet`` holds one immutable ``ServedModel`` per name. A request reads it once and
 uses that object to the end, and a new version is loaded completely before the mapping is
@@ -35,8 +35,10 @@ import numpy as np
 import pyarrow as pa
 
 from keel.models import registry
-from keel.models.roles import Roles, read_roles
-from keel.models.spec import model_frame, predict_frame
+from keel.models.registry_client import mlflow_client
+from keel.models.role_types import CHALLENGER, CHAMPION, Roles
+from keel.models.roles import read_roles
+from keel.models.training import model_frame, predict_frame
 from serving.booster import OneRow
 from serving.inputs import BadInput, InputSpec, input_specs
 
@@ -115,9 +117,9 @@ class ServedModel:
 
     @property
     def versions(self) -> dict[str, int]:
-        out = {registry.CHAMPION: self.champion.version}
+        out = {CHAMPION: self.champion.version}
         if self.challenger is not None:
-            out[registry.CHALLENGER] = self.challenger.version
+            out[CHALLENGER] = self.challenger.version
         return out
 
 
@@ -139,7 +141,7 @@ def load_version(
     dtypes = tuple(baseline.get(f, {}).get("dtype", "double") for f in features)
     inputs = input_specs(project, refs, dtypes)
     if algorithm == "xgboost":
-        score = _xgboost_scorer(model, features, kinds)
+        score = xgboost_scorer(model, features, kinds)
     else:
         score = _generic_scorer(model, task, features, dtypes)
     return ServedVersion(
@@ -183,7 +185,7 @@ class ModelSet:
         """Load any version whose role moved since the last refresh; returns what changed."""
         changes = []
         with self._lock:
-            client = registry.mlflow_client(self.settings)
+            client = mlflow_client(self.settings)
             for name in self.names:
                 try:
                     roles = read_roles(client, name)
@@ -195,17 +197,13 @@ class ModelSet:
                             changes.append(f"{name}: no champion")
                             log.warning("stopped serving %s: %s", name, self.errors[name])
                         continue
-                    wanted = {registry.CHAMPION: roles.champion}
+                    wanted = {CHAMPION: roles.champion}
                     if roles.challenger is not None:
-                        wanted[registry.CHALLENGER] = roles.challenger
+                        wanted[CHALLENGER] = roles.challenger
                     if current is not None and current.versions == wanted:
                         continue
-                    champion = self._version(current, name, registry.CHAMPION, wanted)
-                    challenger = (
-                        self._version(current, name, registry.CHALLENGER, wanted)
-                        if registry.CHALLENGER in wanted
-                        else None
-                    )
+                    champion = self._version(current, name, CHAMPION, wanted)
+                    challenger = self._version(current, name, CHALLENGER, wanted) if CHALLENGER in wanted else None
                     served = ServedModel(name, champion, challenger)
                 except Exception as exc:  # noqa: BLE001 - a failed load keeps the loaded version serving
                     self.errors[name] = f"model '{name}': {exc}"
@@ -303,7 +301,7 @@ def _default(value: Any, kind: str) -> Any:
     return value
 
 
-def _xgboost_scorer(model, features: Sequence[str], kinds: Sequence[str]) -> Callable[[list[list[Any]]], np.ndarray]:
+def xgboost_scorer(model, features: Sequence[str], kinds: Sequence[str]) -> Callable[[list[list[Any]]], np.ndarray]:
     """Rows of raw values -> the booster's scores, on a float matrix with the booster's own category codes."""
     booster = model.get_booster() if hasattr(model, "get_booster") else model
     booster.set_param({"nthread": 1})
@@ -342,7 +340,7 @@ def _xgboost_scorer(model, features: Sequence[str], kinds: Sequence[str]) -> Cal
 
 
 def _generic_scorer(model, task: str, features: Sequence[str], dtypes: Sequence[str]) -> Callable:
-    """Rows of raw values -> scores through keel.models.spec' own encoding (any flavour)."""
+    """Rows of raw values -> scores through keel.models.training' own encoding (any flavour)."""
     types = [_arrow_type(d) for d in dtypes]
 
     def score(rows: list[list[Any]]) -> np.ndarray:

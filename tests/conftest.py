@@ -3,12 +3,14 @@
 import datetime as dt
 import os
 
-import pyarrow as pa
 import pytest
 
 from keel.config import Settings
 from keel.dsl import Column, Entity, EventSource
 from keel.lakehouse.tables import Lakehouse
+from keel.project import Project
+from tests.factories.features import groups_for
+from tests.factories.payments import payments_source
 
 pytest_plugins = ["tests.servers"]
 
@@ -63,40 +65,9 @@ def buyer() -> Entity:
     return Entity(name="buyer", join_keys={"user_id": "string"})
 
 
-def payments_source(buyer: Entity) -> EventSource:
-    """A small source with every column type and constraint the validator knows."""
-    return EventSource(
-        name="payments",
-        entity=buyer,
-        columns=(
-            Column("amount", "float64", nullable=False, min=0, max=10_000),
-            Column("currency", "string", nullable=False, allowed=("EUR", "USD")),
-            Column("items", "int64", min=1, max=100),
-            Column("is_refund", "bool", nullable=False),
-        ),
-    )
-
-
 @pytest.fixture
 def payments(buyer) -> EventSource:
     return payments_source(buyer)
-
-
-def payment_rows(day: dt.date, n: int, *, prefix: str = "p", amount: float = 10.0) -> list[dict]:
-    """``n`` valid payment rows spread over ``day``, event ids ``{prefix}-{day}-{i}``."""
-    base = dt.datetime.combine(day, dt.time(), dt.UTC)
-    return [
-        {
-            "event_id": f"{prefix}-{day.isoformat()}-{i}",
-            "user_id": f"u{i % 7}",
-            "event_ts": base + dt.timedelta(minutes=7 * i % 1440),
-            "amount": amount + i,
-            "currency": "EUR" if i % 2 else "USD",
-            "items": 1 + i % 5,
-            "is_refund": i % 11 == 0,
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture
@@ -104,11 +75,6 @@ def table(lake, payments) -> str:
     """raw.payments, created empty and partitioned by day of event_ts."""
     lake.ensure_table(payments.table_name, payments.arrow_schema(), day_column="event_ts")
     return payments.table_name
-
-
-def as_table(payments: EventSource, rows: list[dict]) -> pa.Table:
-    """Rows as an Arrow table with the source's schema."""
-    return pa.Table.from_pylist(rows, schema=payments.arrow_schema())
 
 
 @pytest.fixture
@@ -124,9 +90,6 @@ def outcomes(buyer) -> EventSource:
 @pytest.fixture
 def model_project(payments, outcomes):
     """Payments with the 'spend' and 'spend_ratio' groups, and the outcomes label source: what the model tests train on."""
-    from keel.project import Project
-    from tests.keel.test_store import groups_for
-
     spend, ratio = groups_for(payments)
     start = dt.date(2026, 3, 1)
     return Project(name="t", sources=(payments, outcomes), start_date=start, feature_groups=(spend, ratio))

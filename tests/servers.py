@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from keel.devservers import DevServerError, KafkaBroker, RedisServer, _Server
+from keel.devservers import DevServerError, KafkaBroker, RedisServer, Server
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def kafka_topics(kafka_broker):
     return make
 
 
-class MlflowServer(_Server):
+class MlflowServer(Server):
     """``mlflow server`` on a loopback port, its SQLite store and artifacts in its scratch folder."""
 
     name = "mlflow"

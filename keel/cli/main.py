@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encoding(name: str) -> str:
-    from keel.ingest.readers import check_encoding
+    from keel.ingest.text_files import check_encoding
 
     try:
         check_encoding(name)
@@ -168,7 +168,7 @@ def cmd_generate(args) -> int:
 
 def cmd_ingest(args) -> int:
     from keel.ingest.batch import IngestError, ingest_files
-    from keel.ingest.readers import FileFormatError
+    from keel.ingest.file_checks import FileFormatError
     from keel.lakehouse.tables import Lakehouse, LakehouseError
 
     settings = Settings.from_env()

@@ -64,7 +64,8 @@ def _fail(exc: Exception) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from keel.models.registry import ModelRegistryError, list_versions, mlflow_client
+    from keel.models.registry import list_versions
+    from keel.models.registry_client import ModelRegistryError, mlflow_client
     from keel.models.roles import read_roles
 
     settings = _settings()
@@ -119,7 +120,8 @@ def _line(cells, widths) -> str:
 
 
 def cmd_models_show(args) -> int:
-    from keel.models.registry import ModelRegistryError, show
+    from keel.models.registry import show
+    from keel.models.registry_client import ModelRegistryError
 
     try:
         info = show(_settings(), args.name, _version(args.version))
@@ -131,7 +133,7 @@ def cmd_models_show(args) -> int:
 
 def cmd_models_promote(args) -> int:
     from keel.models.promotion import promote
-    from keel.models.registry import ModelRegistryError
+    from keel.models.registry_client import ModelRegistryError
 
     try:
         info = promote(_settings(), args.name, _version(args.version))
@@ -142,7 +144,7 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_models_sync(args) -> int:
-    from keel.models.registry import ModelRegistryError, mlflow_client
+    from keel.models.registry_client import ModelRegistryError, mlflow_client
     from keel.models.roles import settle
     from keel.models.spec import ModelError, load_models
 
@@ -181,7 +183,7 @@ def cmd_models_sync(args) -> int:
 
 def cmd_models_reproduce(args) -> int:
     from keel.lakehouse.tables import LakehouseError
-    from keel.models.registry import ModelRegistryError
+    from keel.models.registry_client import ModelRegistryError
     from keel.models.reproduce import reproduce
     from keel.models.spec import ModelError, load_models, model_named
     from keel.store import FeatureStore
@@ -213,7 +215,7 @@ def cmd_models_score(args) -> int:
     from keel.features.materialize import MaterializeError, days_between
     from keel.lakehouse.tables import LakehouseError
     from keel.models.batch_predict import BatchPredictError, score_days
-    from keel.models.registry import ModelRegistryError
+    from keel.models.registry_client import ModelRegistryError
     from keel.models.spec import ModelError, load_models, model_named
     from keel.store import FeatureStore
 

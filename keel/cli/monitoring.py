@@ -102,7 +102,7 @@ def _latest(history):
 
 def cmd_replay(args) -> int:
     from keel.features.materialize import days_between
-    from keel.models.registry import ModelRegistryError
+    from keel.models.registry_client import ModelRegistryError
     from keel.models.spec import ModelError
     from keel.monitoring import replay
     from keel.store import FeatureStore

@@ -45,7 +45,8 @@ def kafka_bootstrap(settings: Settings, what: str) -> str:
 
 def cmd_stream(args) -> int:
     from keel.project import load_project
-    from keel.stream.worker import StreamConfig, StreamError, StreamWorker
+    from keel.stream.worker import StreamWorker
+    from keel.stream.worker_config import StreamConfig, StreamError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines narrate every connection

@@ -1,6 +1,6 @@
 """The landing folder's state machine: a new or changed file is ingested over the days it holds,
-and stays in the cursor until that ingest has succeeded. sensors/landing.py runs it once a tick,
-with the files it listed, the runs Dagster holds under each run key and the time.
+and stays in the cursor until that ingest has succeeded. sensors/landing.py runs it once a tick
+(``tick_landing_folder``) with what only Dagster knows: the runs it holds under each run key.
 
 Cursor (JSON)::
 
@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from keel.alerts.policy import Alert, OutboxResult, PendingAlert, plain_metadata, run_url
+from keel.alerts.policy import Alert, OutboxResult, PendingAlert, Sink, flush_outbox
 from keel.dsl import EventSource
-from keel.ingest.readers import FileFormatError, timestamp_range
+from keel.ingest.landing_alerts import given_up_alert, unreadable_alert
+from keel.ingest.landing_folder import LandingFile, Span, file_days, list_landing_folder, run_key
+from keel.ingest.readers import timestamp_range
 
 # A file still being copied changes size and mtime; wait until it has been still this long.
 SETTLE_SECONDS = 5.0
@@ -69,45 +70,6 @@ SUCCEEDED = "succeeded"
 IN_PROGRESS = "in_progress"
 WILL_RETRY = "will_retry"
 FAILED = "failed"  # or canceled
-
-Span = Callable[[Path, str], tuple[dt.datetime, dt.datetime] | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class LandingFile:
-    """A file listed in the landing folder; no size or mtime when it went away before it was looked at."""
-
-    path: str
-    source: EventSource
-    size: int | None = None
-    mtime_ns: int | None = None
-
-    @classmethod
-    def stat(cls, path: Path, source: EventSource) -> LandingFile:
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return cls(str(path), source)
-        return cls(str(path), source, stat.st_size, stat.st_mtime_ns)
-
-    @property
-    def signature(self) -> str:
-        return _signature(self.size, self.mtime_ns)
-
-
-def _signature(size: int | None, mtime_ns: int | None) -> str:
-    return f"{size}:{mtime_ns}"
-
-
-def run_key(path: str, signature: str, attempt: int) -> str:
-    """The run key of a file's attempt: the file as it is now, so a changed file is a new run."""
-    return f"{path}:{signature}:{attempt}"
-
-
-def version_prefix(path: Path | str) -> str:
-    """What the run keys of the file as it is now start with, whatever the attempt."""
-    stat = Path(path).stat()
-    return run_key(str(path), _signature(stat.st_size, stat.st_mtime_ns), 0).removesuffix("0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +194,37 @@ def landing_tick(
     return tick
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderTick:
+    """A tick over the landing folder, its alerts delivered: the runs to request, what to log, the cursor to keep."""
+
+    requests: list[IngestRequest]
+    warnings: list[str]
+    delivery: OutboxResult
+    summary: str
+    cursor: str
+
+
+def tick_landing_folder(
+    cursor: str | None,
+    landing: Path,
+    sources: Sequence[EventSource],
+    runs: Callable[[str], Sequence[RunOutcome]],
+    sinks: Sequence[Sink],
+    *,
+    now: dt.datetime,
+    start: dt.date,
+    dagster_url: str | None = None,
+) -> FolderTick:
+    """``landing_tick`` over the files waiting in ``landing/<source>/`` now, then its alerts and those
+    still pending from earlier ticks sent to ``sinks``."""
+    tick = landing_tick(
+        cursor, list_landing_folder(landing, sources), runs, now=now, start=start, dagster_url=dagster_url
+    )
+    delivery = flush_outbox(tick.cursor.pending, tick.alerts, sinks, now=now)
+    return FolderTick(tick.requests, tick.warnings, delivery, tick.summary(delivery), tick.cursor_after(delivery))
+
+
 def _follow(
     key: str, entry: dict, runs: Sequence[RunOutcome], now: dt.datetime, dagster_url: str | None, tick: LandingTick
 ) -> dict | None:
@@ -259,7 +252,7 @@ def _follow(
     tick.warnings.append(f"{key}: attempt {attempt} failed (run {run_id}): {error}")
     if attempt >= MAX_ATTEMPTS:
         tick.given_up.append(key)
-        tick.alerts.append(_given_up_alert(key, failed, now, dagster_url))
+        tick.alerts.append(given_up_alert(key, failed, now, dagster_url))
         return {**failed, "state": GIVEN_UP}
     tick.retrying.append(key)
     return {**failed, "state": RETRY_WAITING, "retry_at": (now + retry_delay(attempt)).isoformat()}
@@ -293,7 +286,7 @@ def _consider(
     if isinstance(days, str):
         files[key] = {"signature": signature, "state": UNREADABLE, "error": days}
         tick.unreadable.append(days)
-        tick.alerts.append(_unreadable_alert(key, file.source, signature, days, now))
+        tick.alerts.append(unreadable_alert(key, file.source, signature, days, now))
         return None
     request = IngestRequest(key, file.source, *days, run_key=run_key(key, signature, attempt), attempt=attempt)
     files[key] = {
@@ -308,108 +301,6 @@ def _consider(
     }
     tick.requested.append(key)
     return request
-
-
-def file_days(
-    path: Path, source: EventSource, start: dt.date, today: dt.date, span: Span = timestamp_range
-) -> tuple[dt.date, dt.date] | str:
-    """The first and last day partition the file's events fall in, or why it cannot be ingested."""
-    try:
-        found = span(path, source.timestamp)
-    except FileFormatError as exc:
-        return str(exc)
-    if found is None:
-        return f"{path}: no parsable {source.timestamp} values"
-    first, last = max(found[0].date(), start), min(found[1].date(), today)
-    if first > last:
-        return f"{path}: events fall outside {start}..{today}"
-    return first, last
-
-
-def clip(text: str, limit: int = 500) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# Alerts --------------------------------------------------------------------------------------
-
-
-def _condition(key: str) -> str:
-    # The landing asset of the file's source (landing/<source>), then the file, as a check is named.
-    path = Path(key)
-    return f"landing/{path.parent.name}:{path.name}"
-
-
-def _alert_id(key: str, signature: str, status: str) -> str:
-    return hashlib.sha256("\x1f".join((key, signature, status)).encode()).hexdigest()[:16]
-
-
-def _file_line(key: str, signature: str) -> str:
-    size, mtime_ns = signature.split(":")
-    modified = dt.datetime.fromtimestamp(int(mtime_ns) / 1e9, dt.UTC)
-    return f"file {key} ({int(size):,} bytes, modified {modified:%Y-%m-%d %H:%M:%S} UTC)"
-
-
-def _given_up_alert(key: str, entry: dict, now: dt.datetime, dagster_url: str | None) -> Alert:
-    source = Path(key).parent.name
-    attempts, runs = int(entry["attempt"]), int(entry.get("runs", 0))
-    counted = f" ({runs} runs with Dagster's own retries)" if runs > attempts else ""
-    last = f"the last, run {entry['run_id']}," if entry.get("run_id") else "the last"
-    return Alert(
-        id=_alert_id(key, entry["signature"], "given_up"),
-        condition=_condition(key),
-        status="firing",
-        severity="ERROR",
-        title=f"[ERROR] {_condition(key)} did not land after {attempts} attempts",
-        text="\n".join(
-            (
-                f"{_file_line(key, entry['signature'])} for source '{source}', days {entry.get('days', '?')}",
-                f"{attempts} ingest attempts failed{counted}; {last} failed with: {entry.get('error', '')}",
-                "Not retried until the file changes: fix the cause, then replace the file or touch it "
-                f"(a changed file starts over), or launch ingest_{source} on it from the Dagster UI.",
-            )
-        ),
-        run_url=run_url(dagster_url, entry.get("run_id")),
-        run_id=entry.get("run_id"),
-        partition=entry.get("days"),
-        ts=now,
-        since=dt.datetime.fromisoformat(entry["since"]),
-        metadata=plain_metadata(
-            {
-                "file": key,
-                "source": source,
-                "attempts": attempts,
-                "runs": runs,
-                "run_id": entry.get("run_id") or "",
-                "error": clip(entry.get("error", ""), 200),
-            }
-        ),
-    )
-
-
-def _unreadable_alert(key: str, source: EventSource, signature: str, reason: str, now: dt.datetime) -> Alert:
-    return Alert(
-        id=_alert_id(key, signature, "unreadable"),
-        condition=_condition(key),
-        status="firing",
-        severity="ERROR",
-        title=f"[ERROR] {_condition(key)} cannot be ingested",
-        text="\n".join(
-            (
-                f"{_file_line(key, signature)} for source '{source.name}'",
-                reason.removeprefix(f"{key}: "),
-                "No run was started and this version of the file is not tried again: replace it with a "
-                f"readable file whose {source.timestamp} values fall in the partitions.",
-            )
-        ),
-        run_url=None,
-        run_id=None,
-        partition=None,
-        ts=now,
-        since=now,
-        metadata=plain_metadata({"file": key, "source": source.name, "error": clip(reason, 200)}),
-    )
 
 
 # The tick's summary ---------------------------------------------------------------------------

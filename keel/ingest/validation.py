@@ -23,8 +23,10 @@ import duckdb
 import pyarrow as pa
 
 from keel.dsl import DUCKDB_TYPES, Column, EventSource
-from keel.ingest.readers import FileFormatError, check_encoding, read_batches
+from keel.ingest.file_checks import FileFormatError
+from keel.ingest.readers import read_batches
 from keel.ingest.staging import make_workdir
+from keel.ingest.text_files import check_encoding
 
 QUARANTINE_SCHEMA = pa.schema(
     [

@@ -1,10 +1,10 @@
 """The audit of write-audit-publish: checks a staged batch of one event source's events.
 
-Expectations are derived from the EventSource declaration and run as a Great Expectations suite. Two outcomes
-carry names GX lacks: `expect_column_type_to_match_declaration` is checked on the Arrow schema (exact, where
-pandas dtypes are not), and `expect_daily_row_count_to_be_between` is GX's expect_column_values_to_be_between
-over a small frame of rows per UTC day. GX is imported at the first audit, not with this module: the import
-alone takes seconds, and the Dagster code location imports this module on every load.
+Expectations are derived from the EventSource declaration and run as a Great Expectations suite
+(keel.lakehouse.expectations, which imports GX at the first audit). Two outcomes carry names GX lacks:
+`expect_column_type_to_match_declaration` is checked on the Arrow schema (exact, where pandas dtypes are
+not), and `expect_daily_row_count_to_be_between` is GX's expect_column_values_to_be_between over a small
+frame of rows per UTC day.
 
 A failing row-level expectation (NULL, range, allowed values, uniqueness) lists its first offending rows: GX's
 unexpected index list gives their positions, and the rows' identity and value are read from the Arrow batch,
@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 import statistics
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
-from functools import cache
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import EventSource
+from keel.lakehouse.expectations import expectation_suite, gx_engine, load_gx
 
 _SAMPLE = 5
 _EXAMPLES = 20
@@ -149,8 +147,8 @@ def audit_events(
     # GX reports unexpected rows by index label: with this index, a label is the row's position in `data`.
     frame.index = range(len(frame))
     with _LOCK:
-        suite = _suite(source)
-        batch = _engine().events.get_batch(batch_parameters={"dataframe": frame})
+        suite = expectation_suite(source)
+        batch = gx_engine().events.get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(suite, result_format=_RESULT_FORMAT)
         by_key = {_key(r): r for r in result.results}
         failing = [e for e in suite.expectations if e.expectation_type in _DETAIL and _failed_on_rows(by_key[_key(e)])]
@@ -197,79 +195,6 @@ def combine_reports(reports: Sequence[AuditReport]) -> AuditReport:
     return AuditReport(reports[0].table, sum(r.row_count for r in reports), tuple(outcomes))
 
 
-@cache
-def _gx() -> Any:
-    # 1.24 has no telemetry client left, but earlier 1.x read this at import; keep it off.
-    os.environ["GX_ANALYTICS_ENABLED"] = "False"
-    # Leaving this block also restores warnings.showwarning, which GX's import replaces process-wide
-    # (logging.captureWarnings(True)), sending every later warning to a logger with only a NullHandler.
-    with warnings.catch_warnings():
-        # GX 1.24's file path connector imports the stdlib's deprecated sre_* modules.
-        warnings.filterwarnings("ignore", "module 'sre_(constants|parse)' is deprecated", DeprecationWarning)
-        import great_expectations
-    return great_expectations
-
-
-class _Engine(NamedTuple):
-    events: Any  # batch definitions taking one whole dataframe
-    day_counts: Any
-    day_suite: Any
-
-
-@cache
-def _engine() -> _Engine:
-    gx = _gx()
-    from great_expectations.data_context.types import base
-
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=base.DataContextConfig(
-            store_backend_defaults=base.InMemoryStoreBackendDefaults(),
-            analytics_enabled=False,
-            # tqdm bars would otherwise land in every Dagster run's stderr.
-            progress_bars=base.ProgressBarsConfig(globally=False),
-        ),
-    )
-    pandas = context.data_sources.add_pandas("keel")
-    events, day_counts = (
-        pandas.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
-        for name in ("staged_events", "day_counts")
-    )
-    # Bounds are parameters so that one suite serves every history.
-    day_suite = gx.ExpectationSuite(name="keel-daily-row-count")
-    day_suite.add_expectation(
-        gx.expectations.ExpectColumnValuesToBeBetween(
-            column="rows", min_value={"$PARAMETER": "min_rows"}, max_value={"$PARAMETER": "max_rows"}
-        )
-    )
-    return _Engine(events, day_counts, day_suite)
-
-
-@cache
-def _suite(source: EventSource) -> Any:
-    _engine()  # a suite looks up GX's current context on every add_expectation
-    gx = _gx()
-    ex = gx.expectations
-    suite = gx.ExpectationSuite(name=f"keel-{source.name}")
-    columns = source.all_columns()
-    suite.add_expectation(ex.ExpectTableRowCountToBeBetween(min_value=1))
-    suite.add_expectation(ex.ExpectTableColumnsToMatchOrderedList(column_list=[c.name for c in columns]))
-    # all_columns() declares event id, keys and timestamp nullable=False, so this covers them.
-    for col in columns:
-        if not col.nullable:
-            suite.add_expectation(ex.ExpectColumnValuesToNotBeNull(column=col.name))
-    for col in columns:
-        if col.min is not None or col.max is not None:
-            suite.add_expectation(
-                ex.ExpectColumnValuesToBeBetween(column=col.name, min_value=col.min, max_value=col.max)
-            )
-        if col.allowed is not None:
-            suite.add_expectation(ex.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.allowed)))
-    if source.event_id:
-        suite.add_expectation(ex.ExpectColumnValuesToBeUnique(column=source.event_id))
-    return suite
-
-
 # The row-level expectations. combine_reports relies on the "{count} of {rows} rows ..." shape.
 _DETAIL = {
     "expect_column_values_to_not_be_null": "{count} of {rows} rows {missing}",
@@ -297,7 +222,7 @@ def _failed_on_rows(result: Any) -> bool:
 def _unexpected_positions(batch: Any, failing: list) -> dict[tuple[str, str | None], list[int]]:
     """The positions of each failing expectation's first offending rows, from GX's unexpected index list."""
     # A suite binds its expectations; copies leave the cached suite as it is.
-    again = _gx().ExpectationSuite(name="keel-failing-rows", expectations=[copy.copy(e) for e in failing])
+    again = load_gx().ExpectationSuite(name="keel-failing-rows", expectations=[copy.copy(e) for e in failing])
     results = batch.validate(again, result_format=_EXAMPLES_FORMAT).results
     return {
         _key(r): [int(i) for i in r.result.get("partial_unexpected_index_list") or []]
@@ -424,7 +349,7 @@ def _daily_rows_outcome(data: pa.Table, column: str, history: Sequence[int], tol
     )
     per_day["day"] = per_day["day"].astype(str)
     with _LOCK:
-        engine = _engine()
+        engine = gx_engine()
         batch = engine.day_counts.get_batch(batch_parameters={"dataframe": per_day})
         result = batch.validate(
             engine.day_suite,

@@ -333,14 +333,15 @@ class Lakehouse:
 
     # maintenance
 
-    def expire_snapshots(self, name: str, older_than: dt.timedelta) -> list[int]:
-        """Drop snapshots older than ``older_than`` that no branch or tag still needs.
+    def expire_snapshots(self, name: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> list[int]:
+        """Drop snapshots older than ``older_than`` (counted back from ``now``, the current time by
+        default) that no branch or tag still needs.
 
         Every branch and tag head is kept, and so is each branch's own line of commits back to
         main's history: publishing walks that line to prove the branch fast-forwards main.
         """
         table = self.table(name)
-        cutoff = dt.datetime.now(dt.UTC) - older_than
+        cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
         protected = {ref.snapshot_id for ref in table.refs().values()}
         on_main = {entry.snapshot_id for entry in table.history()}
         for ref in table.refs().values():

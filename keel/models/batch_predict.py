@@ -32,7 +32,9 @@ from keel.lakehouse import wap
 from keel.lakehouse.audit import AuditReport, audit_events
 from keel.lakehouse.tables import day_filter
 from keel.models import registry
-from keel.models.spec import ModelSpec, predict, resolve_refs
+from keel.models.role_types import CHAMPION
+from keel.models.spec import ModelSpec, resolve_refs
+from keel.models.training import predict
 
 if TYPE_CHECKING:
     from keel.config import Settings
@@ -94,7 +96,7 @@ def stage_scores(
     days: Sequence[dt.date],
     run_id: str,
     *,
-    alias: str = registry.CHAMPION,
+    alias: str = CHAMPION,
 ) -> ScoredDays:
     """Score ``days`` with the version holding ``alias`` and stage them on the run's audit branch."""
     days = sorted(set(days))

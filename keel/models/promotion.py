@@ -1,4 +1,4 @@
-"""Champion/challenger promotion over the model registry.
+"""Champion/challenger promotion over the model registry, and the train job's two steps.
 
 ``promote_if_better`` scores the challenger and the champion on the same hold-out and
 promotes the challenger only when it is better by the model's declared margin.
@@ -10,7 +10,12 @@ The comparison is recorded on the challenger (``validation_status`` passed or re
 reason and both metrics). A promotion itself, automatic or by hand (``promote``, i.e.
 ``keel models promote NAME VERSION``), goes through ``keel.models.roles.settle``, which moves
 the aliases and stages (the champion to Production, the one it replaces to Archived with
-``retired_by``, so a rollback can find it) and rewrites the role tags.
+``retired_by``, so a rollback can find it) and rewrites the role tags. A promotion by hand
+is a person's decision (a rollback, say): it applies neither the gates nor the comparison.
+
+The train job runs ``train_challenger`` (train, register, judge by ``keel.models.gates``)
+and then ``promote_challenger`` (compare on the rebuilt hold-out, promote when better, reject
+when the gates failed); a notebook can run the same two steps.
 """
 
 from __future__ import annotations
@@ -24,18 +29,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from keel.models.registry import (
-    CHALLENGER,
-    ModelVersionInfo,
-    list_versions,
-    load_native,
-    mlflow_client,
-    resolve_version,
-    utc_now,
-    version_info,
-)
-from keel.models.roles import Request, Roles, read_roles, settle
-from keel.models.spec import resolve_refs
+from keel.models.gates import gate_outcomes, gates_verdict
+from keel.models.registration import log_and_register
+from keel.models.registry import ModelVersionInfo, list_versions, load_native, resolve_version, version_info
+from keel.models.registry_client import mlflow_client, utc_now
+from keel.models.role_types import CHALLENGER, Request, Roles
+from keel.models.roles import read_roles, settle
+from keel.models.spec import METRICS, resolve_refs
+from keel.models.training import TrainResult, evaluate, train
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -63,8 +64,6 @@ class PromotionDecision:
 
 
 def higher_is_better(metric: str) -> bool:
-    from keel.models.spec import METRICS
-
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not known (use one of {', '.join(METRICS)})")
     return METRICS[metric].higher_is_better
@@ -80,15 +79,13 @@ def promote_if_better(
     version: int | str | None = None,
 ) -> PromotionDecision:
     """Score the challenger (``version``, or the alias ``challenger``) and the champion on
-    the same ``holdout`` with ``keel.models.spec.evaluate`` and move ``champion`` when the
+    the same ``holdout`` with ``keel.models.training.evaluate`` and move ``champion`` when the
     challenger is better on ``spec.metric`` by at least ``spec.min_improvement``.
 
     ``holdout`` holds the label and every feature either version reads. The first version
     of a model becomes champion when ``gates_passed``; a failed gate rejects the challenger
     with ``gate_reason``. The decision is also recorded as tags on the challenger.
     """
-    from keel.models.spec import evaluate
-
     client = mlflow_client(settings)
     challenger = resolve_version(client, spec.name, CHALLENGER if version is None else version)
     roles = read_roles(client, spec.name)
@@ -246,3 +243,43 @@ def holdout_from_lineage(store: OfflineStore, spec: ModelSpec, settings: Setting
     labels = labels.select([*source.key_columns, source.timestamp, spec.label])
     refs = resolve_refs(store.project, spec, comparison_features(settings, spec.name))
     return store.get_training_set(labels, refs, timestamp=source.timestamp, as_of=snapshots).table
+
+
+# The train job's two steps ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A challenger just trained and registered, and each gate's verdict on it."""
+
+    result: TrainResult
+    version: ModelVersionInfo
+    gates: dict[str, tuple[bool, str]]
+
+    @property
+    def passed(self) -> bool:
+        return gates_verdict(self.gates)[0]
+
+    @property
+    def verdict(self) -> str:
+        """``all gates passed``, or the failed gates' sentences."""
+        return gates_verdict(self.gates)[1]
+
+
+def train_challenger(
+    store: OfflineStore, settings: Settings, spec: ModelSpec, *, floor: float | None, now: dt.datetime | None = None
+) -> Challenger:
+    """Train ``spec`` (on the label rows up to ``now``), register the version as the challenger
+    and judge it by the promotion gates with the metric ``floor`` (see ``keel.models.gates``)."""
+    result = train(store, spec, now=now)
+    version = log_and_register(settings, spec, result)
+    return Challenger(result, version, gate_outcomes(spec, result, floor))
+
+
+def promote_challenger(
+    store: OfflineStore, settings: Settings, spec: ModelSpec, *, gates_passed: bool = True, gate_reason: str = ""
+) -> PromotionDecision:
+    """Compare the challenger with the champion on the challenger's hold-out rebuilt from its
+    lineage, and promote it when better (rejected when ``gates_passed`` is False)."""
+    holdout = holdout_from_lineage(store, spec, settings)
+    return promote_if_better(settings, spec, holdout, gates_passed=gates_passed, gate_reason=gate_reason)

@@ -25,9 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from keel.models.registry_client import mlflow_client
+from keel.models.training import predict
+
 if TYPE_CHECKING:
     from keel.config import Settings
-    from keel.models.spec import ModelSpec, TrainResult
+    from keel.models.spec import ModelSpec
+    from keel.models.training import TrainResult
 
 REFERENCE_ARTIFACT = "reference.parquet"
 IMPORTANCES_ARTIFACT = "importances.json"
@@ -44,15 +48,13 @@ class ReferenceSampleError(LookupError):
 
 def reference_sample(spec: ModelSpec, result: TrainResult, *, max_rows: int = MAX_ROWS, seed: int = SEED) -> pa.Table:
     """The training set's rows (a fixed-seed sample past ``max_rows``) with label, split and score."""
-    from keel.models.spec import predict
-
     table = result.training_set.table
     features = list(result.features)
     ts = spec.labels.timestamp
     if ts not in table.column_names:
         raise ReferenceSampleError(
             f"model {spec.name!r}: the training set has no label time column {ts!r} "
-            f"(columns: {', '.join(table.column_names)}); build it with keel.models.spec.train, which keeps it"
+            f"(columns: {', '.join(table.column_names)}); build it with keel.models.training.train, which keeps it"
         )
     times = table.column(ts)
     cut = pa.scalar(result.split_time, times.type)
@@ -99,8 +101,6 @@ def log_reference(spec: ModelSpec, result: TrainResult) -> None:
 
 def load_reference(settings: Settings, model: str, version: int, run_id: str) -> pa.Table:
     """The sample version ``version`` of ``model`` logged at training."""
-    from keel.models.registry import mlflow_client
-
     # MLflow draws a progress bar per download; in a batch job's log it is noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -119,8 +119,6 @@ def load_reference(settings: Settings, model: str, version: int, run_id: str) ->
 
 def load_importances(settings: Settings, run_id: str) -> dict[str, float]:
     """The importances a version logged; empty when it logged none."""
-    from keel.models.registry import mlflow_client
-
     client = mlflow_client(settings)
     with tempfile.TemporaryDirectory() as folder:
         try:

@@ -1,19 +1,10 @@
-"""The model registry: trained models to MLflow as versions, with their lineage.
+"""Reading the model registry: a model's versions, one version's lineage, its baseline and
+its native model.
 
-Each training run becomes one MLflow run in the experiment named after the model, holding
-its parameters, hold-out metrics, the model in its native flavour (with signature and
-input example), the ordered feature list, the training set's snapshot ids, the code
-version and the baseline statistics for drift monitoring. The run's model is registered as
-a new version of the registered model ``spec.name`` and becomes the challenger (alias
-``challenger``, stage Staging).
-
-Promotion lives in ``keel.models.promotion``; roles (champion, challenger, retired), their aliases,
-stages and tags in ``keel.models.roles``. ``champion`` and ``challenger`` given as a version
-resolve to the effective roles, a stage a person moved in the MLflow UI included.
-
-The signature and input example describe the native model's input (``keel.models.spec.model_frame``'s
-encoding). MLflow's pyfunc wrapper cannot score string categories through JSON, so for such
-models it logs a warning when it checks the example; Keel serves the native flavour anyway.
+A version (registered by ``keel.models.registration``) records its hold-out metrics, its
+features in order, the training set's snapshot ids and the code version. ``champion`` and
+``challenger`` given as a version resolve to the effective roles (``keel.models.roles``), a
+stage a person moved in the MLflow UI included.
 
 MLflow is imported inside the functions: it costs seconds, and the CLI only needs it for
 the ``keel models`` commands.
@@ -21,35 +12,28 @@ the ``keel models`` commands.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from keel.models.baseline import baseline_stats, prediction_stats
-from keel.models.reference import log_reference
+from keel.models.registry_client import (
+    ModelRegistryError,
+    alias_version,
+    flavour,
+    mlflow_client,
+    quote,
+    registered_model,
+    tracking,
+)
+from keel.models.role_types import CHALLENGER, CHAMPION
+from keel.models.roles import read_roles
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
     from keel.config import Settings
-    from keel.models.spec import ModelSpec, TrainResult
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-MODEL_ARTIFACT = "model"
-# scikit-learn models are stored with skops (no pickle); its loader refuses types outside
-# its allow-list, and the one-hot encoder keeps numpy dtypes, which are plain data.
-SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
-# Rows of the hold-out stored with the model as its input example.
-INPUT_EXAMPLE_ROWS = 5
-
-
-class ModelRegistryError(LookupError):
-    """A model, version or alias is missing from the registry; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -78,129 +62,6 @@ class ModelVersionInfo:
         return row
 
 
-# ---------------------------------------------------------------------------------------
-# Logging and registration
-
-
-def log_and_register(
-    settings: Settings, spec: ModelSpec, result: TrainResult, *, code_version: str | None = None
-) -> ModelVersionInfo:
-    """Log ``result`` as one MLflow run, register it as a new version of ``spec.name`` and
-    give that version the alias ``challenger``."""
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from keel.models.spec import model_frame
-
-    code_version = code_version or settings.code_version
-    features = list(result.features)
-    # The signature describes what the native model takes (keel.models.spec' encoding), and the
-    # output is keel.models.spec.predict's score (positive-class probability or regression value).
-    holdout_x = model_frame(result.holdout, features)
-    example = holdout_x.head(INPUT_EXAMPLE_ROWS).copy()
-    # MLflow compares the column index with a range, which pandas 3 deprecates for its
-    # Arrow-backed string index (a warning per logged model); an object index compares quietly.
-    example.columns = pd.Index(list(example.columns), dtype=object)
-    signature = infer_signature(holdout_x, result.predictions)
-
-    snapshots = dict(result.training_set.snapshots)
-    split = {
-        "split_time": _iso(result.split_time),
-        "holdout": str(getattr(spec.split, "holdout", spec.split)),
-        "train_rows": int(result.train_rows),
-        "holdout_rows": int(result.holdout_rows),
-    }
-    # Features are summarised over the whole training set; predictions over the hold-out,
-    # which is the model's out-of-sample behaviour and so what live scores should resemble.
-    baseline = baseline_stats(result.training_set.table, None, features)
-    baseline["prediction"] = prediction_stats(result.predictions)
-    baseline["prediction_rows"] = "holdout"
-
-    # The definitions the set was computed with: a reproduction under changed ones says so.
-    definitions = {
-        name: f"v{group['version']}-{group['fingerprint']}"
-        for name, group in result.training_set.groups.items()
-        if "version" in group and "fingerprint" in group
-    }
-    version_tags = {
-        "features": json.dumps(features),
-        "feature_refs": json.dumps(result.refs),
-        "feature_definitions": json.dumps(definitions, sort_keys=True),
-        "snapshot_ids": json.dumps(snapshots, sort_keys=True),
-        "label_cutoff": _iso(result.cutoff) if result.cutoff else "",
-        "training_set_digest": result.training_set.digest(),
-        "training_set_rows": str(result.training_set.table.num_rows),
-        "params": json.dumps(spec.params, sort_keys=True, default=repr),
-        "code_version": code_version,
-        "algorithm": spec.algorithm,
-        "task": spec.task,
-        "metric": spec.metric,
-        "split_time": split["split_time"],
-        "validation_status": "pending",
-    }
-    keel_params = {
-        "keel.algorithm": spec.algorithm,
-        "keel.task": spec.task,
-        "keel.metric": spec.metric,
-        "keel.min_improvement": spec.min_improvement,
-        "keel.label": spec.label,
-        "keel.feature_count": len(features),
-        **{f"keel.{k}": v for k, v in split.items()},
-    }
-    client = mlflow_client(settings)
-    experiment_id = _experiment(client, settings, spec.name)
-    with _tracking(settings), mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params({**_flat_params(result.params), **keel_params})
-        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
-        mlflow.set_tags(
-            {
-                "keel.model": spec.name,
-                "mlflow.source.git.commit": code_version,
-                "code_version": code_version,
-                "features": version_tags["features"][:8000],
-                **{f"snapshot.{group}": str(sid) for group, sid in snapshots.items()},
-            }
-        )
-        mlflow.log_dict({"features": features}, "features.json")
-        lineage = {
-            "snapshots": snapshots,
-            "features": features,
-            "split": split,
-            "training_set": result.training_set.metadata(),
-        }
-        # Group metadata may hold timestamps; they are recorded as ISO strings.
-        mlflow.log_text(json.dumps(lineage, indent=1, default=_iso), "training_set.json")
-        mlflow.log_dict(baseline, "baseline.json")
-        log_reference(spec, result)
-        flavour = _flavour(spec.algorithm)
-        extra = {"skops_trusted_types": SKOPS_TRUSTED_TYPES} if spec.algorithm.startswith("sklearn:") else {}
-        model_info = flavour.log_model(
-            result.model,
-            **extra,
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            input_example=example,
-            registered_model_name=spec.name,
-            pip_requirements=_pip_requirements(spec.algorithm),
-        )
-    from keel.models.roles import Request, settle
-
-    version = str(model_info.registered_model_version)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(spec.name, version, key, value)
-    settle(client, spec.name, Request("automatic", challenger=int(version)))
-    if spec.description or spec.owner:
-        client.update_registered_model(spec.name, description=spec.description or None)
-        if spec.owner:
-            client.set_registered_model_tag(spec.name, "owner", spec.owner)
-    return version_info(client, client.get_model_version(spec.name, version), run.info.run_id)
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-
-
 def list_versions(settings: Settings, name: str) -> list[ModelVersionInfo]:
     """Every version of ``name``, newest first, with aliases, hold-out metrics and lineage."""
     client = mlflow_client(settings)
@@ -208,7 +69,7 @@ def list_versions(settings: Settings, name: str) -> list[ModelVersionInfo]:
     aliases: dict[str, list[str]] = {}
     for alias, version in registered_model(client, name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    versions = client.search_model_versions(f"name = '{_quote(name)}'")
+    versions = client.search_model_versions(f"name = '{quote(name)}'")
     infos = [version_info(client, v, aliases=aliases.get(str(v.version), [])) for v in versions]
     return sorted(infos, key=lambda info: info.version, reverse=True)
 
@@ -284,111 +145,16 @@ def load_model(
     return model, features, version_info(client, mv)
 
 
-# ---------------------------------------------------------------------------------------
-# MLflow plumbing
-
-
-def mlflow_client(settings: Settings) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
-
-
-@contextlib.contextmanager
-def _tracking(settings: Settings) -> Iterator[None]:
-    """Point MLflow's fluent API (which ``log_model`` uses) at Keel's store for a block."""
-    import mlflow
-
-    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(settings.mlflow_uri)
-    mlflow.set_registry_uri(settings.mlflow_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(tracking)
-        mlflow.set_registry_uri(registry)
-
-
-def _experiment(client: MlflowClient, settings: Settings, name: str) -> str:
-    """The experiment named after the model, created with its artifacts under KEEL_HOME
-    (MLflow would otherwise put a local store's artifacts under the working directory)."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        location = None
-        if not settings.mlflow_uri.startswith(("http:", "https:", "databricks")):
-            location = (settings.home / "mlartifacts" / name).as_uri()
-        try:
-            return client.create_experiment(name, artifact_location=location, tags={"keel.model": name})
-        except MlflowException:
-            # Created by a concurrent run between the lookup and the create.
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
-
-
-def _flavour(algorithm: str):
-    if algorithm == "xgboost":
-        import mlflow.xgboost
-
-        return mlflow.xgboost
-    if algorithm == "lightgbm":
-        import mlflow.lightgbm
-
-        return mlflow.lightgbm
-    if algorithm.startswith("sklearn:"):
-        import mlflow.sklearn
-
-        return mlflow.sklearn
-    raise ValueError(
-        f"algorithm {algorithm!r} has no MLflow flavour (use 'xgboost', 'lightgbm' or 'sklearn:<module.Class>')"
-    )
-
-
-def _pip_requirements(algorithm: str) -> list[str]:
-    """Pinned requirements, stated so MLflow need not infer them (a subprocess that reloads the model)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    packages = ["mlflow", "scikit-learn", "numpy", "pandas", "pyarrow"]
-    if algorithm in ("xgboost", "lightgbm"):
-        packages.append(algorithm)
-    out = []
-    for package in packages:
-        with contextlib.suppress(PackageNotFoundError):
-            out.append(f"{package}=={version(package)}")
-    return out
-
-
 def load_native(settings: Settings, mv: ModelVersion) -> tuple[Any, list[str]]:
     algorithm = mv.tags.get("algorithm")
     if algorithm is None:
         raise ModelRegistryError(
             f"model '{mv.name}' version {mv.version} has no 'algorithm' tag: it was not registered by Keel; "
-            "register models with keel.models.registry.log_and_register"
+            "register models with keel.models.registration.log_and_register"
         )
-    with _tracking(settings):
-        model = _flavour(algorithm).load_model(f"models:/{mv.name}/{mv.version}")
+    with tracking(settings):
+        model = flavour(algorithm).load_model(f"models:/{mv.name}/{mv.version}")
     return model, json.loads(mv.tags["features"])
-
-
-def registered_model(client: MlflowClient, name: str):
-    """The registered model ``name``; a ModelRegistryError naming the known ones when there is none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        known = sorted(m.name for m in client.search_registered_models())
-        raise ModelRegistryError(
-            f"model '{name}' is not registered (registered: {', '.join(known) or 'none'}); "
-            "train it first, or check the name with `keel models list`"
-        ) from None
 
 
 def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str) -> ModelVersion:
@@ -408,7 +174,7 @@ def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str
         except MlflowException as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{_quote(name)}'"))
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{quote(name)}'"))
             raise ModelRegistryError(
                 f"model '{name}' has no version {ref} (versions: {', '.join(map(str, known)) or 'none'}); "
                 f"see `keel models list {name}`"
@@ -421,8 +187,6 @@ def resolve_version(client: MlflowClient, name: str, alias_or_version: int | str
 
 
 def _role_version(client: MlflowClient, name: str, role: str) -> ModelVersion:
-    from keel.models.roles import read_roles
-
     roles = read_roles(client, name)
     version = roles.champion if role == CHAMPION else roles.challenger
     if version is None:
@@ -437,17 +201,6 @@ def _role_version(client: MlflowClient, name: str, role: str) -> ModelVersion:
             fix = f"no champion yet: promote a version with `keel models promote {name} VERSION`"
         raise ModelRegistryError(f"model '{name}' has no version with alias '{role}': {fix}")
     return client.get_model_version(name, str(version))
-
-
-def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def _aliases(client: MlflowClient, name: str) -> list[str]:
@@ -473,30 +226,3 @@ def version_info(
         status=tags.get("validation_status", "unknown"),
         stage=mv.current_stage or "None",
     )
-
-
-def _flat_params(params: dict[str, Any]) -> dict[str, str]:
-    return {
-        str(k): json.dumps(v, default=str) if isinstance(v, dict | list | tuple) else str(v)
-        for k, v in (params or {}).items()
-    }
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _quote(name: str) -> str:
-    return name.replace("'", "\\'")
-
-
-def _iso(value: Any) -> str:
-    return value.isoformat() if hasattr(value, "isoformat") else str(value)
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

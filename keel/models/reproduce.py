@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keel.models import registry
-from keel.models.spec import ModelSpec, TrainResult, train
+from keel.models.registry_client import ModelRegistryError
+from keel.models.spec import ModelSpec
+from keel.models.training import TrainResult, train
 
 if TYPE_CHECKING:
     from keel.config import Settings
@@ -72,7 +74,7 @@ def reproduce(store: OfflineStore, settings: Settings, spec: ModelSpec, version:
     info = registry.get_version(settings, spec.name, version)
     missing = [t for t in REQUIRED_TAGS if not info.tags.get(t)]
     if missing:
-        raise registry.ModelRegistryError(
+        raise ModelRegistryError(
             f"model '{spec.name}' version {info.version} lacks the lineage tag(s) {', '.join(missing)} "
             "(registered before Keel recorded them); retrain it to get a reproducible version"
         )

@@ -123,7 +123,7 @@ class DayQuality:
 
 def project_targets(project) -> list[QualityTarget]:
     """The tables a project's quality is watched on: every feature table, and the inference log."""
-    from keel.inference_log.writer import TABLE as INFERENCE_LOG_TABLE
+    from keel.inference_log.records import TABLE as INFERENCE_LOG_TABLE
 
     targets = [
         QualityTarget(group.table_name, "feature_ts", keys=tuple(group.entity.join_keys))

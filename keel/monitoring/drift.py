@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
 
-from keel.inference_log.writer import TABLE as LOG_TABLE
+from keel.inference_log.records import TABLE as LOG_TABLE
 from keel.lakehouse.tables import Lakehouse
 from keel.models.reference import HOLDOUT, LABEL, PREDICTION, SPLIT
 from keel.monitoring import statistics as drift_stats

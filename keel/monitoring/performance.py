@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.models.reference import HOLDOUT, LABEL, PREDICTION, SPLIT
-from keel.models.spec import METRICS, label_values, score
+from keel.models.spec import METRICS
+from keel.models.training import label_values, score
 from keel.monitoring.declarations import WINDOW_FIELDS, MonitorSpec
 
 PERFORMANCE_TABLE = "monitoring.performance"

@@ -159,13 +159,13 @@ class MonitoringCollector(Collector):
         return newest if newest is None or newest.tzinfo else newest.replace(tzinfo=dt.UTC)
 
     def _aliases(self) -> list[tuple[str, str, dt.datetime]]:
-        from keel.models import registry
+        from keel.models.registry_client import alias_version, mlflow_client
 
         out = []
         for model in self.models:
-            client = registry.mlflow_client(self.settings)
+            client = mlflow_client(self.settings)
             for alias in ALIASES:
-                mv = registry.alias_version(client, model, alias)
+                mv = alias_version(client, model, alias)
                 if mv is not None:
                     out.append((model, alias, dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.UTC)))
         return out

@@ -28,7 +28,9 @@ from keel.features.training_sets import OfflineStore
 from keel.inference_log.writer import InferenceLogWriter
 from keel.lakehouse.tables import day_filter
 from keel.models import registry
-from keel.models.spec import ModelSpec, predict, resolve_refs
+from keel.models.role_types import CHAMPION
+from keel.models.spec import ModelSpec, resolve_refs
+from keel.models.training import predict
 
 DAY = dt.timedelta(days=1)
 
@@ -58,7 +60,7 @@ def replay(
     days: Sequence[dt.date],
     *,
     per_day: int = 200,
-    alias: str = registry.CHAMPION,
+    alias: str = CHAMPION,
     seed: int = 0,
     writer: InferenceLogWriter | None = None,
 ) -> ReplayResult:

@@ -215,7 +215,8 @@ def log_report(settings: Settings, path: Path, *, model: str, version: int, wind
     Raises ``ReportLogError`` when the version, its run or the artifact store cannot be reached
     or written; the report on disk is left as it is.
     """
-    from keel.models.registry import get_version, mlflow_client
+    from keel.models.registry import get_version
+    from keel.models.registry_client import mlflow_client
 
     artifact = artifact_path(model, window_start)
     run_id = None

@@ -81,6 +81,11 @@ class DriftRun:
         last = max(r.start for r in self.reports)
         return [r for r in self.reports if r.start == last]
 
+    def judged(self) -> DriftReport | None:
+        """The report the checks judge: of the latest window's versions, the one that answered most."""
+        latest = self.latest()
+        return max(latest, key=lambda r: r.rows) if latest else None
+
 
 def run_drift(
     lake: Lakehouse,

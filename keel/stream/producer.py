@@ -233,32 +233,35 @@ class EventProducer:
         stop: threading.Event | None = None,
         progress: Callable[[ProduceReport], None] | None = None,
         progress_every: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> ProduceReport:
-        """Produce ``rate`` events a second for ``seconds`` (until ``stop`` is set when None)."""
+        """Produce ``rate`` events a second for ``seconds`` (until ``stop`` is set when None),
+        pacing by ``clock`` and ``sleep``."""
         if rate <= 0:
             raise ProducerError(f"rate={rate} must be a positive number of events per second")
         report = ProduceReport()
-        start = time.monotonic()
+        start = clock()
         next_progress = start + progress_every
         sent = 0
         while not (stop is not None and stop.is_set()):
-            elapsed = time.monotonic() - start
+            elapsed = clock() - start
             if seconds is not None and elapsed >= seconds:
                 break
             due = int(rate * elapsed) + 1 - sent
             if due <= 0:
-                time.sleep(min(0.005, 1.0 / rate))
+                sleep(min(0.005, 1.0 / rate))
                 continue
             # A slow moment (GC, a full send buffer) is caught up in steps, not one huge batch.
             due = min(due, max(1, int(rate / 20)))
             self.produce(due, report=report)
             sent += due
-            if progress is not None and time.monotonic() >= next_progress:
-                report.seconds = time.monotonic() - start
+            if progress is not None and clock() >= next_progress:
+                report.seconds = clock() - start
                 progress(report)
                 next_progress += progress_every
         self.producer.flush()
-        report.seconds = time.monotonic() - start
+        report.seconds = clock() - start
         return report
 
     def close(self) -> None:

@@ -16,25 +16,21 @@ nothing: what was not appended is read again. Kafka offsets are committed after 
 for monitoring (consumer lag) and as the fallback. SIGTERM/SIGINT stop polling, append what
 waits, commit, leave the group.
 
-Metrics (Prometheus, ``metrics_port``): ``keel_stream_events_total{source,outcome}``,
-``keel_stream_consumer_lag{topic,partition}``, ``keel_stream_event_to_online_seconds{source}``
-(event timestamp to online write done) and ``keel_stream_batch_write_seconds{source}``.
+Settings and errors: ``keel.stream.worker_config``; re-sent events: ``keel.stream.resent``;
+micro-batches and their append: ``keel.stream.micro_batch``; Prometheus metrics
+(``metrics_port``): ``keel.stream.metrics``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from kafka import ConsumerRebalanceListener
@@ -44,175 +40,14 @@ from keel.config import ConfigError, Settings
 from keel.dsl import EventSource
 from keel.lakehouse.tables import Lakehouse
 from keel.project import Project
-from keel.stream.kafka_io import (
-    OFFSET,
-    PARTITION,
-    EventValidator,
-    append_exactly_once,
-    location,
-    quarantine_rows,
-    recorded_offsets,
-    write_dead_letters,
-)
+from keel.stream.consumer import commit_offsets, open_consumer, report_lag, total_lag
+from keel.stream.kafka_io import OFFSET, PARTITION, EventValidator, recorded_offsets
+from keel.stream.metrics import StreamMetrics
+from keel.stream.micro_batch import Pending, append_pending
+from keel.stream.resent import RecentIds
+from keel.stream.worker_config import StreamConfig
 
 log = logging.getLogger(__name__)
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-WRITE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class StreamError(RuntimeError):
-    """The stream worker cannot run as configured; the message says why and the fix."""
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    group_id: str = "keel-stream"
-    batch_seconds: float = 5.0
-    batch_rows: int = 10_000
-    metrics_port: int = 9464
-    # tansu completes a group join after about half of this (see keel.devservers); Kafka does not wait on it.
-    session_timeout_ms: int = 10_000
-    sources: tuple[str, ...] = ()
-    log_every: float = 10.0
-    poll_ms: int = 100
-    max_poll_records: int = 5000
-    # Event ids remembered to refuse a repeated one (beyond one poll, where validation catches it).
-    dedup_events: int = 200_000
-    online: bool = True
-    consumer_options: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        problems = []
-        if not self.group_id:
-            problems.append("group_id is empty (give e.g. --group-id keel-stream)")
-        if self.batch_seconds <= 0:
-            problems.append(f"batch_seconds={self.batch_seconds} must be positive (e.g. 5)")
-        if self.batch_rows < 1:
-            problems.append(f"batch_rows={self.batch_rows} must be at least 1 (e.g. 10000)")
-        if not 0 <= self.metrics_port <= 65535:
-            problems.append(f"metrics_port={self.metrics_port} is not a port (0 turns metrics off)")
-        if self.session_timeout_ms < 500:
-            problems.append(f"session_timeout_ms={self.session_timeout_ms} is below 500")
-        if problems:
-            raise StreamError("stream worker settings: " + "; ".join(problems))
-
-
-class StreamMetrics:
-    """The worker's Prometheus metrics, in a registry of its own (so several workers can share a process)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.events = Counter(
-            "keel_stream_events",
-            "Events consumed, valid, and dead-lettered (quarantined) by the stream worker",
-            ["source", "outcome"],
-            registry=self.registry,
-        )
-        self.lag = Gauge(
-            "keel_stream_consumer_lag",
-            "Messages behind the partition's end (high watermark minus position)",
-            ["topic", "partition"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "keel_stream_event_to_online_seconds",
-            "From an event's timestamp to its features written to the online store",
-            ["source"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.write = Histogram(
-            "keel_stream_batch_write_seconds",
-            "Duration of one micro-batch append (quarantine + raw table) to Iceberg",
-            ["source"],
-            buckets=WRITE_BUCKETS,
-            registry=self.registry,
-        )
-        self.rows = Counter(
-            "keel_stream_rows_written", "Rows appended to the raw tables", ["source"], registry=self.registry
-        )
-
-    def serve(self, port: int):
-        from prometheus_client import start_http_server
-
-        try:
-            return start_http_server(port, addr="0.0.0.0", registry=self.registry)
-        except OSError as exc:
-            raise StreamError(
-                f"metrics: cannot listen on port {port} ({exc}); pass --metrics-port with a free port, or 0 for none"
-            ) from None
-
-
-@dataclass
-class Pending:
-    """What one topic's micro-batch holds until it is appended."""
-
-    good: list[pa.Table] = field(default_factory=list)
-    bad: list[pa.Table] = field(default_factory=list)
-    rows: int = 0
-    next_offsets: dict[int, int] = field(default_factory=dict)
-    first_offsets: dict[int, int] = field(default_factory=dict)
-    # Corrected events (on_duplicate="replace"): event id -> the microsecond timestamp of the copy they replace.
-    corrections: dict[str, int] = field(default_factory=dict)
-
-    def empty(self) -> bool:
-        return not self.next_offsets
-
-
-@dataclass(frozen=True)
-class Settled:
-    """A poll's valid events of one topic, their repeated ids settled (``_split_repeated``)."""
-
-    fresh: pa.Table  # to append (corrections included)
-    refused: pa.Table | None = None  # quarantine rows of duplicates refused
-    unchanged: int = 0  # re-sent as they were: dropped
-    corrections: dict[str, int] = field(default_factory=dict)  # event id -> replaced copy's timestamp (us)
-
-
-def row_digests(source: EventSource, events: pa.Table) -> list[int]:
-    """A digest of each event's declared columns: equal digests, the same event sent again."""
-    parts = [pc.fill_null(pc.cast(events[c.name], pa.string()), "\x00") for c in source.all_columns()]
-    joined = pc.binary_join_element_wise(*parts, "\x1f")
-    return [hash(text) for text in joined.to_pylist()]
-
-
-def _day(ts_us: int) -> str:
-    return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ts_us)).date().isoformat()
-
-
-@dataclass(frozen=True)
-class Seen:
-    """Where an event id came from, its timestamp (us) and a digest of its values."""
-
-    where: str
-    ts_us: int
-    digest: int
-
-
-class RecentIds:
-    """Event ids seen lately, bounded to ``capacity`` (oldest forgotten first): what the worker
-    can tell a re-sent event by. An id older than that is not recognised (see the module docstring)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.seen: OrderedDict[str, Seen] = OrderedDict()
-
-    def add(self, source: EventSource, events: pa.Table, where: str) -> None:
-        ids = events[source.event_id].to_pylist()
-        ts = pc.cast(events[source.timestamp], pa.int64()).to_pylist()
-        for event_id, t, digest in zip(ids, ts, row_digests(source, events), strict=True):
-            self.seen[event_id] = Seen(where, t, digest)
-        self.trim()
-
-    def trim(self) -> None:
-        while len(self.seen) > self.capacity:
-            self.seen.popitem(last=False)
-
-    def __contains__(self, event_id: str) -> bool:
-        return event_id in self.seen
 
 
 class StreamWorker:
@@ -228,21 +63,7 @@ class StreamWorker:
             )
         self.settings = settings
         self.project = project
-        with_topics = [s for s in project.sources if s.kafka_topic]
-        if config.sources:
-            unknown = sorted(set(config.sources) - {s.name for s in with_topics})
-            if unknown:
-                raise StreamError(
-                    f"sources {unknown} have no kafka_topic in project {project.name!r} "
-                    f"(sources with topics: {', '.join(s.name for s in with_topics) or 'none'})"
-                )
-            with_topics = [s for s in with_topics if s.name in config.sources]
-        if not with_topics:
-            raise StreamError(
-                f"project {project.name!r} declares no event source with a kafka_topic; "
-                "set kafka_topic='...' on the sources to stream"
-            )
-        self.sources: dict[str, EventSource] = {s.kafka_topic: s for s in with_topics}
+        self.sources: dict[str, EventSource] = config.streamed_sources(project)
         self.run_id = f"stream-{config.group_id}-{uuid.uuid4().hex[:8]}"
         self.lake = Lakehouse.from_settings(settings)
         for source in self.sources.values():
@@ -294,7 +115,7 @@ class StreamWorker:
         if self.config.metrics_port:
             self._metrics_server = self.metrics.serve(self.config.metrics_port)
         self._warm()
-        self.consumer = self._consumer()
+        self.consumer = open_consumer(self.settings.kafka_bootstrap, self.config, self.run_id, self.sources)
         topics = sorted(self.sources)
         self.consumer.subscribe(topics, listener=_Listener(self))
         log.info(
@@ -316,7 +137,7 @@ class StreamWorker:
                 if polled:
                     self.process(polled)
                 self._finish_flush()
-                self._update_lag()
+                report_lag(self.consumer, self.assigned, self.metrics.lag)
                 waiting = sum(p.rows for p in self.pending.values())
                 if (
                     waiting >= self.config.batch_rows
@@ -341,41 +162,12 @@ class StreamWorker:
             self.counts["written"],
         )
 
-    def _consumer(self):
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
-
-        options = {
-            "group_id": self.config.group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-            "session_timeout_ms": self.config.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, self.config.session_timeout_ms // 3),
-            "max_poll_interval_ms": 300_000,
-            "fetch_max_wait_ms": 50,
-            "max_poll_records": self.config.max_poll_records,
-            "client_id": self.run_id,
-            **self.config.consumer_options,
-        }
-        try:
-            from keel.devservers import create_topics
-
-            created = create_topics(self.settings.kafka_bootstrap, {t: 3 for t in self.sources})
-            if created:
-                log.info("created missing topics %s (3 partitions each)", ", ".join(created))
-            return KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, **options)
-        except KafkaError as exc:
-            raise StreamError(
-                f"cannot reach Kafka at KEEL_KAFKA_BOOTSTRAP={self.settings.kafka_bootstrap!r}: {exc} "
-                "(is the broker running, and the address right?)"
-            ) from None
-
     def _close(self) -> None:
         # An append still running finishes (its offsets then count); one that failed is not retried here.
         self._writer.shutdown(wait=True)
         self._checkers.shutdown(wait=True)
         if self.consumer is not None:
-            self._commit_kafka(self.sources)
+            commit_offsets(self.consumer, self.offsets, self.sources)
             # The listener's revoke on close finds nothing left to append.
             self.consumer.close(autocommit=False)
             self.consumer = None
@@ -466,7 +258,7 @@ class StreamWorker:
             source = self.sources[topic]
             good, bad = checked[topic]
             pending = self.pending[topic]
-            resent = self._split_repeated(source, good)
+            resent = self.recent.settle(source, good, self.run_id)
             good = resent.fresh
             if resent.refused is not None:
                 bad = pa.concat_tables([bad, resent.refused]).sort_by(
@@ -509,61 +301,6 @@ class StreamWorker:
                 fresh[source.name] = good
         if self.features is not None and fresh:
             self._update_online(fresh)
-
-    def _split_repeated(self, source: EventSource, good: pa.Table) -> Settled:
-        """Settle events whose id came earlier (in this poll, an earlier one, or the raw table's
-        recent history) as a batch ingest settles them against the table (keel.ingest.resent): arriving
-        unchanged they are dropped and counted; with other values they are corrections
-        (``on_duplicate="replace"``) or are dead-lettered as duplicates pointing at the first."""
-        if not source.event_id or good.num_rows == 0:
-            return Settled(good)
-        ids = good[source.event_id].to_pylist()
-        ts = pc.cast(good[source.timestamp], pa.int64()).to_pylist()
-        digests = row_digests(source, good)
-        topic = source.kafka_topic
-        partitions, offsets = good[PARTITION].to_pylist(), good[OFFSET].to_pylist()
-        seen = self.recent.seen
-        keep = np.ones(len(ids), bool)
-        unchanged, corrections, refused_at = 0, {}, {}
-        for k, (event_id, t, digest) in enumerate(zip(ids, ts, digests, strict=True)):
-            before = seen.get(event_id)
-            here = Seen(f"{location(topic, partitions[k])} row {offsets[k]}", t, digest)
-            if before is None:
-                seen[event_id] = here
-            elif before.digest == digest and before.ts_us == t:
-                keep[k] = False
-                unchanged += 1
-            elif source.on_duplicate == "replace":
-                corrections[event_id] = corrections.get(event_id, before.ts_us)
-                seen[event_id] = here
-            else:
-                keep[k] = False
-                refused_at[k] = before
-        self.recent.trim()
-        fresh = good if keep.all() else good.filter(pa.array(keep))
-        if not refused_at:
-            return Settled(fresh, None, unchanged, corrections)
-        rows = sorted(refused_at)
-        dupes = good.take(pa.array(rows))
-        names = [c.name for c in source.all_columns()]
-        records = [json.dumps({k: _text(v) for k, v in row.items()}) for row in dupes.select(names).to_pylist()]
-        reasons = [
-            f"{source.event_id} {json.dumps(ids[k])} arrived earlier with other values at {refused_at[k].where}, "
-            f"{_day(refused_at[k].ts_us)} (on_duplicate='quarantine'; declare on_duplicate='replace' to take "
-            "re-sent events as corrections)"
-            for k in rows
-        ]
-        bad = pa.table(
-            {
-                "file": [location(topic, p) for p in dupes[PARTITION].to_pylist()],
-                "row_number": dupes[OFFSET],
-                "reason_code": ["duplicate_event_id"] * dupes.num_rows,
-                "reason": reasons,
-                "record": records,
-            }
-        )
-        refused = quarantine_rows(source.name, bad, self.run_id, dt.datetime.now(dt.UTC))
-        return Settled(fresh, refused, unchanged, corrections)
 
     def _update_online(self, fresh: dict[str, pa.Table]) -> None:
         for name, good in fresh.items():
@@ -611,7 +348,7 @@ class StreamWorker:
         done, self._inflight = self._inflight, None
         flushed, corrected = done.result()  # an append that failed stops the worker here; a restart replays it
         if flushed and self.consumer is not None:
-            self._commit_kafka(flushed)
+            commit_offsets(self.consumer, self.offsets, flushed)
         if self.features is not None and flushed:
             self.features.evict(dt.datetime.now(dt.UTC))
         if self.features is not None and corrected:
@@ -639,23 +376,9 @@ class StreamWorker:
         for topic, pending in batches.items():
             source = self.sources[topic]
             t0 = time.perf_counter()
-            if pending.bad:
-                bad = pa.concat_tables(pending.bad)
-                spans = {p: (pending.first_offsets[p], pending.next_offsets[p] - 1) for p in pending.next_offsets}
-                write_dead_letters(self.lake, source, bad, spans, self.run_id)
-            good = pa.concat_tables(pending.good) if pending.good else _empty(source)
-            removals = None
-            if pending.corrections:
-                good = _last_of_each(good, source.event_id, set(pending.corrections))
-                removals = {}
-                for event_id, ts_us in sorted(pending.corrections.items()):
-                    removals.setdefault(dt.date.fromisoformat(_day(ts_us)), []).append(event_id)
-                fixed = good.filter(pc.is_in(good[source.event_id], pa.array(list(pending.corrections))))
-                replaced_at = [pending.corrections[i] for i in fixed[source.event_id].to_pylist()]
-                corrected[source.name] = fixed.select(source.key_columns).append_column(
-                    "_replaced_ts", pc.cast(pa.array(replaced_at, pa.int64()), pa.timestamp("us", tz="UTC"))
-                )
-            result = append_exactly_once(self.lake, source, good, pending.next_offsets, self.run_id, removals=removals)
+            result, fixed = append_pending(self.lake, source, pending, self.run_id)
+            if fixed is not None:
+                corrected[source.name] = fixed
             elapsed = time.perf_counter() - t0
             self.metrics.write.labels(source.name).observe(elapsed)
             self.metrics.rows.labels(source.name).inc(result.rows)
@@ -678,48 +401,10 @@ class StreamWorker:
             flushed.append(topic)
         return flushed, corrected
 
-    def _commit_kafka(self, topics) -> None:
-        from kafka import OffsetAndMetadata, TopicPartition
-        from kafka.errors import KafkaError
-
-        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        offsets = {
-            TopicPartition(topic, p): OffsetAndMetadata(o, "", -1)
-            for topic in topics
-            for p, o in self.offsets.get(topic, {}).items()
-            if (topic, p) in assigned
-        }
-        if not offsets:
-            return
-        try:
-            self.consumer.commit(offsets)
-        except KafkaError as exc:
-            # Iceberg holds the offsets that count; Kafka's serve monitoring and catch up at the next commit.
-            log.warning("committing offsets to Kafka failed (%s); Iceberg has them", exc)
-
-    def _update_lag(self) -> None:
-        for tp in self.assigned:
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            try:
-                position = self.consumer.position(tp, timeout_ms=0)
-            except Exception:  # noqa: BLE001 - a position being reset has no lag to show yet
-                continue
-            if position is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
-
     def _log_progress(self, before: dict) -> None:
         every = self.config.log_every
         rate = (self.counts["consumed"] - before["consumed"]) / every
-        lag = (
-            sum(
-                max(0, (self.consumer.highwater(tp) or 0) - (self.consumer.position(tp, timeout_ms=0) or 0))
-                for tp in self.assigned
-            )
-            if self.consumer is not None
-            else 0
-        )
+        lag = total_lag(self.consumer, self.assigned)
         log.info(
             "%d consumed (%.0f/s), %d valid, %d dead-lettered, %d appended in %d batches; lag %d",
             self.counts["consumed"],
@@ -764,30 +449,3 @@ class _Listener(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost) -> None:
         self.worker.assigned -= set(lost)
-
-
-def _last_of_each(events: pa.Table, column: str, ids: set[str]) -> pa.Table:
-    """``events`` with only the last occurrence (in arrival order) of each of ``ids``: a correction
-    whose earlier copy is still in the same micro-batch replaces it there."""
-    keep = np.ones(events.num_rows, bool)
-    met: set[str] = set()
-    values = events[column].to_pylist()
-    for k in range(len(values) - 1, -1, -1):
-        if values[k] in ids:
-            if values[k] in met:
-                keep[k] = False
-            met.add(values[k])
-    return events if keep.all() else events.filter(pa.array(keep))
-
-
-def _empty(source: EventSource) -> pa.Table:
-    table = source.arrow_schema().empty_table()
-    return table.append_column(PARTITION, pa.array([], pa.int32())).append_column(OFFSET, pa.array([], pa.int64()))
-
-
-def _text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -4,24 +4,18 @@ import io
 import json
 
 import dagster as dg
-import pytest
 
 from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
 from sensors.alerts import alert_sensor, alert_sensor_definitions
-from tests.keel.test_alerts import SECRET, FakeWebhook, Waits, closed_port
+from tests.factories.alerts import SECRET, FakeWebhook, closed_port
+from tests.factories.timing import Waits
 
 DRIFT_ASSET = dg.AssetKey(["monitoring", "churn_drift"])
 DRIFT = dg.AssetCheckKey(DRIFT_ASSET, "drift")
 LABEL = dg.AssetCheckKey(DRIFT_ASSET, "label_drift")
 DAGSTER = "http://dagster.test:3000"
 DAYS = dg.DailyPartitionsDefinition(start_date="2026-03-01")
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 class Harness:

@@ -2,31 +2,14 @@
 
 import json
 
-import dagster as dg
 import pyarrow as pa
-import pytest
 
 from assets.metadata import audit_check_result, audit_metadata
-from assets.raw_events import raw_event_definitions
 from keel.lakehouse.audit import audit_events
-from keel.project import Project
 from pipelines.sources import CURRENCIES, transactions
-from resources import resource_definitions
-from tests.conftest import payment_rows
-from tests.dagster.test_raw_events import START, check_evaluation, run_ingest, write_csv
-from tests.keel.test_quality import txn_rows
-
-
-@pytest.fixture
-def defs(payments, settings) -> dg.Definitions:
-    project = Project(name="test", sources=(payments,), start_date=START)
-    return dg.Definitions.merge(raw_event_definitions(project), resource_definitions(settings))
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test(temp_dir=str(keel_home / "dagster")) as inst:
-        yield inst
+from tests.factories.audit import txn_rows
+from tests.factories.dagster_runs import START, check_evaluation, run_ingest, write_csv
+from tests.factories.payments import payment_rows
 
 
 def failing_report():
@@ -76,13 +59,13 @@ def test_a_passing_audit_has_no_examples():
     assert audit_metadata(report, "audit_x")["examples"].value == "all expectations passed"
 
 
-def test_a_failed_audit_in_a_run_names_the_offending_events(defs, instance, keel_home):
+def test_a_failed_audit_in_a_run_names_the_offending_events(ingest_defs, instance, keel_home):
     rows = payment_rows(START, 10)
     rows[4]["amount"] = 20_000.0
     rows[7]["currency"] = "GBP"
     path = write_csv(keel_home / "landing" / "payments" / "bad.csv", rows)
 
-    result = run_ingest(defs, instance, [path], START, START)
+    result = run_ingest(ingest_defs, instance, [path], START, START)
 
     assert not result.success
     check = check_evaluation(result)

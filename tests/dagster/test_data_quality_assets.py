@@ -5,22 +5,15 @@ import datetime as dt
 
 import dagster as dg
 import pyarrow.compute as pc
-import pytest
 
 from assets import single_run_backfills
 from assets.data_quality import quality_asset
 from keel.monitoring.data_quality import CHECKS, QUALITY_TABLE
 from resources import lakehouse_resource
-from tests.keel.test_data_quality import DAY, TARGET, events, history, planted, write
+from tests.factories.data_quality import DAY, TARGET, events, history, planted, write
 
 UPSTREAM = dg.AssetKey(["raw", "events"])
 PARTITIONS = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 def run_quality(settings, instance, *days: dt.date) -> dg.ExecuteInProcessResult:

@@ -10,7 +10,7 @@ from assets.raw_events import raw_event_definitions
 from keel.project import Project
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from tests.keel.test_store import HISTORY, START, groups_for, land
+from tests.factories.features import HISTORY, START, groups_for, land
 
 
 @pytest.fixture

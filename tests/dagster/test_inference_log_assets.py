@@ -6,11 +6,12 @@ import dagster as dg
 import pytest
 
 from assets.inference_log import JOB_NAME, PUBLISHED_KEY, inference_log_definitions
-from keel.inference_log.writer import TABLE, InferenceLogWriter
+from keel.inference_log.records import TABLE
+from keel.inference_log.writer import InferenceLogWriter
 from keel.project import Project
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from tests.keel.test_inference_log import on_day
+from tests.factories.inference_log import on_day
 
 FIRST = dt.date(2026, 3, 10)
 LAST = FIRST + dt.timedelta(days=1)
@@ -24,12 +25,6 @@ def defs(payments, settings):
         inference_log_definitions(project, [SERVING]),
         resource_definitions(settings),
     )
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 def materialized(result) -> dict[str, dict]:

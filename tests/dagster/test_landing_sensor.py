@@ -32,7 +32,7 @@ from sensors.landing import (
     SETTLE_SECONDS,
     landing_sensor,
 )
-from tests.conftest import payment_rows
+from tests.factories.payments import payment_rows
 
 START = dt.date(2026, 1, 1)
 DAGSTER = "http://dagster.test:3000"
@@ -132,12 +132,6 @@ class Landing:
 
     def cancel(self, run: dg.DagsterRun) -> None:
         self.instance.report_run_canceled(self.instance.get_run_by_id(run.run_id), "canceled by a person")
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 @pytest.fixture

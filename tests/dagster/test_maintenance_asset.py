@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from assets.maintenance import lakehouse_maintenance
 from resources import lakehouse_resource
-from tests.conftest import payment_rows
+from tests.factories.payments import payment_rows
 
 DAY = dt.date(2026, 2, 1)
 

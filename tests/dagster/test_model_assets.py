@@ -10,8 +10,9 @@ from keel.models import registry
 from keel.project import Project
 from resources import resource_definitions
 from sensors.retrain import retrain_sensor
-from tests.keel.test_models import land_labels, spec, synthetic
-from tests.keel.test_store import land
+from tests.factories.dagster_runs import run_train
+from tests.factories.features import land
+from tests.factories.models import land_labels, spec, synthetic
 
 # MLflow's SQL store declares its relationships with lazy="noload", deprecated in SQLAlchemy 2.1; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
@@ -22,17 +23,6 @@ CHAMPION = dg.AssetKey(["models", "churn_champion"])
 @pytest.fixture
 def project(model_project) -> Project:
     return model_project
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
-
-
-def run_train(project, settings, instance, model, floors=None):
-    defs = dg.Definitions.merge(model_definitions(project, [model], floors=floors), resource_definitions(settings))
-    return defs.resolve_job_def("train_churn").execute_in_process(instance=instance, raise_on_error=False)
 
 
 def materialized(result, key: dg.AssetKey) -> dict:

@@ -8,23 +8,19 @@ import pytest
 
 from assets.models import champion_key
 from keel.models import promotion, registry
-from keel.models.roles import Request, settle
+from keel.models.registry_client import mlflow_client
+from keel.models.role_types import Request
+from keel.models.roles import settle
 from resources import mlflow_resource
 from sensors.model_registry import model_registry_sensor, model_registry_sensor_definitions
-from tests.dagster.test_model_assets import run_train
-from tests.keel.test_model_roles import person_moves_stage
-from tests.keel.test_models import land_labels, spec, synthetic
-from tests.keel.test_store import land
+from tests.factories.dagster_runs import run_train
+from tests.factories.features import land
+from tests.factories.models import land_labels, spec, synthetic
+from tests.factories.registry import person_moves_stage
 
 # MLflow's SQL store declares its relationships with lazy="noload", deprecated in SQLAlchemy 2.1; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 CHAMPION = dg.AssetKey(["models", "churn_champion"])
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 @pytest.fixture
@@ -36,7 +32,7 @@ def model(buyer, outcomes):
 def client(settings):
     """'churn' with three versions, v1 the challenger, as registration leaves it (no artifacts: roles load none)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    client = registry.mlflow_client(settings)
+    client = mlflow_client(settings)
     client.create_registered_model("churn")
     experiment = client.create_experiment("churn")
     for _ in range(3):

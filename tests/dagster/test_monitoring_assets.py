@@ -14,34 +14,31 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from assets.monitoring import NAMED_IN_MESSAGE, drift_checks, drift_key, monitoring_definitions, performance_key
+from assets.monitoring import drift_checks, drift_key, monitoring_definitions, performance_key
 from keel.config import LOCAL_MLFLOW_UI
 from keel.inference_log.loader import stage_inference_log
-from keel.inference_log.writer import FileSink, InferenceLogWriter, log_root
+from keel.inference_log.sinks import FileSink, log_root
+from keel.inference_log.writer import InferenceLogWriter
 from keel.lakehouse import wap
 from keel.models import registry
 from keel.models.reference import LABEL, PREDICTION, SPLIT, load_reference
+from keel.models.registry_client import mlflow_client
 from keel.monitoring.declarations import MonitorSpec, Threshold
 from keel.monitoring.drift import DRIFT_TABLE, DriftReport, TargetDrift
 from keel.monitoring.performance import PERFORMANCE_TABLE
 from keel.monitoring.report import ARTIFACT_FOLDER
 from keel.monitoring.run import DriftRun
 from keel.monitoring.statistics import categorical_drift, numeric_drift
+from keel.monitoring.verdicts import NAMED_IN_MESSAGE
 from resources import resource_definitions
 from sensors.alerts import alert_sensor
 from sensors.retrain import retrain_sensor
-from tests.dagster.test_model_assets import run_train
-from tests.keel.test_models import land_labels, spec, synthetic
-from tests.keel.test_store import land
+from tests.factories.dagster_runs import run_train
+from tests.factories.features import land
+from tests.factories.models import land_labels, spec, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 QUIET, DRIFTED = dt.date(2026, 5, 10), dt.date(2026, 5, 11)
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 def feature_rows(meta) -> list[str]:
@@ -118,7 +115,7 @@ def test_drift_fails_on_drifted_traffic_alerts_once_and_starts_one_retrain(
     drifted_in_table = {row.split("|")[1].strip() for row in feature_rows(meta) if row.split("|")[5].strip() == "drift"}
     assert drifted_in_table == {e["feature"] for e in listed}
     # The report is an artifact of the judged version's training run, linked as the MLflow UI page showing it.
-    client = registry.mlflow_client(settings)
+    client = mlflow_client(settings)
     run = client.get_run(info.run_id)
     artifact = f"{ARTIFACT_FOLDER}/churn/{DRIFTED:%Y-%m-%d}T0000.html"
     assert meta["report_artifact"].value == f"runs:/{info.run_id}/{artifact}"

@@ -15,8 +15,7 @@ from keel.online.store import OnlineStore
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import resource_definitions
-from tests.keel.test_online import online_groups
-from tests.keel.test_store import HISTORY, START, at, land
+from tests.factories.features import HISTORY, START, at, land, online_groups
 
 
 @pytest.fixture

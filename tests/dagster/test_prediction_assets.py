@@ -8,15 +8,15 @@ import pytest
 
 from assets.predictions import prediction_definitions
 from keel.features.materialize import backfill
-from keel.models import promotion, registry
+from keel.models import promotion, registration
 from keel.models.batch_predict import predictions_table
-from keel.models.spec import train
+from keel.models.training import train
 from keel.project import Project
 from keel.store import FeatureStore
 from resources import resource_definitions
 from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import land
+from tests.factories.features import land
+from tests.factories.models import START, land_labels, spec, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 PUBLISHED = dg.AssetKey(["predictions", "churn"])
@@ -34,12 +34,6 @@ def defs(project, buyer, outcomes, settings):
     return dg.Definitions.merge(
         prediction_definitions(project, [spec(buyer, outcomes)]), resource_definitions(settings)
     )
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test() as instance:
-        yield instance
 
 
 def test_definitions_hold_the_assets_check_job_and_schedule(defs):
@@ -67,7 +61,9 @@ def test_a_partition_range_is_scored_audited_and_published_in_one_run(
     for group in project.feature_groups:
         assert backfill(store, group, FIRST, LAST, run_id=f"fg-{group.name}")[2] is not None
     model = spec(buyer, outcomes)
-    info = registry.log_and_register(settings, model, train(store, model, now=dt.datetime(2030, 1, 1, tzinfo=dt.UTC)))
+    info = registration.log_and_register(
+        settings, model, train(store, model, now=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    )
     promotion.promote(settings, "churn", info.version)
 
     job = defs.resolve_job_def("predict_churn")

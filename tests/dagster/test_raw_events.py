@@ -1,69 +1,19 @@
 """The raw event assets run as Dagster runs: stage, blocking audit, publish."""
 
-import csv
 import datetime as dt
 
 import dagster as dg
 import pytest
 
-from assets.raw_events import ingest_job_name, ingest_run_config, raw_event_definitions
-from keel.dsl import Entity
+from assets.raw_events import ingest_job_name
 from keel.ingest.batch import QUARANTINE_TABLE
 from keel.lakehouse import wap
-from keel.project import Project
-from resources import resource_definitions
-from sensors.landing import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from tests.conftest import payment_rows, payments_source
-
-START = dt.date(2026, 1, 1)
-PAYMENTS = payments_source(Entity(name="buyer", join_keys={"user_id": "string"}))
-
-
-@pytest.fixture
-def project(payments) -> Project:
-    return Project(name="test", sources=(payments,), start_date=START)
-
-
-@pytest.fixture
-def defs(project, settings) -> dg.Definitions:
-    return dg.Definitions.merge(raw_event_definitions(project), resource_definitions(settings))
-
-
-@pytest.fixture
-def instance(keel_home):
-    with dg.instance_for_test(temp_dir=str(keel_home / "dagster")) as inst:
-        yield inst
-
-
-def write_csv(path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()})
-    return str(path)
+from tests.factories.dagster_runs import START, check_evaluation, run_ingest, write_csv
+from tests.factories.payments import payment_rows
 
 
 def days(first: dt.date, n: int) -> list[dt.date]:
     return [first + dt.timedelta(days=i) for i in range(n)]
-
-
-def run_ingest(defs, instance, files: list[str], first: dt.date, last: dt.date, **kwargs) -> dg.ExecuteInProcessResult:
-    job = defs.resolve_job_def(ingest_job_name_for(defs))
-    return job.execute_in_process(
-        instance=instance,
-        run_config=ingest_run_config(PAYMENTS, files),
-        tags={ASSET_PARTITION_RANGE_START_TAG: first.isoformat(), ASSET_PARTITION_RANGE_END_TAG: last.isoformat()},
-        raise_on_error=False,
-        **kwargs,
-    )
-
-
-def ingest_job_name_for(defs) -> str:
-    names = [job.name for job in defs.jobs if job.name.startswith("ingest_")]
-    assert names == ["ingest_payments"]
-    return names[0]
 
 
 def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetMaterialization]:
@@ -78,19 +28,13 @@ def step_failure(result: dg.ExecuteInProcessResult) -> str:
     return failures[0].event_specific_data.error.message
 
 
-def check_evaluation(result: dg.ExecuteInProcessResult):
-    evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    assert len(evaluations) == 1
-    return evaluations[0]
-
-
-def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, instance, lake, keel_home, payments):
+def test_a_partition_range_is_staged_audited_and_published_in_one_run(ingest_defs, instance, lake, keel_home, payments):
     rows = [r for day in days(START, 3) for r in payment_rows(day, 20)]
     bad = {**rows[0], "event_id": "bad-1", "amount": "lots"}
     path = write_csv(keel_home / "landing" / "payments" / "batch.csv", [*rows, bad])
 
     # The range runs a day past the file's events: that day is covered by the run but not written.
-    result = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=3))
+    result = run_ingest(ingest_defs, instance, [path], START, START + dt.timedelta(days=3))
 
     assert result.success
     assert ingest_job_name(payments) == "ingest_payments"
@@ -119,16 +63,18 @@ def test_a_partition_range_is_staged_audited_and_published_in_one_run(defs, inst
     assert partitions == {d.isoformat() for d in days(START, 4)}
 
 
-def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(defs, instance, lake, keel_home):
+def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(ingest_defs, instance, lake, keel_home):
     history = [r for day in days(START, 5) for r in payment_rows(day, 200)]
-    ok = run_ingest(defs, instance, [write_csv(keel_home / "h.csv", history)], START, START + dt.timedelta(days=4))
+    ok = run_ingest(
+        ingest_defs, instance, [write_csv(keel_home / "h.csv", history)], START, START + dt.timedelta(days=4)
+    )
     assert ok.success
     main_before = lake.head("raw.payments")
 
     # Every row is valid on its own, but the day holds 3 rows against a median of 200.
     thin_day = START + dt.timedelta(days=5)
     thin = write_csv(keel_home / "thin.csv", payment_rows(thin_day, 3))
-    result = run_ingest(defs, instance, [thin], thin_day, thin_day)
+    result = run_ingest(ingest_defs, instance, [thin], thin_day, thin_day)
 
     assert not result.success
     check = check_evaluation(result)
@@ -144,7 +90,7 @@ def test_a_failed_audit_blocks_the_publish_and_keeps_the_branch(defs, instance, 
     assert lake.read("raw.payments", branch=branch).num_rows == 1003
 
 
-def test_a_crash_before_publish_then_a_rerun_leaves_one_copy(defs, instance, lake, keel_home, monkeypatch):
+def test_a_crash_before_publish_then_a_rerun_leaves_one_copy(ingest_defs, instance, lake, keel_home, monkeypatch):
     rows = [r for day in days(START, 2) for r in payment_rows(day, 30)]
     path = write_csv(keel_home / "two-days.csv", rows)
 
@@ -153,12 +99,12 @@ def test_a_crash_before_publish_then_a_rerun_leaves_one_copy(defs, instance, lak
 
     with monkeypatch.context() as patch:
         patch.setattr(wap, "publish", crash)
-        crashed = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=1))
+        crashed = run_ingest(ingest_defs, instance, [path], START, START + dt.timedelta(days=1))
     assert not crashed.success
     assert lake.read("raw.payments").num_rows == 0
     assert lake.read("raw.payments", branch=wap.branch_name(crashed.run_id)).num_rows == 60
 
-    rerun = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=1))
+    rerun = run_ingest(ingest_defs, instance, [path], START, START + dt.timedelta(days=1))
 
     assert rerun.success
     main = lake.read("raw.payments")
@@ -166,16 +112,18 @@ def test_a_crash_before_publish_then_a_rerun_leaves_one_copy(defs, instance, lak
     assert sorted(main.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
 
 
-def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the_first(defs, instance, lake, keel_home):
+def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the_first(
+    ingest_defs, instance, lake, keel_home
+):
     path = write_csv(keel_home / "day.csv", payment_rows(START, 25))
-    assert run_ingest(defs, instance, [path], START, START).success
+    assert run_ingest(ingest_defs, instance, [path], START, START).success
     first_snapshot = lake.head("raw.payments")
     first = lake.read("raw.payments").sort_by("event_id")
 
     # The same partition again, this time with one amount corrected.
     corrected = payment_rows(START, 25)
     corrected[3]["amount"] = 999.0
-    again = run_ingest(defs, instance, [write_csv(keel_home / "day.csv", corrected)], START, START)
+    again = run_ingest(ingest_defs, instance, [write_csv(keel_home / "day.csv", corrected)], START, START)
     assert again.success
 
     second = lake.read("raw.payments").sort_by("event_id")
@@ -187,15 +135,17 @@ def test_running_the_same_partition_twice_is_idempotent_and_time_travel_sees_the
     assert lake.read("raw.payments", snapshot_id=first_snapshot).sort_by("event_id") == first
 
 
-def test_no_files_fails_with_a_message_naming_the_folder(defs, instance, keel_home):
-    result = run_ingest(defs, instance, [], START, START)
+def test_no_files_fails_with_a_message_naming_the_folder(ingest_defs, instance, keel_home):
+    result = run_ingest(ingest_defs, instance, [], START, START)
     assert not result.success
     message = step_failure(result)
     assert "no files for source 'payments'" in message
     assert str(keel_home / "landing" / "payments") in message
 
 
-def test_a_run_whose_publish_conflicts_stages_again_and_keeps_both_writes(defs, instance, lake, keel_home, payments):
+def test_a_run_whose_publish_conflicts_stages_again_and_keeps_both_writes(
+    ingest_defs, instance, lake, keel_home, payments
+):
     """Another writer (here `keel ingest`) publishes between this run's stage and its publish:
     the run stages again on main's new head, audits it and publishes, instead of failing."""
     from keel.ingest.batch import ingest_files
@@ -215,7 +165,7 @@ def test_a_run_whose_publish_conflicts_stages_again_and_keeps_both_writes(defs, 
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as patch:
         patch.setattr(wap, "publish", another_writer_first)
-        result = run_ingest(defs, instance, [write_csv(keel_home / "ours.csv", ours)], START, START)
+        result = run_ingest(ingest_defs, instance, [write_csv(keel_home / "ours.csv", ours)], START, START)
 
     assert result.success
     assert published == [result.run_id, "theirs", result.run_id]

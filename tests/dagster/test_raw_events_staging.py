@@ -3,13 +3,13 @@
 import datetime as dt
 
 from keel.ingest import batch as ingest
-from tests.conftest import payment_rows
-from tests.dagster.test_raw_events import START, defs, instance, project, run_ingest, write_csv  # noqa: F401
+from tests.factories.dagster_runs import START, run_ingest, write_csv
+from tests.factories.payments import payment_rows
 
 
 def test_an_ingest_run_stages_under_keel_home_and_removes_its_folder(
-    defs,  # noqa: F811
-    instance,  # noqa: F811
+    ingest_defs,
+    instance,
     keel_home,
     settings,
     monkeypatch,
@@ -24,7 +24,7 @@ def test_an_ingest_run_stages_under_keel_home_and_removes_its_folder(
     monkeypatch.setattr(ingest, "prepare", spy)
     path = write_csv(keel_home / "landing" / "payments" / "batch.csv", payment_rows(START, 20))
 
-    result = run_ingest(defs, instance, [path], START, START + dt.timedelta(days=1))
+    result = run_ingest(ingest_defs, instance, [path], START, START + dt.timedelta(days=1))
 
     assert result.success
     assert roots == [settings.staging]

@@ -8,7 +8,8 @@ import dagster as dg
 
 from keel.config import Settings
 from keel.stream.producer import EventProducer
-from keel.stream.worker import StreamConfig, StreamWorker
+from keel.stream.worker import StreamWorker
+from keel.stream.worker_config import StreamConfig
 from pipelines import project
 from resources import lakehouse_resource
 from resources.kafka import KafkaResource

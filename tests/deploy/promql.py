@@ -1,7 +1,7 @@
 """What the deploy checks share: the metric names Keel exports, PromQL selectors, promtool.
 
 Serving's and the stream worker's names are read from their source (the prometheus_client
-constructors in serving/metrics.py and keel/stream/worker.py); the monitoring exporter's from
+constructors in serving/metrics.py and keel/stream/metrics.py); the monitoring exporter's from
 deploy/prometheus/metrics.txt, the list its author checks against.
 """
 
@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
-INSTRUMENTED = (REPO / "serving" / "metrics.py", REPO / "keel" / "stream.py")
+INSTRUMENTED = (REPO / "serving" / "metrics.py", REPO / "keel" / "stream" / "metrics.py")
 MONITORING_LIST = PROMETHEUS / "metrics.txt"
 
 # Labels Prometheus adds to every scraped series, and the series it writes itself.

@@ -20,8 +20,9 @@ import pytest
 from keel.cli.main import main
 from keel.config import Settings
 from keel.devservers import free_port
-from keel.models import promotion, registry
-from tests.keel.test_model_registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
+from keel.models import promotion, registration, registry
+from keel.models.registry_client import mlflow_client
+from tests.factories.registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
 
 API_KEY = "e2e-key"
 
@@ -38,9 +39,9 @@ def keel_serve(settings, keel_home, monkeypatch):
     """`keel serve` on a free port, serving 'churn' (v1 champion, v2 challenger), polling every 0.3 s."""
     data = demo_table(0, N_TRAIN + N_HOLDOUT)
     first, second = spec("xgboost"), spec("xgboost")
-    registry.log_and_register(settings, first, fit(first, xgb(), ["x1", "segment"], data))
+    registration.log_and_register(settings, first, fit(first, xgb(), ["x1", "segment"], data))
     promotion.promote(settings, "churn", 1)
-    registry.log_and_register(settings, second, fit(second, xgb(), ["x1", "x2", "segment"], data))
+    registration.log_and_register(settings, second, fit(second, xgb(), ["x1", "x2", "segment"], data))
 
     for name, value in {
         "KEEL_SERVE_MODELS": "churn",
@@ -106,7 +107,7 @@ def test_a_stage_transition_through_mlflows_rest_api_reaches_keel_serve(settings
     assert served(client) == {"champion": 2}  # the challenger promoted is no longer one
 
     # Serving wrote nothing: the aliases still name v1 until the registry is settled.
-    mlflow = registry.mlflow_client(settings)
+    mlflow = mlflow_client(settings)
     aliases = mlflow.get_registered_model("churn").aliases
     assert {alias: int(version) for alias, version in aliases.items()} == {"champion": 1, "challenger": 2}
     capsys.readouterr()

@@ -2,8 +2,8 @@
 
 from keel.dsl import Entity
 from keel.project import Project
-from tests.conftest import payments_source
-from tests.keel.test_store import START, groups_for
+from tests.factories.features import START, groups_for
+from tests.factories.payments import payments_source
 
 buyer = Entity(name="buyer", join_keys={"user_id": "string"})
 payments = payments_source(buyer)

@@ -2,9 +2,8 @@
 
 from keel.dsl import Entity
 from keel.project import Project
-from tests.conftest import payments_source
-from tests.keel.test_online import online_groups
-from tests.keel.test_store import START
+from tests.factories.features import START, online_groups
+from tests.factories.payments import payments_source
 
 buyer = Entity(name="buyer", join_keys={"user_id": "string"})
 payments = payments_source(buyer)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import socket
 import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given, settings
@@ -33,12 +30,13 @@ from keel.alerts.sinks import (
     slack_payload,
 )
 from keel.config import Settings, redact_url
+from tests.factories.alerts import SECRET, FakeWebhook, closed_port
+from tests.factories.timing import Waits
 
 T0 = dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC)
 DRIFT = "monitoring/churn_drift:drift"
 PERF = "monitoring/churn_performance:performance"
 DAGSTER = "http://dagster.test:3000"
-SECRET = "T0000/B0000/s3cr3t-t0ken"
 
 
 def ev(condition=DRIFT, passed=False, severity="ERROR", minutes=0, run_id="run-1", **kw) -> Evaluation:
@@ -276,81 +274,10 @@ def test_a_torn_last_line_does_not_swallow_the_next_alert(tmp_path):
 # Webhook against a real loopback server ------------------------------------------------------
 
 
-class FakeWebhook:
-    """A loopback HTTP server that answers posts from a script (then 200) and records each one."""
-
-    def __init__(self, port: int = 0):
-        self.posts: list[dict] = []
-        self.script: list[tuple[int, dict[str, str], bytes]] = []
-        self.hang = threading.Event()
-        self.release = threading.Event()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.posts.append(
-                    {"path": self.path, "content_type": self.headers["Content-Type"], "json": json.loads(body)}
-                )
-                if hook.hang.is_set():
-                    hook.release.wait(10)
-                    return
-                status, headers, reply = hook.script.pop(0) if hook.script else (200, {}, b"ok")
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/services/{SECRET}"
-
-    def __enter__(self) -> FakeWebhook:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
 @pytest.fixture
 def webhook():
     with FakeWebhook() as server:
         yield server
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Waits:
-    """An injected sleep that records the waits, and a clock they advance."""
-
-    def __init__(self):
-        self.waits: list[float] = []
-        self.now = 0.0
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-
-    def clock(self) -> float:
-        return self.now
 
 
 def firing_alert(**kw) -> Alert:

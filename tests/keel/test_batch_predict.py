@@ -11,12 +11,13 @@ import pyarrow.compute as pc
 import pytest
 
 from keel.features.materialize import backfill, day_end
-from keel.models import promotion, registry
+from keel.models import promotion, registration, registry
 from keel.models.batch_predict import BatchPredictError, predictions_table, score_days, stage_scores
-from keel.models.spec import predict, train
+from keel.models.registry_client import ModelRegistryError
+from keel.models.training import predict, train
 from keel.store import FeatureStore
-from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import land
+from tests.factories.features import land
+from tests.factories.models import START, land_labels, spec, synthetic
 
 FIRST = (START + dt.timedelta(weeks=6)).date()
 DAYS = [FIRST + dt.timedelta(days=i) for i in range(10)]  # crosses a 7-day chunk boundary
@@ -40,7 +41,7 @@ def champion(store, settings, lake, payments, outcomes, buyer):
         assert snapshot is not None, report.summary()
     model = spec(buyer, outcomes)
     result = train(store, model, now=NOW)
-    info = registry.log_and_register(settings, model, result, code_version="sha-1")
+    info = registration.log_and_register(settings, model, result, code_version="sha-1")
     promotion.promote(settings, "churn", info.version)
     return model, info
 
@@ -94,7 +95,7 @@ def test_rescoring_days_replaces_them_and_a_new_champion_takes_over(store, setti
     assert set(again.column("run_id").to_pylist()) == {"score-1", "score-2"}
 
     better = spec(buyer, outcomes, params={"n_estimators": 60, "max_depth": 2})
-    v2 = registry.log_and_register(settings, better, train(store, better, now=NOW), code_version="sha-2")
+    v2 = registration.log_and_register(settings, better, train(store, better, now=NOW), code_version="sha-2")
     promotion.promote(settings, "churn", v2.version)
     score_days(store, settings, model, DAYS[-1:], run_id="score-3")
     latest = lake.read(predictions_table(model))
@@ -110,7 +111,7 @@ def test_days_without_features_or_models_without_champion_are_refused(store, set
     with pytest.raises(BatchPredictError, match=rf"no feature rows on {late} in features.spend, features.spend_ratio"):
         stage_scores(store, settings, model, [DAYS[-1], late], run_id="x")
     assert not lake.exists(predictions_table(model))
-    with pytest.raises(registry.ModelRegistryError, match="has no version with alias 'staging'"):
+    with pytest.raises(ModelRegistryError, match="has no version with alias 'staging'"):
         stage_scores(store, settings, model, DAYS, run_id="x", alias="staging")
     with pytest.raises(BatchPredictError, match="no days to score"):
         stage_scores(store, settings, model, [], run_id="x")

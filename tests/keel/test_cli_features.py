@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from keel.cli.main import main
+from tests.factories.features import HISTORY, SPINE, START, land
 from tests.keel import feature_project
-from tests.keel.test_store import HISTORY, SPINE, START, land
 
 
 @pytest.fixture

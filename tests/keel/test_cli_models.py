@@ -7,8 +7,8 @@ import pytest
 
 from keel.cli.main import main
 from keel.config import Settings
-from keel.models import promotion, registry
-from tests.keel.test_model_registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
+from keel.models import promotion, registration
+from tests.factories.registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def home(tmp_path, monkeypatch, capsys):
     data = demo_table(0, N_TRAIN + N_HOLDOUT)
     for features in (["x1", "segment"], ["x1", "x2", "segment"]):
         s = spec("xgboost")
-        registry.log_and_register(settings, s, fit(s, xgb(), features, data))
+        registration.log_and_register(settings, s, fit(s, xgb(), features, data))
     promotion.promote_if_better(settings, spec("xgboost"), data, version=1)
     capsys.readouterr()
     return tmp_path

@@ -7,16 +7,17 @@ import pytest
 
 from keel.cli.main import main
 from keel.config import Settings
-from keel.models import registry
-from keel.models.roles import Request, settle
-from tests.keel.test_model_roles import assert_in_step, person_moves_stage
+from keel.models.registry_client import mlflow_client
+from keel.models.role_types import Request
+from keel.models.roles import settle
+from tests.factories.registry import assert_in_step, person_moves_stage
 
 
 @pytest.fixture
 def client(keel_home, capsys):
     """'churn' (declared by the default project) with v1 champion, v2 challenger, v3 in no role."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    client = registry.mlflow_client(Settings.from_env())
+    client = mlflow_client(Settings.from_env())
     client.create_registered_model("churn")
     experiment = client.create_experiment("churn")
     for _ in range(3):

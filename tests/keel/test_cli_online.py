@@ -6,8 +6,8 @@ import json
 import pytest
 
 from keel.cli.main import main
+from tests.factories.features import HISTORY, START, land
 from tests.keel import online_project
-from tests.keel.test_store import HISTORY, START, land
 
 
 @pytest.fixture

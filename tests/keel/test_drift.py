@@ -11,58 +11,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from keel.models.reference import HOLDOUT, LABEL, LABEL_TS, PREDICTION, SPLIT, TRAIN
+from keel.models.reference import LABEL, LABEL_TS, PREDICTION, SPLIT
 from keel.models.spec import ModelSpec
 from keel.monitoring import report as drift_report
 from keel.monitoring.declarations import MonitorSpec, Threshold, replace_window
 from keel.monitoring.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_rows, parse_features
+from tests.factories.drift import START, reference, traffic
 
-START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 END = START + dt.timedelta(days=1)
-CURRENCIES = np.array(["EUR", "USD", "GBP"])
 
 
 @pytest.fixture
 def monitor(buyer, outcomes) -> MonitorSpec:
     spec = ModelSpec(name="churn", entity=buyer, features=("spend",), labels=outcomes, label="churned")
     return MonitorSpec(spec, min_rows=100)
-
-
-def reference(n: int = 3000, seed: int = 1) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    return pa.table(
-        {
-            "amount": rng.normal(50, 10, n),
-            "items": rng.poisson(3, n).astype(np.int64),
-            "currency": CURRENCIES[rng.choice(3, n, p=[0.5, 0.3, 0.2])],
-            "is_new": rng.random(n) < 0.3,
-            LABEL: rng.random(n) < 0.2,
-            LABEL_TS: pa.array([START - dt.timedelta(days=30)] * n, pa.timestamp("us", tz="UTC")),
-            SPLIT: np.where(np.arange(n) % 4 == 0, HOLDOUT, TRAIN),
-            PREDICTION: rng.beta(2, 8, n),
-        }
-    )
-
-
-def traffic(n: int, seed: int, *, shift: float = 0.0, currency_p=(0.5, 0.3, 0.2), version: int = 1) -> pa.Table:
-    """Logged answers as the inference log holds them: JSON feature vectors in the model's order."""
-    rng = np.random.default_rng(seed)
-    amount = rng.normal(50 + shift, 10, n)
-    items = rng.poisson(3, n)
-    currency = CURRENCIES[rng.choice(3, n, p=currency_p)]
-    is_new = rng.random(n) < 0.3
-    features = [
-        json.dumps({"amount": float(a), "items": int(i), "currency": str(c), "is_new": bool(b)})
-        for a, i, c, b in zip(amount, items, currency, is_new, strict=True)
-    ]
-    return pa.table(
-        {
-            "ts": pa.array([START + dt.timedelta(seconds=i) for i in range(n)], pa.timestamp("us", tz="UTC")),
-            "version": pa.array([version] * n, pa.int64()),
-            "features": features,
-            "prediction": rng.beta(2, 8, n),
-        }
-    )
 
 
 def test_traffic_like_the_reference_is_not_flagged(monitor):

@@ -22,7 +22,7 @@ import pytest
 
 from keel.config import Settings
 from keel.devservers import free_port
-from keel.models.registry import mlflow_client
+from keel.models.registry_client import mlflow_client
 from keel.monitoring import report as drift_report
 from keel.monitoring.declarations import Threshold
 from keel.monitoring.drift import TargetDrift

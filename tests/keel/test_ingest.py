@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from pathlib import Path
@@ -11,47 +10,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel.ingest import readers, validation
+from keel.ingest import parquet_reader, readers, text_readers, validation
 from keel.ingest.batch import QUARANTINE_TABLE, IngestError, group_days, ingest_files, prepare
-from keel.ingest.readers import FileFormatError
+from keel.ingest.file_checks import FileFormatError
 from keel.lakehouse import wap
-from tests.conftest import payment_rows
-
-TABLE = "raw.payments"
-DAY = dt.date(2026, 1, 5)
-NOW = dt.datetime(2026, 1, 10, tzinfo=dt.UTC)
-COLUMNS = ["event_id", "user_id", "event_ts", "amount", "currency", "items", "is_refund"]
-
+from tests.factories.ingest import (
+    COLUMNS,
+    DAY,
+    NOW,
+    TABLE,
+    main_ids,
+    nullable,
+    quarantine_by_row,
+    quarantined,
+    text,
+    write_csv,
+    write_jsonl,
+)
+from tests.factories.payments import payment_rows
 
 # files
-
-
-def text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: text(row.get(k)) for k in COLUMNS} for row in rows)
-    return path
-
-
-def write_jsonl(path: Path, lines: list[dict | str]) -> Path:
-    def encode(line):
-        if isinstance(line, str):
-            return line
-        return json.dumps({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in line.items()})
-
-    path.write_text("".join(encode(line) + "\n" for line in lines))
-    return path
 
 
 def write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> Path:
@@ -68,19 +46,6 @@ def days(first: dt.date, n: int) -> list[dt.date]:
 
 def main_rows(lake) -> list[dict]:
     return sorted(lake.read(TABLE).to_pylist(), key=lambda r: r["event_id"])
-
-
-def main_ids(lake) -> list[str]:
-    return sorted(lake.read(TABLE, columns=["event_id"])["event_id"].to_pylist())
-
-
-def quarantined(lake, path: Path | None = None) -> list[tuple[int, str]]:
-    rows = lake.read(QUARANTINE_TABLE).to_pylist()
-    return sorted((r["row_number"], r["reason_code"]) for r in rows if path is None or r["file"] == str(path.resolve()))
-
-
-def quarantine_by_row(lake, path: Path) -> dict[int, dict]:
-    return {r["row_number"]: r for r in lake.read(QUARANTINE_TABLE).to_pylist() if r["file"] == str(path.resolve())}
 
 
 def run_commits(lake, run_id: str) -> list[str]:
@@ -291,10 +256,6 @@ def test_parquet_with_bad_rows_publishes_the_good_and_quarantines_by_row(lake, p
     assert main_rows(lake) == expected_typed([good[0], good[3], good[8], {**good[9], "items": None}])
 
 
-def nullable(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f.with_nullable(True) for f in schema])
-
-
 @pytest.mark.parametrize(
     ("ts_type", "items_type"),
     [
@@ -484,8 +445,8 @@ def test_an_event_id_repeated_across_files_of_one_ingest_is_quarantined_in_the_l
 @pytest.fixture
 def small_batches(monkeypatch):
     """Read a few hundred bytes or 16 rows at a time, and land one day per chunk."""
-    monkeypatch.setattr(readers, "BATCH_BYTES", 600)
-    monkeypatch.setattr(readers, "BATCH_ROWS", 16)
+    monkeypatch.setattr(text_readers, "BATCH_BYTES", 600)
+    monkeypatch.setattr(parquet_reader, "BATCH_ROWS", 16)
     monkeypatch.setattr(validation, "CHUNK_ROWS", 50)
     sizes: list[int] = []
 

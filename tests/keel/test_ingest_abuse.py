@@ -17,10 +17,9 @@ import pytest
 from keel.dsl import Column, DeclarationError, EventSource
 from keel.ingest import validation
 from keel.ingest.batch import QUARANTINE_TABLE, IngestError, ingest_files
-from keel.ingest.readers import FileFormatError
+from keel.ingest.file_checks import FileFormatError
 from keel.ingest.staging import OWNER_FILE
-from tests.conftest import payment_rows, payments_source
-from tests.keel.test_ingest import (
+from tests.factories.ingest import (
     COLUMNS,
     DAY,
     NOW,
@@ -32,6 +31,7 @@ from tests.keel.test_ingest import (
     text,
     write_jsonl,
 )
+from tests.factories.payments import payment_rows, payments_source
 
 HEADER = ",".join(COLUMNS)
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from keel.cli.main import main
 from keel.ingest.batch import QUARANTINE_TABLE
 from keel.lakehouse.tables import Lakehouse
-from tests.conftest import payment_rows
-from tests.keel.test_ingest import COLUMNS, text
+from tests.factories.ingest import COLUMNS, text
+from tests.factories.payments import payment_rows
 
 TABLE = "raw.payments"
 DAY = dt.date(2026, 1, 5)

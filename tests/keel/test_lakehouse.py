@@ -23,7 +23,7 @@ from keel.lakehouse.tables import (
     partition_label,
     replace_rows,
 )
-from tests.conftest import as_table, payment_rows
+from tests.factories.payments import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)

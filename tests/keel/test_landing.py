@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from keel.alerts.policy import PendingAlert, flush_outbox
+from keel.ingest.file_checks import FileFormatError
 from keel.ingest.landing import (
     FAILED,
     IN_PROGRESS,
@@ -25,13 +26,11 @@ from keel.ingest.landing import (
     SUCCEEDED,
     WILL_RETRY,
     LandingCursor,
-    LandingFile,
     RunOutcome,
-    file_days,
     landing_tick,
     retry_delay,
 )
-from keel.ingest.readers import FileFormatError
+from keel.ingest.landing_folder import LandingFile, file_days
 
 START = dt.date(2026, 1, 1)
 T0 = dt.datetime(2026, 1, 10, 12, 0, tzinfo=dt.UTC)
@@ -542,7 +541,7 @@ def test_file_days_reads_the_range_with_the_source_timestamp_column(payments):
 
 
 def test_the_run_keys_of_a_file_as_it_is_now_share_its_version_prefix(tmp_path):
-    from keel.ingest.landing import run_key, version_prefix
+    from keel.ingest.landing_folder import run_key, version_prefix
 
     path = tmp_path / "a.csv"
     path.write_text("event_id\n1\n")

@@ -18,7 +18,7 @@ from keel.ingest.staging import OWNER_FILE, STAGING_PREFIX, clean_staging, proce
 from keel.lakehouse import wap
 from keel.lakehouse.maintenance import TableMaintenance, day_column, maintain
 from keel.lakehouse.tables import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
-from tests.conftest import as_table, payment_rows
+from tests.factories.payments import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)
@@ -167,22 +167,20 @@ def test_expire_keeps_main_head_and_drops_everything_else_unreferenced(lake, sma
 def test_expire_keeps_snapshots_newer_than_the_limit(lake, table, payments):
     created = lake.head(TABLE)
     old = [append(lake, as_table(payments, payment_rows(D1, 3, prefix=f"o{i}")), f"old-{i}") for i in range(2)]
-    # Writes elsewhere put time between the old and the new snapshots, more than expiring takes.
+    # Writes elsewhere put time between the old and the new snapshots.
     other = lake.ensure_table("raw.other", pa.schema([("n", pa.int64())]))
     for i in range(3):
         other.append(pa.table({"n": [i]}))
     new = [append(lake, as_table(payments, payment_rows(D2, 3, prefix=f"n{i}")), f"new-{i}") for i in range(2)]
     iceberg = lake.table(TABLE)
-    just_after_old = dt.datetime.fromtimestamp((iceberg.snapshot_by_id(old[-1]).timestamp_ms + 1) / 1000, dt.UTC)
-    first_new = dt.datetime.fromtimestamp(iceberg.snapshot_by_id(new[0]).timestamp_ms / 1000, dt.UTC)
+    last_old_ms, first_new_ms = (iceberg.snapshot_by_id(s).timestamp_ms for s in (old[-1], new[0]))
+    assert last_old_ms < first_new_ms
     kept_content = content(lake.read(TABLE, snapshot_id=new[0]))
+    # Half a millisecond after the last old snapshot: all old snapshots and no new one precede the cutoff.
+    cutoff = dt.datetime.fromtimestamp((last_old_ms + 0.5) / 1000, dt.UTC)
 
-    before = dt.datetime.now(dt.UTC)
-    expired = lake.expire_snapshots(TABLE, before - just_after_old)
-    took = dt.datetime.now(dt.UTC) - before
+    expired = lake.expire_snapshots(TABLE, HOUR, now=cutoff + HOUR)
 
-    # The cutoff lies in [just_after_old, just_after_old + took]: all old snapshots and no new one precede it.
-    assert just_after_old + took <= first_new, f"the cutoff may have reached the new snapshots ({took})"
     assert sorted(expired) == sorted([created, *old])
     assert snapshot_ids(lake) == set(new)
     assert content(lake.read(TABLE, snapshot_id=new[0])).equals(kept_content)

@@ -4,6 +4,7 @@ MLflow costs seconds per import and per logged model, so one module fixture play
 champion/challenger story once and records what each step returned; the tests check those records.
 """
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -14,91 +15,25 @@ import pyarrow as pa
 import pytest
 
 from keel.config import Settings
-from keel.dsl import Column, Entity, EventSource
-from keel.models import promotion, reference, registry
-from keel.models.spec import ModelSpec, Split, TrainResult, _estimator, model_frame, predict, score
+from keel.models import gates, promotion, reference, registration, registry
+from keel.models.registry_client import ModelRegistryError, mlflow_client
+from keel.models.training import estimator, model_frame, predict
 from keel.store import TrainingSet
-from tests.keel.test_model_roles import assert_in_step, registry_view
-
-N_TRAIN, N_HOLDOUT = 400, 300
-SPLIT_TIME = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-SNAPSHOTS = {"features.user_demo": 1111, "raw.churn_labels": 2222}
-
-
-def demo_table(seed: int, n: int) -> pa.Table:
-    """Features x1, x2 and segment carry the signal; noise does not."""
-    rng = np.random.default_rng(seed)
-    x1, x2, noise = rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)
-    segment = rng.choice(["a", "b", "c"], size=n)
-    logit = 2.0 * x1 + 1.5 * x2 + np.where(segment == "a", 1.0, 0.0)
-    churned = rng.random(n) < 1 / (1 + np.exp(-logit))
-    x1_with_nulls = pa.array(x1, mask=rng.random(n) < 0.05)
-    # Label times an hour apart, ending at SPLIT_TIME + the hold-out: rows past N_TRAIN are held out.
-    end = SPLIT_TIME + dt.timedelta(hours=N_HOLDOUT)
-    times = [end - dt.timedelta(hours=n - 1 - i) for i in range(n)]
-    return pa.table(
-        {
-            "user_id": [f"u{i}" for i in range(n)],
-            "x1": x1_with_nulls,
-            "x2": x2,
-            "noise": noise,
-            "segment": segment,
-            "churned": churned,
-            "event_ts": pa.array(times, pa.timestamp("us", "UTC")),
-        }
-    )
-
-
-def spec(algorithm: str = "xgboost", params: dict | None = None, metric: str = "roc_auc") -> ModelSpec:
-    user = Entity(name="user", join_keys={"user_id": "string"})
-    labels = EventSource(name="churn_labels", entity=user, columns=(Column("churned", "bool"),))
-    return ModelSpec(
-        name="churn",
-        entity=user,
-        features=("user_demo",),
-        labels=labels,
-        label="churned",
-        algorithm=algorithm,
-        params=params or {},
-        metric=metric,
-        split=Split("7d"),
-        min_improvement=0.01,
-        owner="ml-team",
-        description="Churn in the next 30 days",
-    )
-
-
-def fit(model_spec: ModelSpec, model, features: list[str], data: pa.Table, params: dict | None = None) -> TrainResult:
-    """A TrainResult as keel.models.spec.train builds one, on a synthetic table (no lakehouse)."""
-    train, holdout = data.slice(0, N_TRAIN), data.slice(N_TRAIN)
-    model.fit(model_frame(train, features), np.asarray(train.column("churned"), dtype=int))
-    predictions = predict(model, model_spec, holdout, features)
-    y = np.asarray(holdout.column("churned"), dtype=int)
-    return TrainResult(
-        model=model,
-        features=features,
-        training_set=TrainingSet(data, features, snapshots=dict(SNAPSHOTS)),
-        train_rows=N_TRAIN,
-        holdout_rows=data.num_rows - N_TRAIN,
-        metrics=score(model_spec, y, predictions),
-        holdout=holdout.append_column("prediction", pa.array(predictions)),
-        predictions=predictions,
-        split_time=SPLIT_TIME,
-        params=model.get_params() if params is None else params,
-        algorithm=model_spec.algorithm,
-    )
-
-
-def xgb(**params):
-    import xgboost
-
-    return xgboost.XGBClassifier(
-        n_estimators=25, max_depth=3, tree_method="hist", enable_categorical=True, nthread=1, random_state=0, **params
-    )
+from tests.factories.registry import (
+    N_HOLDOUT,
+    N_TRAIN,
+    SNAPSHOTS,
+    assert_in_step,
+    demo_table,
+    fit,
+    registry_view,
+    spec,
+    xgb,
+)
 
 
 def catch(fn, *args):
-    with pytest.raises(registry.ModelRegistryError) as info:
+    with pytest.raises(ModelRegistryError) as info:
         fn(*args)
     return str(info.value)
 
@@ -115,31 +50,31 @@ def story(tmp_path_factory):
     # v1: XGBoost on one of the two signal features.
     s1 = spec("xgboost")
     r1 = fit(s1, xgb(), ["x1", "segment"], data)
-    out["r1"], out["v1"] = r1, registry.log_and_register(settings, s1, r1, code_version="sha-v1")
+    out["r1"], out["v1"] = r1, registration.log_and_register(settings, s1, r1, code_version="sha-v1")
     out["no_champion_error"] = catch(registry.load_model, settings, "churn", "champion")
     out["gate_failed"] = promotion.promote_if_better(
         settings, s1, recent, gates_passed=False, gate_reason="roc_auc below floor"
     )
     out["first"] = promotion.promote_if_better(settings, s1, recent)
-    out["first_view"] = registry_view(registry.mlflow_client(settings), "churn")
+    out["first_view"] = registry_view(mlflow_client(settings), "churn")
     out["first_again_error"] = catch(promotion.promote_if_better, settings, s1, recent)
 
     # v2: a scikit-learn pipeline (keel.models.spec' encoding) on noise only: worse, not promoted.
     s2 = spec("sklearn:sklearn.linear_model.LogisticRegression")
-    pipeline, params = _estimator(s2, model_frame(data, ["noise", "segment"]))
+    pipeline, params = estimator(s2, model_frame(data, ["noise", "segment"]))
     r2 = fit(s2, pipeline, ["noise", "segment"], data, params)
-    out["r2"], out["v2"] = r2, registry.log_and_register(settings, s2, r2, code_version="sha-v2")
+    out["r2"], out["v2"] = r2, registration.log_and_register(settings, s2, r2, code_version="sha-v2")
     out["worse"] = promotion.promote_if_better(settings, s2, recent)
     out["after_worse"] = {v.version: v for v in registry.list_versions(settings, "churn")}
 
     # v3: XGBoost on every signal feature: better, promoted over v1.
     s3 = spec("xgboost")
     r3 = fit(s3, xgb(), ["x1", "x2", "segment"], data)
-    out["r3"], out["v3"] = r3, registry.log_and_register(settings, s3, r3, code_version="sha-v3")
+    out["r3"], out["v3"] = r3, registration.log_and_register(settings, s3, r3, code_version="sha-v3")
     out["comparison_features"] = promotion.comparison_features(settings, "churn")
     out["better"] = promotion.promote_if_better(settings, s3, recent)
     out["after_better"] = {v.version: v for v in registry.list_versions(settings, "churn")}
-    out["better_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
+    out["better_view"] = assert_in_step(mlflow_client(settings), "churn")
     out["show_v3"] = registry.show(settings, "churn", 3)
     out["loaded_champion"] = registry.load_model(settings, "churn", "champion")
     out["loaded_v2"] = registry.load_model(settings, "churn", 2)
@@ -147,7 +82,7 @@ def story(tmp_path_factory):
     # A rollback by hand: v1 is champion again, v3 is the retired one.
     out["manual"] = promotion.promote(settings, "churn", 1)
     out["after_manual"] = {v.version: v for v in registry.list_versions(settings, "churn")}
-    out["manual_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
+    out["manual_view"] = assert_in_step(mlflow_client(settings), "churn")
     with pytest.raises(ValueError) as missing:
         promotion.promote_if_better(settings, s3, recent.drop(["x1"]), version=2)
     out["missing_column_error"] = str(missing.value)
@@ -159,7 +94,7 @@ def story(tmp_path_factory):
     by_log_loss = spec("xgboost", metric="log_loss")
     out["log_loss_worse"] = promotion.promote_if_better(settings, by_log_loss, recent, version=2)
     out["log_loss_better"] = promotion.promote_if_better(settings, by_log_loss, recent, version=3)
-    out["log_loss_view"] = assert_in_step(registry.mlflow_client(settings), "churn")
+    out["log_loss_view"] = assert_in_step(mlflow_client(settings), "churn")
     return out
 
 
@@ -348,3 +283,37 @@ def test_metric_direction_comes_from_keel_models():
     assert promotion.higher_is_better("roc_auc") and not promotion.higher_is_better("log_loss")
     with pytest.raises(ValueError, match="not known"):
         promotion.higher_is_better("f7")
+
+
+def failed(outcomes: dict) -> list[str]:
+    return [name for name, (ok, _) in outcomes.items() if not ok]
+
+
+def test_each_promotion_gate_holds_back_its_own_defect():
+    s = spec("xgboost")
+    data = demo_table(0, N_TRAIN + N_HOLDOUT)
+    good = fit(s, xgb(), ["x1", "x2", "segment"], data)
+    assert gates.metric_floor(s) == gates.DEFAULT_FLOORS["roc_auc"] and gates.metric_floor(s, {"churn": 0.9}) == 0.9
+    assert gates.metric_floor(spec("xgboost", metric="log_loss")) is None
+    assert gates.gates_verdict(gates.gate_outcomes(s, good, gates.metric_floor(s))) == (True, "all gates passed")
+    unfloored = gates.gate_outcomes(s, good, None)
+    assert not failed(unfloored) and "(no floor declared)" in unfloored["metric_floor"][1]
+
+    low = gates.gate_outcomes(s, good, 0.999)
+    assert failed(low) == ["metric_floor"] and "needs >= 0.999" in low["metric_floor"][1]
+
+    empty_x2 = data.set_column(data.schema.get_field_index("x2"), "x2", pa.nulls(data.num_rows, pa.float64()))
+    all_null = dataclasses.replace(good, training_set=TrainingSet(empty_x2, good.features, snapshots={}))
+    null_gates = gates.gate_outcomes(s, all_null, 0.6)
+    assert failed(null_gates) == ["no_all_null_feature"]
+    assert null_gates["no_all_null_feature"][1] == "features NULL in every training row: x2"
+
+    constant = dataclasses.replace(good, predictions=np.full(good.holdout_rows, 0.5))
+    flat = gates.gate_outcomes(s, constant, 0.6)
+    assert (
+        failed(flat) == ["prediction_distribution"]
+        and "not constant, within [0, 1])" in flat["prediction_distribution"][1]
+    )
+
+    passed, why = gates.gates_verdict({**low, "prediction_distribution": flat["prediction_distribution"]})
+    assert not passed and why == f"{low['metric_floor'][1]}; {flat['prediction_distribution'][1]}"

@@ -6,7 +6,7 @@ Versions here are registered without artifacts: roles never load a model. A "per
 stages with MLflow's own client, as its UI and REST API do.
 """
 
-import json
+import datetime as dt
 import logging
 import time
 
@@ -15,10 +15,11 @@ from mlflow import MlflowClient
 
 from keel.config import Settings
 from keel.models import promotion, registry
-from keel.models import roles as roles_
-from keel.models.roles import ARCHIVED, NONE, PRODUCTION, RECORD_TAG, STAGING, Request, read_roles, settle
-
-ROLE_TAGS = {t for tags in roles_.ROLE_TAGS.values() for t in tags} | {"previous_champion"}
+from keel.models.registry_client import ModelRegistryError, mlflow_client
+from keel.models.role_plan import plan
+from keel.models.role_types import ARCHIVED, NONE, PENDING_S, PRODUCTION, RECORD_TAG, STAGING, Record, Request
+from keel.models.roles import read_roles, read_state, settle
+from tests.factories.registry import assert_in_step, person_moves_stage, registry_view
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(settings) -> MlflowClient:
-    return registry.mlflow_client(settings)
+    return mlflow_client(settings)
 
 
 @pytest.fixture
@@ -43,54 +44,6 @@ def model(client, request) -> str:
         run = client.create_run(experiment)
         client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     return name
-
-
-def person_moves_stage(client: MlflowClient, name: str, version: int, stage: str) -> None:
-    """What the MLflow UI's stage menu does; MLflow warns that stages are deprecated."""
-    with pytest.warns(FutureWarning, match="transition_model_version_stage"):
-        client.transition_model_version_stage(name, str(version), stage)
-
-
-def registry_view(client: MlflowClient, name: str) -> dict:
-    """Aliases, stages and role tags, read straight from MLflow."""
-    model = client.get_registered_model(name)
-    versions = {int(mv.version): mv for mv in client.search_model_versions(f"name = '{name}'")}
-    return {
-        "aliases": {a: int(v) for a, v in model.aliases.items()},
-        "stages": {v: mv.current_stage for v, mv in versions.items()},
-        "tags": {v: {k: t for k, t in mv.tags.items() if k in ROLE_TAGS} for v, mv in versions.items()},
-        "record": json.loads(model.tags[RECORD_TAG]) if RECORD_TAG in model.tags else None,
-    }
-
-
-def assert_in_step(client: MlflowClient, name: str) -> dict:
-    """Aliases and stages say the same roles, each version carries the tags of its role only,
-    the record says what the registry says, and a settle finds nothing to write."""
-    view = registry_view(client, name)
-    aliases, stages, tags = view["aliases"], view["stages"], view["tags"]
-    production = [v for v, s in stages.items() if s == PRODUCTION]
-    staging = [v for v, s in stages.items() if s == STAGING]
-    assert production == ([aliases["champion"]] if "champion" in aliases else []), view
-    assert staging == ([aliases["challenger"]] if "challenger" in aliases else []), view
-    for version, stage in stages.items():
-        have = set(tags[version])
-        if stage == PRODUCTION:
-            assert {"promotion", "promoted_at"} <= have <= set(roles_.ROLE_TAGS["champion"]), (version, view)
-            assert tags[version]["promotion"] in roles_.HOWS
-        elif stage == STAGING:
-            assert have == {"staging", "staged_at"}, (version, view)
-        elif stage == ARCHIVED:
-            # "retirement" (how) is unknown for a version retired before stages were kept.
-            assert {"retired_at"} <= have <= set(roles_.ROLE_TAGS["retired"]), (version, view)
-        else:
-            assert have == set(), (version, view)
-    record = view["record"]
-    assert record is not None and not record["pending"]
-    assert (record["champion"], record["challenger"]) == (aliases.get("champion"), aliases.get("challenger"))
-    assert {int(v) for v in record["stages"].get(PRODUCTION, [])} == set(production)
-    assert {int(v) for v in record["stages"].get(ARCHIVED, [])} == {v for v, s in stages.items() if s == ARCHIVED}
-    assert settle(client, name).in_step
-    return view
 
 
 def crowned(client, name) -> None:
@@ -152,7 +105,9 @@ def test_production_in_mlflow_makes_the_champion_and_read_sees_it_first(client, 
     assert view["tags"][4]["promotion"] == "mlflow-stage" and view["tags"][4]["previous_champion_version"] == "2"
     # The stage's time is MLflow's own stamp of the transition.
     stamped = client.get_model_version(model, "4").last_updated_timestamp
-    assert view["tags"][4]["promoted_at"] == roles_._iso_ms(stamped)
+    assert view["tags"][4]["promoted_at"] == dt.datetime.fromtimestamp(stamped / 1000, dt.UTC).isoformat(
+        timespec="seconds"
+    )
 
 
 def test_the_challenger_moved_to_production_stops_being_challenger(client, model):
@@ -194,7 +149,7 @@ def test_archiving_the_champion_rolls_back_to_the_one_it_retired(client, model):
     assert settled.champion is None and settled.previous_champion == 1
     view = assert_in_step(client, model)
     assert view["aliases"] == {"challenger": 3} and view["stages"][1] == view["stages"][2] == ARCHIVED
-    with pytest.raises(registry.ModelRegistryError, match="no champion: v1 was taken out"):
+    with pytest.raises(ModelRegistryError, match="no champion: v1 was taken out"):
         registry.resolve_version(client, model, "champion")
 
 
@@ -276,17 +231,17 @@ def test_a_registry_run_on_stages_alone_is_adopted_from_its_stages(client, model
 
 def test_a_pending_record_is_left_to_its_writer_until_it_is_stale(client, model):
     crowned(client, model)
-    state = roles_.read_state(client, model)
-    planned = roles_.plan(state, Request("manual", champion=4))
+    state = read_state(client, model)
+    planned = plan(state, Request("manual", champion=4))
     # A writer recorded its intent and moved the alias, then stopped (or is still going).
-    pending = roles_.Record(**{**planned.record.__dict__, "pending": True, "written_ms": state.read_ms})
+    pending = Record(**{**planned.record.__dict__, "pending": True, "written_ms": state.read_ms})
     client.set_registered_model_tag(model, RECORD_TAG, pending.to_json())
     client.set_registered_model_alias(model, "champion", "4")
     fresh = settle(client, model)
     assert fresh.in_progress and fresh.champion == 4 and read_roles(client, model).champion == 4
     assert registry_view(client, model)["stages"][4] == NONE  # left alone
 
-    stale = roles_.Record(**{**pending.__dict__, "written_ms": state.read_ms - roles_.PENDING_S * 1000 - 1})
+    stale = Record(**{**pending.__dict__, "written_ms": state.read_ms - PENDING_S * 1000 - 1})
     client.set_registered_model_tag(model, RECORD_TAG, stale.to_json())
     completed = settle(client, model)
     assert completed.champion == 4 and any("half written" in change for change in completed.changes)
@@ -296,21 +251,21 @@ def test_a_pending_record_is_left_to_its_writer_until_it_is_stale(client, model)
 
 def test_a_promotion_waits_for_a_change_being_written(client, model):
     crowned(client, model)
-    state = roles_.read_state(client, model)
-    planned = roles_.plan(state, Request("manual", champion=4))
+    state = read_state(client, model)
+    planned = plan(state, Request("manual", champion=4))
     # Pending for another second, as a writer still going would leave it.
-    written_ms = int(time.time() * 1000) - roles_.PENDING_S * 1000 + 1000
-    pending = roles_.Record(**{**planned.record.__dict__, "pending": True, "written_ms": written_ms})
+    written_ms = int(time.time() * 1000) - PENDING_S * 1000 + 1000
+    pending = Record(**{**planned.record.__dict__, "pending": True, "written_ms": written_ms})
     client.set_registered_model_tag(model, RECORD_TAG, pending.to_json())
     settled = settle(client, model, Request("automatic", champion=1, reason="better than v4"))
-    assert time.time() * 1000 >= written_ms + roles_.PENDING_S * 1000
+    assert time.time() * 1000 >= written_ms + PENDING_S * 1000
     assert settled.champion == 1 and settled.previous_champion == 4
     view = assert_in_step(client, model)
     assert view["tags"][4]["retired_by"] == "1" and view["tags"][1]["promotion_reason"] == "better than v4"
 
 
 def test_a_request_names_a_version_that_exists(client, model):
-    with pytest.raises(registry.ModelRegistryError, match=r"has no version 9 \(versions: 1, 2, 3, 4\)"):
+    with pytest.raises(ModelRegistryError, match=r"has no version 9 \(versions: 1, 2, 3, 4\)"):
         settle(client, model, Request("manual", champion=9))
     with pytest.raises(ValueError, match="promotion how 'by-hand' is not known"):
         Request("by-hand", champion=1)

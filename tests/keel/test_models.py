@@ -10,15 +10,14 @@ import pytest
 
 from keel.dsl import Column, Entity, EventSource, Feature, FeatureGroup
 from keel.lakehouse import wap
-from keel.models.spec import ModelError, ModelSpec, Split, evaluate, model_frame, predict, train
+from keel.models.spec import ModelError, Split
+from keel.models.training import evaluate, model_frame, predict, train
 from keel.project import Project
 from keel.store import FeatureStore
-from tests.keel.test_store import groups_for, land
+from tests.factories.features import groups_for, land
+from tests.factories.models import START, USERS, WEEKS, land_labels, spec, synthetic
 
-START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-WEEKS = 8
-USERS = 150
 
 
 @pytest.fixture
@@ -29,20 +28,6 @@ def project(model_project) -> Project:
 @pytest.fixture
 def store(lake, project) -> FeatureStore:
     return FeatureStore(lake, project)
-
-
-def spec(buyer, outcomes, **overrides) -> ModelSpec:
-    fields = {
-        "name": "churn",
-        "entity": buyer,
-        "features": ("spend", "spend_ratio.big_spender"),
-        "labels": outcomes,
-        "label": "churned",
-        "params": {"n_estimators": 30, "max_depth": 3, "n_jobs": 1},
-        "split": Split("14d"),
-        "min_improvement": 0.01,
-    }
-    return ModelSpec(**{**fields, **overrides})
 
 
 # Declarations ---------------------------------------------------------------------------
@@ -160,59 +145,6 @@ def test_split_of_one_time_holds_everything_out():
 
 
 # Training on landed data ----------------------------------------------------------------
-
-
-def synthetic(seed: int, *, weeks: int = WEEKS, users: int = USERS, shuffle: bool = False, prefix: str = ""):
-    """Payments and weekly labels where users about to churn paid little in the week before the label."""
-    rng = np.random.default_rng(seed)
-    payments, labels = [], []
-    for week in range(1, weeks + 1):
-        t = START + dt.timedelta(weeks=week)
-        churned = rng.random(users) < 0.4
-        counts = rng.poisson(np.where(churned, 0.4, 3.0))
-        for u in range(users):
-            n = counts[u]
-            for i in range(n):
-                ts = t - dt.timedelta(minutes=int(rng.integers(1, 7 * 24 * 60 - 1)))
-                payments.append(
-                    {
-                        "event_id": f"{prefix}p-{week}-{u}-{i}",
-                        "user_id": f"u{u}",
-                        "event_ts": ts,
-                        "amount": float(rng.gamma(2.0, 15.0)),
-                        "currency": "EUR",
-                        "items": 1,
-                        "is_refund": False,
-                    }
-                )
-        flags = rng.permutation(churned) if shuffle else churned
-        labels += [
-            {
-                "event_id": f"{prefix}l-{week}-{u}",
-                "user_id": f"u{u}",
-                "event_ts": t,
-                "churned": bool(flags[u]),
-                "spend_next": float(20 * counts[u] + rng.normal(0, 5)),
-            }
-            for u in range(users)
-        ]
-    return payments, labels
-
-
-def land_labels(lake, outcomes, rows, run_id):
-    lake.ensure_table(outcomes.table_name, outcomes.arrow_schema(), day_column="event_ts")
-    data = pa.Table.from_pylist(rows, schema=outcomes.arrow_schema())
-    staged = wap.stage(
-        lake,
-        outcomes.table_name,
-        [data],
-        run_id=run_id,
-        source="outcomes",
-        day_column="event_ts",
-        mode="merge",
-        key="event_id",
-    )
-    return wap.publish(lake, staged)
 
 
 def test_training_learns_a_planted_signal_on_the_time_holdout(store, lake, payments, outcomes, buyer):

@@ -13,7 +13,7 @@ from keel.monitoring.drift import DRIFT_TABLE, SCHEMA, compare_window, drift_row
 from keel.monitoring.performance import PERFORMANCE_TABLE, PerformanceReport, performance_rows
 from keel.monitoring.performance import SCHEMA as PERFORMANCE_SCHEMA
 from keel.monitoring.prometheus import METRICS, MonitoringCollector, exposition
-from tests.keel.test_drift import reference, traffic
+from tests.factories.drift import reference, traffic
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 TODAY = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)

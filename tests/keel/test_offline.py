@@ -11,29 +11,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup, window_seconds
-from keel.features.point_in_time import PointInTimeError, point_in_time
-from keel.features.point_in_time import point_in_time as offline
-
-T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
-USERS = ("a", "b", "c")
-
-
-def at(seconds: float, micros: int = 0) -> dt.datetime:
-    return T0 + dt.timedelta(seconds=seconds, microseconds=micros)
-
-
-shopper = Entity(name="shopper", join_keys={"user_id": "string"})
-COLUMNS = (
-    Column("amount", "float64"),
-    Column("qty", "int64"),
-    Column("cat", "string"),
-    Column("flag", "bool"),
-    Column("paid_at", "timestamp"),
-    Column("day", "date"),
+from keel.dsl import DUCKDB_TYPES, Column, Derived, Entity, EventSource, Feature, FeatureGroup, window_seconds
+from keel.features import encoding
+from keel.features.encoding import PointInTimeError
+from keel.features.kernels import stable_argsort
+from keel.features.point_in_time import point_in_time
+from tests.factories.orders import (
+    T0,
+    USERS,
+    amounts,
+    at,
+    micros,
+    order,
+    orders,
+    orders_no_id,
+    quantities,
+    shopper,
+    small_group,
+    sources_of,
 )
-orders = EventSource(name="orders", entity=shopper, columns=COLUMNS)
-orders_no_id = EventSource(name="orders_no_id", entity=shopper, columns=COLUMNS, event_id=None)
 
 # Every SQL text the groups use, with its meaning in Python (SQL's NULL is None here).
 WHERE = {
@@ -176,12 +172,6 @@ def aggregate(feat: Feature, source: EventSource, seen: list[dict], t: dt.dateti
 # Running the engine ---------------------------------------------------------------------------
 
 
-def sources_of(group: FeatureGroup) -> dict[str, EventSource]:
-    if group.source is not None:
-        return {group.source.name: group.source}
-    return {k: v for up in group.upstream for k, v in sources_of(up).items()}
-
-
 def compute(group: FeatureGroup, events: dict[str, list[dict]], probes: list[tuple]) -> list[dict]:
     con = duckdb.connect()
     try:
@@ -202,7 +192,7 @@ def compute(group: FeatureGroup, events: dict[str, list[dict]], probes: list[tup
         rel = point_in_time(con, group, {name: f"ev_{name}" for name in sources_of(group)}, "probes")
         assert rel.columns == ["_probe", *(f.name for f in group.features)]
         assert rel.types == [duckdb.sqltype("BIGINT")] + [
-            duckdb.sqltype(offline.DUCKDB_TYPES[group.feature_type(f)]) for f in group.features
+            duckdb.sqltype(DUCKDB_TYPES[group.feature_type(f)]) for f in group.features
         ]
         rows = rel.to_arrow_table().to_pylist()
     finally:
@@ -226,13 +216,6 @@ def assert_matches(group: FeatureGroup, got: list[dict], want: list[dict], event
 
 # Random event streams ------------------------------------------------------------------------
 
-amounts = st.one_of(
-    st.none(),
-    st.sampled_from([0.0, -0.0, 0.1, 2.5, -3.25, 1e9, 1e9 + 0.5]),
-    st.floats(-1000, 1000, allow_nan=False, allow_subnormal=False),
-)
-quantities = st.one_of(st.none(), st.integers(-5, 5), st.sampled_from([2**40, -(2**40) + 3]))
-micros = st.sampled_from([0, 0, 0, 1, 999_999])
 event_rows = st.lists(
     st.fixed_dictionaries(
         {
@@ -296,7 +279,7 @@ def test_rank_of_time_matches_reference(case):
     events, probes = case
     evs = {"orders": events}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(offline, "COMPOSITE_LIMIT", 16)
+        mp.setattr(encoding, "COMPOSITE_LIMIT", 16)
         got = compute(basket_ttl, evs, probes)
     assert_matches(basket_ttl, got, reference(basket_ttl, evs, probes), events)
 
@@ -330,24 +313,6 @@ def test_upstream_group_matches_reference(case):
 
 
 # Hand-computed cases -----------------------------------------------------------------------------
-
-
-def order(eid, user, s, amount=None, qty=None, cat=None, flag=None, micros=0):
-    return {
-        "event_id": eid,
-        "user_id": user,
-        "event_ts": at(s, micros),
-        "amount": amount,
-        "qty": qty,
-        "cat": cat,
-        "flag": flag,
-        "paid_at": None,
-        "day": None,
-    }
-
-
-def small_group(*features, ttl=None, source=orders) -> FeatureGroup:
-    return FeatureGroup(name="small", entity=shopper, source=source, ttl=ttl, features=features)
 
 
 def values(group, events, probes):
@@ -486,5 +451,5 @@ def test_missing_events_and_unresolved_upstream_are_named():
 def test_threaded_argsort_is_a_stable_sort():
     x = np.random.default_rng(3).integers(0, 1 << 40, 1_200_000)
     x[::7] = 12345  # many equal keys, which must keep their order
-    perm = offline._argsort(x, threads=2)  # noqa: SLF001 - a path the small stream tests never reach
+    perm = stable_argsort(x, threads=2)  # a path the small stream tests never reach
     assert np.array_equal(perm, np.argsort(x, kind="stable"))

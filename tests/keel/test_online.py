@@ -11,28 +11,22 @@ import redis
 from keel.dsl import Derived, Feature, FeatureGroup
 from keel.features.materialize import backfill
 from keel.online.consistency import check_consistency
+from keel.online.redis_backend import RedisOnlineStore
+from keel.online.sqlite_backend import SqliteOnlineStore
 from keel.online.store import (
     EXPIRED,
     MISSING,
     NULL,
     PRESENT,
     OnlineStoreError,
-    RedisOnlineStore,
-    SqliteOnlineStore,
     record_name,
 )
 from keel.online.sync import sync_group
 from keel.project import Project
 from keel.store import FeatureStore
-from tests.keel.test_store import HISTORY, START, at, event, groups_for, land
+from tests.factories.features import HISTORY, START, at, event, land, online_groups
 
 UTC = dt.UTC
-
-
-def online_groups(payments, ttl: str = "30d") -> tuple[FeatureGroup, FeatureGroup]:
-    spend, ratio = groups_for(payments)
-    spend = dataclasses.replace(spend, online=True, ttl=ttl)
-    return spend, dataclasses.replace(ratio, upstream=(spend,), online=True)
 
 
 def typed_group(payments) -> FeatureGroup:

@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.ingest import readers
-from keel.ingest.readers import FileFormatError, file_format, read_batches, timestamp_range
+from keel.ingest import parquet_reader, text_files, text_readers
+from keel.ingest.file_checks import FileFormatError
+from keel.ingest.readers import file_format, read_batches, timestamp_range
+from keel.ingest.text_files import TextFile, check_encoding
 
 COLUMNS = ["event_id", "user_id", "event_ts", "amount"]
 
@@ -40,8 +42,8 @@ def read_all(path, columns=COLUMNS, **options) -> tuple[list[pa.Table], pa.Table
 @pytest.fixture
 def small_batches(monkeypatch):
     """Batches of a few rows, so that a file of tens of rows is read in several."""
-    monkeypatch.setattr(readers, "BATCH_BYTES", 256)
-    monkeypatch.setattr(readers, "BATCH_ROWS", 7)
+    monkeypatch.setattr(text_readers, "BATCH_BYTES", 256)
+    monkeypatch.setattr(parquet_reader, "BATCH_ROWS", 7)
 
 
 # formats
@@ -510,7 +512,7 @@ def test_utf16_without_a_byte_order_mark_is_named_with_the_fix(tmp_path):
 
 def test_an_unknown_encoding_is_named():
     with pytest.raises(ValueError, match=r"encoding 'latin-9x' is not known \(use e.g. utf-8, latin-1"):
-        readers.check_encoding("latin-9x")
+        check_encoding("latin-9x")
 
 
 @given(
@@ -530,11 +532,11 @@ def test_first_bad_byte_agrees_with_decoding_the_whole_file(tmp_path_factory, pr
         expected = None
     except UnicodeDecodeError as exc:
         expected = (exc.start, data[: exc.start].count(b"\n") + 1, data[exc.start])
-    text = readers._TextFile.__new__(readers._TextFile)
+    text = TextFile.__new__(TextFile)
     text.path, text.packed, text.encoding, text.sample = path, False, "utf-8-sig", data[:10]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(readers, "SCAN_BYTES", chunk)
+        mp.setattr(text_files, "SCAN_BYTES", chunk)
         assert text.first_bad_byte() == expected
 
 

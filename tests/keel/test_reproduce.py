@@ -10,12 +10,14 @@ import pyarrow as pa
 import pytest
 
 from keel.features.training_sets import table_digest
-from keel.models import registry
+from keel.models import registration
+from keel.models.registry_client import ModelRegistryError, mlflow_client
 from keel.models.reproduce import reproduce
-from keel.models.spec import ModelError, load_models, model_named, train
+from keel.models.spec import ModelError, load_models, model_named
+from keel.models.training import train
 from keel.store import FeatureStore
-from tests.keel.test_models import START, land_labels, spec, synthetic
-from tests.keel.test_store import groups_for, land
+from tests.factories.features import groups_for, land
+from tests.factories.models import START, land_labels, spec, synthetic
 
 LATER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
@@ -37,7 +39,7 @@ def registered(store, settings, lake, payments, outcomes, buyer):
     # The label cutoff falls after the last label week, so rows landed later but timed
     # before it are what a reproduction must not read.
     first = train(store, model, now=START + dt.timedelta(weeks=9))
-    info = registry.log_and_register(settings, model, first, code_version="sha-1")
+    info = registration.log_and_register(settings, model, first, code_version="sha-1")
 
     more_rows, more_labels = synthetic(6, weeks=9, prefix="x")
     land(lake, payments, more_rows, "p2")
@@ -90,9 +92,9 @@ def test_the_recorded_declaration_is_used_when_the_current_one_changed(store, se
 
 def test_a_version_without_lineage_tags_names_the_fix(store, settings, registered):
     model, _, info = registered
-    client = registry.mlflow_client(settings)
+    client = mlflow_client(settings)
     client.delete_model_version_tag("churn", str(info.version), "training_set_digest")
-    with pytest.raises(registry.ModelRegistryError, match=r"lacks the lineage tag\(s\) training_set_digest"):
+    with pytest.raises(ModelRegistryError, match=r"lacks the lineage tag\(s\) training_set_digest"):
         reproduce(store, settings, model, info.version)
 
 

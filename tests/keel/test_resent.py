@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from keel.ingest.batch import QUARANTINE_TABLE, ingest_files
 from keel.lakehouse.tables import Lakehouse
-from tests.conftest import payment_rows
-from tests.keel.test_ingest import write_csv
+from tests.factories.ingest import write_csv
+from tests.factories.payments import payment_rows
 
 TABLE = "raw.payments"
 DAY = dt.date(2026, 1, 5)

@@ -9,21 +9,20 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
 from keel.cli.main import main
-from keel.cli.main import main as cli
 from keel.config import ConfigError, Settings
 from keel.ingest.batch import QUARANTINE_TABLE
 from keel.lakehouse.tables import Lakehouse
 from keel.online.store import OnlineStore, Record
-from keel.stream.kafka_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, end_offsets, recorded_offsets
+from keel.stream.kafka_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, recorded_offsets
 from keel.stream.producer import EventProducer
-from keel.stream.worker import StreamConfig, StreamError, StreamWorker
+from keel.stream.worker import StreamWorker
+from keel.stream.worker_config import StreamConfig, StreamError
 from pipelines import project
-
-TOPICS = {s.kafka_topic: 2 for s in project.sources if s.kafka_topic}
-SOURCES = {s.kafka_topic: s for s in project.sources if s.kafka_topic}
+from tests.factories.stream import SOURCES, TOPICS, produced, valid_messages
+from tests.factories.timing import wait_for
 
 
 @pytest.fixture
@@ -68,51 +67,6 @@ class Running:
         assert not self.thread.is_alive()
         if self.error:
             raise self.error
-
-
-def produced(bootstrap: str) -> dict[str, list[dict]]:
-    """Every message on the source topics, parsed where it parses: topic -> [{partition, offset, event}]."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(t, p) for t, n in TOPICS.items() for p in range(n)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    ends = end_offsets(bootstrap, tps)
-    out = {t: [] for t in TOPICS}
-    deadline = time.monotonic() + 10
-    while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-        for tp, records in consumer.poll(timeout_ms=200).items():
-            for r in records:
-                try:
-                    event = json.loads(r.value)
-                except ValueError:
-                    event = None
-                out[tp.topic].append({"partition": r.partition, "offset": r.offset, "event": event})
-    consumer.close()
-    return out
-
-
-def valid_messages(messages) -> dict[str, set[str]]:
-    """Per topic, the event ids of the messages the producer did not spoil."""
-    out = {}
-    for topic, items in messages.items():
-        out[topic] = {
-            m["event"]["event_id"]
-            for m in items
-            if m["event"]
-            and "user_id" in m["event"]
-            and m["event"]["event_ts"].endswith("Z")
-            and not any(isinstance(v, str) and v.startswith("not ") for v in m["event"].values())
-        }
-    return out
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw_rows(lake: Lakehouse, source) -> int:
@@ -330,7 +284,7 @@ def test_a_concurrent_writer_of_the_same_offsets_wins_and_the_retry_skips_its_ro
 def test_bad_settings_name_the_variable_or_the_source(keel_home, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="KEEL_KAFKA_BOOTSTRAP is not set"):
         StreamWorker(Settings.from_env(), project, config())
-    assert cli.main(["stream"]) == 2
+    assert main(["stream"]) == 2
     assert "export KEEL_KAFKA_BOOTSTRAP=host:9092" in capsys.readouterr().err
     monkeypatch.setenv("KEEL_KAFKA_BOOTSTRAP", "127.0.0.1:9")
     with pytest.raises(StreamError, match=r"sources \['churn_labels'\] have no kafka_topic"):

@@ -22,7 +22,8 @@ from keel.online.store import OnlineStore, entity_key
 from keel.store import FeatureStore
 from keel.stream.producer import EventProducer
 from pipelines import project
-from tests.keel.test_stream import SOURCES, TOPICS, produced, valid_messages, wait_for
+from tests.factories.stream import SOURCES, TOPICS, produced, valid_messages
+from tests.factories.timing import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 

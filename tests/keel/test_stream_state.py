@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from keel.dsl import Column, Derived, Entity, EventSource, Feature, FeatureGroup
 from keel.features.point_in_time import point_in_time
-from keel.stream import state as stream_state
-from keel.stream.state import StreamFeatures, StreamStateError
+from keel.stream import source_state
+from keel.stream.source_state import StreamStateError
+from keel.stream.state import StreamFeatures
 from pipelines.features import user_clicks, user_engagement, user_profile, user_transactions
-from tests.keel.test_offline import (
+from tests.factories.orders import (
     USERS,
     amounts,
     at,
@@ -26,7 +27,7 @@ from tests.keel.test_offline import (
     shopper,
     sources_of,
 )
-from tests.keel.test_offline import small_group as small
+from tests.factories.orders import small_group as small
 
 LATENESS = dt.timedelta(seconds=3)
 visits = EventSource(name="visits", entity=shopper, columns=(Column("page", "string"), Column("dwell", "float64")))
@@ -244,7 +245,7 @@ def test_every_update_equals_the_offline_value_at_its_feature_ts(listed, case, c
     delivered: dict[str, list[dict]] = {}
     with pytest.MonkeyPatch.context() as mp:
         if compact:  # rewrite the log at every eviction, to exercise that path too
-            mp.setattr(stream_state, "_COMPACT_MIN", 0)
+            mp.setattr(source_state, "COMPACT_MIN", 0)
         for step, (a, b) in enumerate(steps):
             batch = arrivals[a:b]
             feed(sf, batch, warm=step == 0)
@@ -420,7 +421,7 @@ def test_evict_bounds_the_buffers_and_lifetime_features_keep_their_state():
     sf = StreamFeatures([group], lateness=dt.timedelta(seconds=5))
     everything = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stream_state, "_COMPACT_MIN", 0)
+        mp.setattr(source_state, "COMPACT_MIN", 0)
         for s in range(0, 1000, 4):
             rows = [order(f"e{s}", "a", s, amount=float(s % 7), cat=f"c{s % 5}")]
             everything += rows

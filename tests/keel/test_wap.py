@@ -15,7 +15,7 @@ import pytest
 
 from keel.lakehouse import wap
 from keel.lakehouse.tables import PROP_BASE_SNAPSHOT, PROP_RUN_ID, Lakehouse, LakehouseError, day_filter
-from tests.conftest import as_table, payment_rows
+from tests.factories.payments import as_table, payment_rows
 
 TABLE = "raw.payments"
 D1, D2, D3 = dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7)

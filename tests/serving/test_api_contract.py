@@ -6,7 +6,7 @@ import json
 import pytest
 import schemathesis
 
-from tests.serving.conftest import client_for, conformance_failures
+from tests.factories.serving import client_for, conformance_failures
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 

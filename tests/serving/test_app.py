@@ -18,13 +18,14 @@ from keel.config import ServingSettings
 from keel.devservers import RedisServer
 from keel.features.materialize import day_end
 from keel.models import promotion, registry
-from keel.models.spec import predict
-from keel.online.store import RedisOnlineStore
+from keel.models.training import predict
+from keel.online.redis_backend import RedisOnlineStore
 from keel.online.sync import sync_group
 from serving.app import create_app
 from serving.models import ModelSet
 from serving.server import Server
-from tests.serving.conftest import LAST, client_for, conformance_failures
+from tests.factories.serving import LAST, client_for, conformance_failures
+from tests.factories.timing import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 
@@ -253,10 +254,7 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
     runner = threading.Thread(target=http.run, daemon=True)
     runner.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while not http.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert http.started
+    wait_for(lambda: http.started, what="the server to start")
 
     # What each version answers for each user, to check every answer against its stated version.
     users = [f"u{i}" for i in range(7)]
@@ -286,14 +284,17 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
     for c in clients:
         c.start()
     try:
-        time.sleep(1.0)
+        # Counted answers, not fixed sleeps, mark the load before and after the swap.
+        wait_for(lambda: len(results) >= 50, what="answers before the promotion")
         promotion.promote(settings, "churn", 2)
         promoted_at = time.monotonic()
-        deadline = promoted_at + 15
-        while not any(r[1] == 200 and r[3]["version"] == 2 and r[0] > promoted_at for r in results):
-            assert time.monotonic() < deadline, "the promotion was not swapped in"
-            time.sleep(0.05)
-        time.sleep(0.5)
+        wait_for(
+            lambda: any(r[1] == 200 and r[3]["version"] == 2 and r[0] > promoted_at for r in results),
+            timeout=15,
+            what="the promotion to be swapped in",
+        )
+        swapped = len(results)
+        wait_for(lambda: len(results) >= swapped + 50, what="answers after the swap")
     finally:
         stop.set()
         for c in clients:
@@ -314,7 +315,8 @@ def test_a_promotion_under_steady_load_fails_no_request_and_mixes_no_versions(wo
 def test_predictions_reach_the_inference_log_table(world, settings, lake, online_project, clean_redis_url):
     """Train, promote, serve with hydration from Redis, shut down gracefully, load the day: every answer is a row."""
     from keel.inference_log.loader import audit_inference_log, stage_inference_log
-    from keel.inference_log.writer import TABLE, InferenceLogWriter
+    from keel.inference_log.records import TABLE
+    from keel.inference_log.writer import InferenceLogWriter
     from keel.lakehouse import wap
 
     redis = RedisOnlineStore(clean_redis_url)

@@ -8,7 +8,7 @@ import pytest
 import xgboost
 
 from serving.booster import OneRow
-from serving.models import CATEGORY, NUMBER, _xgboost_scorer
+from serving.models import CATEGORY, NUMBER, xgboost_scorer
 
 ROWS = 400
 
@@ -52,7 +52,7 @@ def test_served_scorer_one_row_equals_many_rows_with_categories():
     frame = pd.DataFrame({"city": pd.Categorical(city), "amount": amount})
     model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, enable_categorical=True, tree_method="hist")
     model.fit(frame, y)
-    score = _xgboost_scorer(model, ["city", "amount"], [CATEGORY, NUMBER])
+    score = xgboost_scorer(model, ["city", "amount"], [CATEGORY, NUMBER])
     rows = [[c, float(a)] for c, a in zip(city[:50], amount[:50], strict=True)]
     rows += [["tokyo", 12.0], [None, 50.0], ["lima", None]]
     together = score(rows)
@@ -74,6 +74,6 @@ def test_a_busy_buffer_or_a_failed_check_falls_back_to_inplace_predict(monkeypat
     with caplog.at_level(logging.WARNING, logger="keel.serving"):
         assert OneRow.for_booster(model.get_booster(), 6) is None
     assert "fast path off" in caplog.text
-    score = _xgboost_scorer(model, [f"x{i}" for i in range(6)], [NUMBER] * 6)
+    score = xgboost_scorer(model, [f"x{i}" for i in range(6)], [NUMBER] * 6)
     expected = model.get_booster().inplace_predict(x[:1]).astype(np.float64)
     assert np.array_equal(score([x[0].tolist()]), expected)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from keel.dsl import Column, EventSource, Feature, FeatureGroup
 from keel.project import Project
 from serving.inputs import BadInput, InputSpec, input_specs
-from tests.keel.test_store import groups_for
+from tests.factories.features import groups_for
 
 
 @pytest.fixture

@@ -1,226 +1,21 @@
-"""Declarations: entities and event sources.
+"""Declarations of features: aggregations over sliding windows, derived expressions and feature groups.
 
-A project declares these in its own module (``pipelines`` by default); the engine, the
-Dagster layer and the CLI all read the same objects. Declarations are validated when they
-are built, so a mistake fails at import with a message naming the thing and the fix.
+A group is checked when it is built, its ``where`` and derived expressions too: ``check_expressions``
+binds them in DuckDB against empty tables of the source's (or the upstream groups') columns.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-COLUMN_TYPES: dict[str, pa.DataType] = {
-    "string": pa.string(),
-    "int64": pa.int64(),
-    "float64": pa.float64(),
-    "bool": pa.bool_(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
-    "date": pa.date32(),
-}
-
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class DeclarationError(ValueError):
-    """A declaration in the project module is invalid."""
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise DeclarationError(
-            f"{kind} name {name!r} is not a valid identifier "
-            "(use lower_snake_case starting with a letter, e.g. 'user_txn')"
-        )
-
-
-@dataclass(frozen=True)
-class Column:
-    """One payload column of an event source, with the range its values must stay in."""
-
-    name: str
-    type: str
-    nullable: bool = True
-    min: float | None = None
-    max: float | None = None
-    allowed: tuple[str, ...] | None = None
-    description: str = ""
-    # NaN and +-infinity are quarantined (reason non_finite) unless the column says they mean something.
-    allow_non_finite: bool = False
-
-    def __post_init__(self) -> None:
-        _check_name("column", self.name)
-        if self.type not in COLUMN_TYPES:
-            raise DeclarationError(
-                f"column {self.name!r}: type {self.type!r} is not supported (use one of {', '.join(COLUMN_TYPES)})"
-            )
-        if self.allowed is not None and self.type != "string":
-            raise DeclarationError(
-                f"column {self.name!r}: 'allowed' values only apply to string columns, not {self.type!r}"
-            )
-        if (self.min is not None or self.max is not None) and self.type not in ("int64", "float64"):
-            raise DeclarationError(f"column {self.name!r}: min/max only apply to numeric columns, not {self.type!r}")
-        if self.allow_non_finite and self.type != "float64":
-            raise DeclarationError(
-                f"column {self.name!r}: allow_non_finite applies to float64 columns only, not {self.type!r} (remove it)"
-            )
-
-    @property
-    def arrow_type(self) -> pa.DataType:
-        return COLUMN_TYPES[self.type]
-
-
-@dataclass(frozen=True)
-class Entity:
-    """A thing features describe, identified by one or more join keys (name -> type)."""
-
-    name: str
-    join_keys: dict[str, str]
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        _check_name("entity", self.name)
-        if not self.join_keys:
-            raise DeclarationError(
-                f"entity {self.name!r}: needs at least one join key, e.g. join_keys={{'user_id': 'string'}}"
-            )
-        for key, typ in self.join_keys.items():
-            _check_name(f"entity {self.name!r} join key", key)
-            if typ not in ("string", "int64"):
-                raise DeclarationError(
-                    f"entity {self.name!r}: join key {key!r} has type {typ!r} (use 'string' or 'int64')"
-                )
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-
-# What an event id arriving again with other values does (EventSource.on_duplicate).
-ON_DUPLICATE = ("replace", "quarantine")
-
-
-@dataclass(frozen=True)
-class EventSource:
-    """A stream of events about an entity, landed into one raw Iceberg table.
-
-    Every event carries the entity's join keys, a UTC timestamp and, where the producer
-    assigns one, a unique event id; the remaining columns are the payload.
-    """
-
-    name: str
-    entity: Entity
-    columns: tuple[Column, ...]
-    timestamp: str = "event_ts"
-    event_id: str | None = "event_id"
-    kafka_topic: str | None = None
-    description: str = ""
-    owner: str = ""
-    namespace: str = "raw"
-    # How far an event's timestamp may lie after the moment it is ingested.
-    max_future_skew_s: int = 3600
-    tags: dict[str, str] = field(default_factory=dict)
-    # An event id arriving again with other values or another timestamp: "replace" takes it as a
-    # correction (the old row leaves its day in the same commit), "quarantine" refuses it as a
-    # duplicate. Arriving again unchanged, it is counted and changes nothing either way.
-    on_duplicate: str = "replace"
-    # How far before and after an ingest's events an earlier copy of an id is looked for ("365d"):
-    # a copy beyond it is not found. None looks through the whole table, which an ingest then
-    # scans (ids and timestamps only).
-    duplicates_within: str | None = None
-    # Events timed before this day are quarantined (bad_timestamp): a year-1 or 1970 timestamp is
-    # a producer's placeholder, not an event, and would open a partition decades before the rest.
-    earliest: dt.date = dt.date(2000, 1, 1)
-
-    def __post_init__(self) -> None:
-        _check_name("event source", self.name)
-        object.__setattr__(self, "columns", tuple(self.columns))
-        names = [c.name for c in self.columns]
-        reserved = set(self.entity.join_keys) | {self.timestamp} | ({self.event_id} if self.event_id else set())
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise DeclarationError(f"event source {self.name!r}: column {name!r} is declared twice")
-            if name in reserved:
-                raise DeclarationError(
-                    f"event source {self.name!r}: column {name!r} is a key, timestamp or event id; "
-                    "those are added from the entity and source and must not be listed in columns"
-                )
-            seen.add(name)
-
-        if self.on_duplicate not in ON_DUPLICATE:
-            raise DeclarationError(
-                f"event source {self.name!r}: on_duplicate {self.on_duplicate!r} is not known "
-                f"(use one of {', '.join(ON_DUPLICATE)})"
-            )
-        if self.duplicates_within is not None:
-            try:
-                seconds = window_seconds(self.duplicates_within)
-            except ValueError:
-                seconds = None
-            if seconds is None:
-                raise DeclarationError(
-                    f"event source {self.name!r}: duplicates_within {self.duplicates_within!r} is not a duration "
-                    "(use e.g. '30d' or '365d', or leave it None to look through the whole table)"
-                )
-        if not isinstance(self.earliest, dt.date) or isinstance(self.earliest, dt.datetime):
-            raise DeclarationError(
-                f"event source {self.name!r}: earliest {self.earliest!r} is not a date "
-                "(use e.g. earliest=datetime.date(2000, 1, 1))"
-            )
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    @property
-    def table_name(self) -> str:
-        """The raw table's identifier in the catalog, e.g. 'raw.transactions'."""
-        return f"{self.namespace}.{self.name}"
-
-    @property
-    def key_columns(self) -> list[str]:
-        return list(self.entity.join_keys)
-
-    def all_columns(self) -> list[Column]:
-        """Every column of the raw table in order: event id, keys, timestamp, payload."""
-        cols: list[Column] = []
-        if self.event_id:
-            cols.append(Column(self.event_id, "string", nullable=False))
-        cols += [Column(k, t, nullable=False) for k, t in self.entity.join_keys.items()]
-        cols.append(Column(self.timestamp, "timestamp", nullable=False))
-        cols += list(self.columns)
-        return cols
-
-    def arrow_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.all_columns()])
-
-    def column(self, name: str) -> Column:
-        for col in self.all_columns():
-            if col.name == name:
-                return col
-        raise KeyError(f"event source {self.name!r} has no column {name!r}")
-
-
-# Feature declarations ------------------------------------------------------------------
+from keel.dsl.primitives import COLUMN_TYPES, DUCKDB_TYPES, LIFETIME, DeclarationError, check_name, window_seconds
+from keel.dsl.sources import Entity, EventSource
 
 AGGREGATIONS = ("count", "sum", "avg", "min", "max", "stddev", "first", "last", "count_distinct")
 _NUMERIC = ("int64", "float64")
 _ORDERED = ("int64", "float64", "timestamp", "date", "string")
-_WINDOW = re.compile(r"^(\d+)(s|m|h|d|w)$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-LIFETIME = "lifetime"
-
-
-def window_seconds(text: str | None) -> int | None:
-    """``'7d'`` -> 604800; ``'lifetime'`` (or None) -> None. Raises ValueError for anything else."""
-    if text is None or text == LIFETIME:
-        return None
-    match = _WINDOW.match(text) if isinstance(text, str) else None
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"window {text!r} is not a duration (use e.g. '30m', '1h', '24h', '7d', '4w' or 'lifetime')")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -283,7 +78,7 @@ class FeatureGroup:
     namespace: str = "features"
 
     def __post_init__(self) -> None:
-        _check_name("feature group", self.name)
+        check_name("feature group", self.name)
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "upstream", tuple(self.upstream))
         where = f"feature group {self.name!r}"
@@ -312,7 +107,7 @@ class FeatureGroup:
         for feat in self.features:
             if not isinstance(feat, Feature | Derived):
                 raise DeclarationError(f"{where}: {feat!r} is not a Feature or Derived")
-            _check_name(f"{where}: feature", feat.name)
+            check_name(f"{where}: feature", feat.name)
             if feat.name in seen:
                 raise DeclarationError(f"{where}: feature {feat.name!r} is declared twice; give each a unique name")
             if feat.name in self.entity.join_keys or feat.name in ("feature_ts", "_t", "_probe"):
@@ -325,7 +120,7 @@ class FeatureGroup:
                     f"{where}, feature {feat.name!r}: type {feat.type!r} is not supported "
                     f"(use one of {', '.join(COLUMN_TYPES)})"
                 )
-        _check_expressions(self)
+        check_expressions(self)
 
     def _check_feature(self, feat: Feature) -> None:
         where = f"feature group {self.name!r}, feature {feat.name!r}"
@@ -425,17 +220,7 @@ class FeatureGroup:
         return hash(self.name)
 
 
-DUCKDB_TYPES = {
-    "string": "VARCHAR",
-    "int64": "BIGINT",
-    "float64": "DOUBLE",
-    "bool": "BOOLEAN",
-    "timestamp": "TIMESTAMPTZ",
-    "date": "DATE",
-}
-
-
-def _check_expressions(group: FeatureGroup) -> None:
+def check_expressions(group: FeatureGroup) -> None:
     """Bind every ``where`` and derived expression in DuckDB against empty typed tables.
 
     Unknown columns and type errors surface here, at declaration, naming the group and the feature.
