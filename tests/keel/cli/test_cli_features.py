@@ -7,12 +7,12 @@ import pytest
 
 from keel.cli.main import main
 from tests.factories.features import HISTORY, SPINE, START, land
-from tests.keel import feature_project
+from tests.keel.cli import feature_project
 
 
 @pytest.fixture
 def home(keel_home, monkeypatch, lake):
-    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.feature_project")
+    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
     land(lake, feature_project.payments, HISTORY, "h")
     return keel_home
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from keel.cli.main import main
 from pipelines.generate import generate, write_files
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # `keel ingest`, paused after validating its first batch until the test kills it.
 PAUSED_INGEST = """
 import sys

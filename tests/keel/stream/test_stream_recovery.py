@@ -25,7 +25,7 @@ from pipelines import project
 from tests.factories.stream import SOURCES, TOPICS, produced, valid_messages
 from tests.factories.timing import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

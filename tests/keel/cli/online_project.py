@@ -1,4 +1,4 @@
-"""A small project for online CLI tests (KEEL_PROJECT=tests.keel.online_project): payments, two online groups."""
+"""A small project for online CLI tests (KEEL_PROJECT=tests.keel.cli.online_project): payments, two online groups."""
 
 from keel.dsl import Entity
 from keel.project import Project

@@ -99,7 +99,7 @@ def test_a_stale_table_still_reports_its_age(lake, settings):
 
 def test_the_deploy_list_of_gauges_is_the_exporters():
     listed = {}
-    for line in (Path(__file__).parents[2] / "deploy" / "prometheus" / "metrics.txt").read_text().splitlines():
+    for line in (Path(__file__).parents[3] / "deploy" / "prometheus" / "metrics.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, labels = line.partition(" ")
             listed[name] = labels.strip()

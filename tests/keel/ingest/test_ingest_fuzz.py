@@ -94,7 +94,7 @@ def complete_rows(abused: Abused) -> tuple[set[str], bool]:
 
 @pytest.fixture
 def home(keel_home, monkeypatch):
-    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.feature_project")
+    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
     return keel_home
 
 

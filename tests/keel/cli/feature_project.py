@@ -1,4 +1,4 @@
-"""A small project for CLI tests (KEEL_PROJECT=tests.keel.feature_project): payments and two groups."""
+"""A small project for CLI tests (KEEL_PROJECT=tests.keel.cli.feature_project): payments and two groups."""
 
 from keel.dsl import Entity
 from keel.project import Project

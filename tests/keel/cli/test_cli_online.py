@@ -7,12 +7,12 @@ import pytest
 
 from keel.cli.main import main
 from tests.factories.features import HISTORY, START, land
-from tests.keel import online_project
+from tests.keel.cli import online_project
 
 
 @pytest.fixture
 def home(keel_home, monkeypatch, lake, capsys):
-    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.online_project")
+    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.online_project")
     land(lake, online_project.payments, HISTORY, "h")
     end = (START + dt.timedelta(days=9)).isoformat()
     for group in ("spend", "spend_ratio"):
