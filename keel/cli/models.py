@@ -26,6 +26,9 @@ def add_commands(sub) -> None:
     q = msub.add_parser("promote", help="make VERSION the champion (the previous one stays findable by tag)")
     q.add_argument("name")
     q.add_argument("version", help="a version number or an alias")
+    q.add_argument(
+        "--ignore-gates", action="store_true", help="promote a version whose promotion gates failed (say why elsewhere)"
+    )
     q.set_defaults(func=cmd_models_promote)
     q = msub.add_parser(
         "sync",
@@ -136,7 +139,7 @@ def cmd_models_promote(args) -> int:
     from keel.models.registry_client import ModelRegistryError
 
     try:
-        info = promote(_settings(), args.name, _version(args.version))
+        info = promote(_settings(), args.name, _version(args.version), ignore_gates=args.ignore_gates)
     except ModelRegistryError as exc:
         return _fail(exc)
     print(f"{info.name} v{info.version} is now {', '.join(info.aliases)} (stage {info.stage})")

@@ -11,10 +11,11 @@ reason and both metrics). A promotion itself, automatic or by hand (``promote``,
 ``keel models promote NAME VERSION``), goes through ``keel.models.roles.settle``, which moves
 the aliases and stages (the champion to Production, the one it replaces to Archived with
 ``retired_by``, so a rollback can find it) and rewrites the role tags. A promotion by hand
-is a person's decision (a rollback, say): it applies neither the gates nor the comparison.
+is a person's decision (a rollback, say): it skips the comparison, but refuses a version whose
+recorded gate verdict (the version tag ``keel.gates``) failed unless told to ignore it.
 
-The train job runs ``train_challenger`` (train, register, judge by ``keel.models.gates``)
-and then ``promote_challenger`` (compare on the rebuilt hold-out, promote when better, reject
+The train job runs ``train_challenger`` (train, register, judge by ``keel.models.gates`` and
+record the verdict on the version) and then ``promote_challenger`` (compare on the rebuilt hold-out, promote when better, reject
 when the gates failed); a notebook can run the same two steps.
 """
 
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from keel.models.gates import gate_outcomes, gates_verdict
 from keel.models.registration import log_and_register
 from keel.models.registry import ModelVersionInfo, list_versions, load_native, resolve_version, version_info
-from keel.models.registry_client import mlflow_client, utc_now
+from keel.models.registry_client import ModelRegistryError, mlflow_client, utc_now
 from keel.models.role_types import CHALLENGER, Request, Roles
 from keel.models.roles import read_roles, settle
 from keel.models.spec import METRICS, resolve_refs
@@ -61,6 +62,11 @@ class PromotionDecision:
     holdout_rows: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     roles: Roles | None = None  # the model's roles after the decision
+
+
+# The version tag holding the promotion gates' verdict: "passed", or GATES_FAILED and why.
+GATES_TAG = "keel.gates"
+GATES_FAILED = "failed: "
 
 
 def higher_is_better(metric: str) -> bool:
@@ -146,10 +152,20 @@ def _check_holdout(holdout: pa.Table, spec: ModelSpec, versions: list[ModelVersi
             )
 
 
-def promote(settings: Settings, name: str, version: int | str) -> ModelVersionInfo:
-    """Make ``version`` the champion by hand (e.g. a rollback): ``promotion=manual``."""
+def promote(settings: Settings, name: str, version: int | str, *, ignore_gates: bool = False) -> ModelVersionInfo:
+    """Make ``version`` the champion by hand (e.g. a rollback): ``promotion=manual``.
+
+    A version whose promotion gates failed (its ``keel.gates`` tag) is refused with
+    ``ModelRegistryError`` unless ``ignore_gates``; a version with no recorded verdict (logged
+    outside the train job) is a person's call."""
     client = mlflow_client(settings)
     target = resolve_version(client, name, version)
+    verdict = target.tags.get(GATES_TAG, "")
+    if verdict.startswith(GATES_FAILED) and not ignore_gates:
+        raise ModelRegistryError(
+            f"'{name}' v{target.version} did not pass its promotion gates ({verdict.removeprefix(GATES_FAILED)}); "
+            f"to make it the champion anyway: keel models promote {name} {target.version} --ignore-gates"
+        )
     champion = read_roles(client, name).champion
     reason = f"promoted by hand over v{champion}" if champion is not None else "promoted by hand"
     settle(client, name, Request("manual", champion=int(target.version), reason=reason))
@@ -273,7 +289,17 @@ def train_challenger(
     and judge it by the promotion gates with the metric ``floor`` (see ``keel.models.gates``)."""
     result = train(store, spec, now=now)
     version = log_and_register(settings, spec, result)
-    return Challenger(result, version, gate_outcomes(spec, result, floor))
+    challenger = Challenger(result, version, gate_outcomes(spec, result, floor))
+    record_gates(settings, spec.name, version.version, challenger.gates)
+    return challenger
+
+
+def record_gates(settings: Settings, name: str, version: int, gates: dict[str, tuple[bool, str]]) -> None:
+    """Record the gates' verdict on the version (``keel.gates``: ``passed``, or ``failed: `` and
+    why), so a promotion by hand sees it too."""
+    passed, why = gates_verdict(gates)
+    verdict = "passed" if passed else f"{GATES_FAILED}{why}"
+    mlflow_client(settings).set_model_version_tag(name, str(version), GATES_TAG, verdict[:5000])
 
 
 def promote_challenger(

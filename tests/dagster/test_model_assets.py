@@ -6,7 +6,8 @@ import dagster as dg
 import pytest
 
 from assets.models import model_definitions
-from keel.models import registry
+from keel.models import promotion, registry
+from keel.models.registry_client import ModelRegistryError
 from keel.project import Project
 from resources import resource_definitions
 from sensors.retrain import retrain_sensor
@@ -105,6 +106,11 @@ def test_a_failed_gate_blocks_promotion(project, lake, payments, outcomes, buyer
     assert materialized(result, CHAMPION) == {}
     (only,) = registry.list_versions(settings, "churn")
     assert only.aliases == ("challenger",)
+    # The verdict is on the version, so a promotion by hand sees it too.
+    assert only.tags["keel.gates"].startswith("failed: hold-out roc_auc=")
+    with pytest.raises(ModelRegistryError, match=r"'churn' v1 did not pass its promotion gates .*--ignore-gates"):
+        promotion.promote(settings, "churn", 1)
+    assert promotion.promote(settings, "churn", 1, ignore_gates=True).aliases == ("champion",)
 
 
 # The retrain sensor -----------------------------------------------------------------------

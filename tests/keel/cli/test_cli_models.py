@@ -8,6 +8,7 @@ import pytest
 from keel.cli.main import main
 from keel.config import Settings
 from keel.models import promotion, registration
+from keel.models.gates import gate_outcomes
 from tests.factories.registry import N_HOLDOUT, N_TRAIN, demo_table, fit, spec, xgb
 
 
@@ -47,6 +48,22 @@ def test_list_show_and_promote(home, capsys):
     assert code == 0 and "churn v2 is now" in out and "champion" in out
     rows = json.loads(run(capsys, "models", "list", "churn", "--json")[1])
     assert [(r["version"], "champion" in r["aliases"]) for r in rows] == [(2, True), (1, False)]
+
+
+def test_a_version_that_failed_its_gates_is_promoted_by_hand_only_when_told(home, capsys):
+    settings = Settings.from_env()
+    s = spec("xgboost")
+    failed = fit(s, xgb(), ["x1", "x2", "segment"], demo_table(0, N_TRAIN + N_HOLDOUT))
+    info = registration.log_and_register(settings, s, failed)
+    promotion.record_gates(settings, "churn", info.version, gate_outcomes(s, failed, floor=1.01))
+
+    code, _, err = run(capsys, "models", "promote", "churn", str(info.version))
+    assert code == 1 and f"'churn' v{info.version} did not pass its promotion gates (hold-out roc_auc=" in err
+    assert f"keel models promote churn {info.version} --ignore-gates" in err
+    assert json.loads(run(capsys, "models", "show", "churn", "champion")[1])["version"] == 1
+
+    code, out, _ = run(capsys, "models", "promote", "churn", str(info.version), "--ignore-gates")
+    assert code == 0 and f"churn v{info.version} is now champion" in out
 
 
 def test_unknown_models_and_versions_are_named(home, capsys):
