@@ -37,6 +37,11 @@ VARIABLES = {
         "Iceberg catalog: sqlite:///path.db (default), postgresql+psycopg2://..., or http(s):// for a REST catalog",
     ),
     "warehouse": Variable("KEEL_WAREHOUSE", "where table files live: file:///path (default) or s3://bucket/prefix"),
+    "s3_endpoint": Variable(
+        "KEEL_S3_ENDPOINT",
+        "S3-compatible object storage for an s3:// warehouse, http(s)://host:port (default: AWS_ENDPOINT_URL_S3 "
+        "or AWS_ENDPOINT_URL when set, else AWS S3); credentials and region come from the usual AWS variables",
+    ),
     "redis_url": Variable("KEEL_REDIS_URL", "online store: redis://host:port/db; unset uses a SQLite file"),
     "kafka_bootstrap": Variable(
         "KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"
@@ -69,6 +74,7 @@ class Settings:
     home: Path
     catalog_uri: str
     warehouse: str
+    s3_endpoint: str | None
     redis_url: str | None
     kafka_bootstrap: str | None
     mlflow_uri: str
@@ -99,6 +105,10 @@ class Settings:
         scheme = urlparse(warehouse).scheme
         if scheme not in ("file", "s3", "s3a", "gs", "abfs", "abfss"):
             _fail("warehouse", warehouse, "use file:///absolute/path or s3://bucket/prefix")
+
+        s3_endpoint = get("s3_endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        if s3_endpoint and not _is_http_url(s3_endpoint):
+            _fail("s3_endpoint", s3_endpoint, "use the object store's http(s) address, e.g. http://127.0.0.1:9000")
 
         redis_url = get("redis_url")
         if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -147,6 +157,7 @@ class Settings:
             home=home,
             catalog_uri=catalog_uri,
             warehouse=warehouse,
+            s3_endpoint=s3_endpoint.rstrip("/") if s3_endpoint else None,
             redis_url=redis_url,
             kafka_bootstrap=kafka,
             mlflow_uri=mlflow_uri,

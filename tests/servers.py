@@ -9,6 +9,10 @@ deleted and created again). Consumers in tests join groups fast with
 ``mlflow_server`` is a real ``mlflow server`` (SQLite backend, artifacts served from its
 scratch folder), started once per session on first use; ``clean_mlflow_uri`` is its URL with
 every registered model deleted first.
+
+``postgres_server`` (PostgreSQL) and ``s3_server`` (moto's S3) start once per session on first
+use; ``production_settings`` points a test's Keel at a fresh database on the one and a fresh
+bucket on the other: the Iceberg catalog in PostgreSQL and the warehouse on ``s3://``.
 """
 
 import contextlib
@@ -17,10 +21,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 
 import pytest
 
+from keel.config import Settings
 from keel.devservers import DevServerError, KafkaBroker, RedisServer, Server
+from keel.devservers.storage import PostgresServer, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +80,41 @@ def kafka_topics(kafka_broker):
         return kafka_broker.bootstrap
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    try:
+        server = PostgresServer().start()
+    except DevServerError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    try:
+        server = S3Server().start()
+    except DevServerError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def production_settings(keel_home, postgres_server, s3_server, monkeypatch) -> Settings:
+    """Settings with the Iceberg catalog in a fresh PostgreSQL database and the warehouse in a
+    fresh S3 bucket (the AWS variables point pyarrow's S3 client at the server)."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    # One database and one bucket per test.
+    suffix = uuid.uuid4().hex[:12]
+    database = postgres_server.create_database(f"keel_{suffix}")
+    bucket = s3_server.create_bucket(f"keel-{suffix}")
+    monkeypatch.setenv("KEEL_CATALOG_URI", database)
+    monkeypatch.setenv("KEEL_WAREHOUSE", f"{bucket}/warehouse")
+    return Settings.from_env()
 
 
 class MlflowServer(Server):

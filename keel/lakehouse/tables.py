@@ -403,19 +403,30 @@ class Lakehouse:
 
 
 def open_catalog(settings: Settings) -> Catalog:
-    """The Iceberg catalog named by the settings (SQLite file, PostgreSQL or REST)."""
+    """The Iceberg catalog named by the settings (SQLite file, PostgreSQL or REST).
+
+    An ``s3://`` warehouse is read and written through pyiceberg's FileIO (pyarrow's S3 client) at
+    ``settings.s3_endpoint`` when one is set; credentials and region come from the AWS variables."""
     uri = settings.catalog_uri
+    properties = {"warehouse": settings.warehouse}
+    if settings.s3_endpoint:
+        # Path-style addressing: an endpoint of our own has no per-bucket host names.
+        properties |= {"s3.endpoint": settings.s3_endpoint, "s3.force-virtual-addressing": "false"}
     if uri.startswith(("http://", "https://")):
         from pyiceberg.catalog.rest import RestCatalog
 
-        return RestCatalog("keel", uri=uri, warehouse=settings.warehouse)
+        return RestCatalog("keel", uri=uri, **properties)
     from pyiceberg.catalog.sql import SqlCatalog
 
     if uri.startswith("sqlite"):
         Path(uri.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        # A database server may restart under a long-lived process (serving, Dagster's code
+        # server): check a pooled connection before using it rather than fail on the first call.
+        properties["pool_pre_ping"] = "true"
     if settings.warehouse.startswith("file://"):
         Path(settings.warehouse.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-    return SqlCatalog("keel", uri=uri, warehouse=settings.warehouse)
+    return SqlCatalog("keel", uri=uri, **properties)
 
 
 def _schema_at(table: Table, snapshot_id: int | None) -> pa.Schema:

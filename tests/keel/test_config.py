@@ -153,6 +153,7 @@ def test_other_object_stores_are_accepted(tmp_path, warehouse):
         ("KEEL_MLFLOW_UI_URL", "mlflow.internal:5000", "use the UI's http(s) address"),
         ("KEEL_MLFLOW_UI_URL", "file:///var/lib/mlflow", "use the UI's http(s) address"),
         ("KEEL_MLFLOW_UI_URL", "https://", "use the UI's http(s) address"),
+        ("KEEL_S3_ENDPOINT", "objects:9000", "use the object store's http(s) address"),
     ],
 )
 def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, value, fix):
@@ -164,6 +165,15 @@ def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, 
     assert fix in message
     help_text = next(v.help for v in VARIABLES.values() if v.name == variable)
     assert message.endswith(f"({help_text})")
+
+
+def test_the_s3_endpoint_falls_back_to_the_aws_variables(tmp_path):
+    base = {"KEEL_HOME": str(tmp_path), "KEEL_WAREHOUSE": "s3://bucket/prefix"}
+    assert Settings.from_env(base).s3_endpoint is None
+    assert Settings.from_env(base | {"AWS_ENDPOINT_URL": "http://a:1/"}).s3_endpoint == "http://a:1"
+    both = base | {"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://s3:2"}
+    assert Settings.from_env(both).s3_endpoint == "http://s3:2"
+    assert Settings.from_env(both | {"KEEL_S3_ENDPOINT": "http://keel:3"}).s3_endpoint == "http://keel:3"
 
 
 def test_bad_value_in_the_process_environment_fails_too(keel_home, monkeypatch):
@@ -196,6 +206,7 @@ def test_as_env_round_trips(tmp_path):
             "KEEL_HOME": str(tmp_path / "home"),
             "KEEL_CATALOG_URI": "postgresql+psycopg2://keel:pw@db:5432/catalog",
             "KEEL_WAREHOUSE": "s3://bucket/prefix",
+            "KEEL_S3_ENDPOINT": "http://objects:9000",
             "KEEL_REDIS_URL": "redis://cache:6379/1",
             "KEEL_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
             "KEEL_MLFLOW_URI": "http://mlflow:5000",

