@@ -69,6 +69,13 @@ VARIABLES = {
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
+def s3_region(environ: Mapping[str, str] | None = None) -> str:
+    """The region an S3 client signs for: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1
+    (S3-compatible stores at ``KEEL_S3_ENDPOINT`` accept any)."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path

@@ -167,9 +167,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    from keel.config import redact_url
     from keel.ingest.batch import IngestError, ingest_files
     from keel.ingest.file_checks import FileFormatError
-    from keel.lakehouse.tables import Lakehouse, LakehouseError
+    from keel.lakehouse.tables import CATALOG_DOWN, Lakehouse, LakehouseError
 
     settings = Settings.from_env()
     source = _project(settings).source(args.source)
@@ -191,6 +192,15 @@ def cmd_ingest(args) -> int:
         return 1
     except (IngestError, LakehouseError) as exc:
         print(f"keel ingest: {exc}; nothing was published", file=sys.stderr)
+        return 1
+    except CATALOG_DOWN as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"keel ingest: the Iceberg catalog at {redact_url(settings.catalog_uri)} did not answer ({first}); "
+            "run the same command again when it is back: each row lands once, whether or not this run's "
+            "publish reached it",
+            file=sys.stderr,
+        )
         return 1
     print(report.summary())
     return 0 if report.published else 1

@@ -120,6 +120,11 @@ class Server(ABC):
         self.stop()
         raise DevServerError(f"{self.name} did not start within {timeout:.0f}s; its output:\n{tail}")
 
+    def halt(self) -> None:
+        """Stop the process but keep its port and scratch folder, as a crashed server would;
+        ``restart()`` brings it back."""
+        self._terminate()
+
     def restart(self, timeout: float = START_TIMEOUT_S) -> Server:
         """Stop the server and start it again on the same port and scratch folder, as after a
         crash or an upgrade (what it keeps on disk survives; Redis and tansu here keep nothing)."""

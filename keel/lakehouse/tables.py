@@ -25,8 +25,9 @@ from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterTh
 from pyiceberg.table import Table
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.transforms import DayTransform, IdentityTransform, MonthTransform
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from keel.config import Settings
+from keel.config import Settings, s3_region
 
 PROP_RUN_ID = "keel.run_id"
 PROP_PARTITION = "keel.partition"
@@ -402,6 +403,11 @@ class Lakehouse:
         return stale
 
 
+# What a SQL catalog's server raises when it is down or restarting (the connection refused or
+# dropped); callers that can say so plainly catch these.
+CATALOG_DOWN = (OperationalError, InterfaceError)
+
+
 def open_catalog(settings: Settings) -> Catalog:
     """The Iceberg catalog named by the settings (SQLite file, PostgreSQL or REST).
 
@@ -410,8 +416,13 @@ def open_catalog(settings: Settings) -> Catalog:
     uri = settings.catalog_uri
     properties = {"warehouse": settings.warehouse}
     if settings.s3_endpoint:
-        # Path-style addressing: an endpoint of our own has no per-bucket host names.
-        properties |= {"s3.endpoint": settings.s3_endpoint, "s3.force-virtual-addressing": "false"}
+        # Path-style addressing: an endpoint of our own has no per-bucket host names. The region
+        # is given, or pyiceberg would ask AWS itself which region the bucket is in.
+        properties |= {
+            "s3.endpoint": settings.s3_endpoint,
+            "s3.force-virtual-addressing": "false",
+            "s3.region": s3_region(),
+        }
     if uri.startswith(("http://", "https://")):
         from pyiceberg.catalog.rest import RestCatalog
 

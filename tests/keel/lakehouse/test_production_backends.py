@@ -3,6 +3,10 @@ table files on S3-compatible object storage, with real servers on loopback ports
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 import psycopg2
@@ -13,6 +17,9 @@ from keel.ingest.batch import ingest_files
 from keel.lakehouse.tables import Lakehouse
 from tests.factories.ingest import DAY, NOW, TABLE, write_csv
 from tests.factories.payments import payment_rows
+from tests.factories.timing import wait_for
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def catalog_tables(settings) -> list[str]:
@@ -78,3 +85,108 @@ def test_a_lakehouse_keeps_working_across_a_postgresql_restart(keel_home, s3_ser
         assert report.published, report.summary()
         ids = lake.read(TABLE).column("event_id").to_pylist()
         assert sorted(ids) == sorted(r["event_id"] for r in first + second)
+
+
+# The writer in a process of its own: it ingests one file, and when told to, holds its first
+# publish until the flag file appears (after saying so in the ready file), so the other
+# writer publishes in between and this one meets main moved: a real conflict, seen through the
+# PostgreSQL catalog.
+WRITER = """
+import json, pathlib, sys, time
+from keel.config import Settings
+from keel.dsl import Entity
+from keel.ingest.batch import ingest_files
+from keel.lakehouse import wap
+from keel.lakehouse.tables import Lakehouse
+from tests.factories.ingest import NOW
+from tests.factories.payments import payments_source
+
+path, run_id, ready, flag = sys.argv[1:5]
+cli = run_id == "cli"
+publish, calls = wap.publish, []
+
+def held(lake, staged):
+    if not calls and flag != "-":
+        pathlib.Path(ready).touch()
+        deadline = time.monotonic() + 120
+        while not pathlib.Path(flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    calls.append(staged.base_snapshot_id)
+    return publish(lake, staged)
+
+wap.publish = held
+if cli:
+    from keel.cli.main import main
+    sys.exit(main(["ingest", path, "--source", "payments"]))
+source = payments_source(Entity(name="buyer", join_keys={"user_id": "string"}))
+report = ingest_files(Lakehouse.from_settings(Settings.from_env()), source, [path], run_id=run_id, now=NOW)
+print(json.dumps({"published": report.published, "publishes": len(calls)}))
+"""
+
+
+def writer(name: str, path: Path, ready: Path, flag: Path | None) -> subprocess.Popen:
+    """The writer in a process of its own (``name`` "cli" runs ``keel ingest``), holding its first
+    publish until ``flag`` appears when one is given."""
+    argv = [str(path), name, str(ready), str(flag) if flag else "-"]
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_processes_publishing_one_table_lose_nothing(production_settings, payments, tmp_path):
+    lake = Lakehouse.from_settings(production_settings)
+    seed = payment_rows(DAY, 5, prefix="seed")
+    assert ingest_files(lake, payments, [write_csv(tmp_path / "seed.csv", seed)], run_id="seed", now=NOW).published
+    slow_rows, fast_rows = payment_rows(DAY, 20, prefix="slow"), payment_rows(DAY, 20, prefix="fast")
+    ready, flag = tmp_path / "ready", tmp_path / "go"
+
+    slow = writer("slow", write_csv(tmp_path / "slow.csv", slow_rows), ready, flag)
+    wait_for(ready.exists, timeout=120, what="the held writer to reach its publish")
+    fast = writer("fast", write_csv(tmp_path / "fast.csv", fast_rows), ready, None)
+    fast_out, _ = fast.communicate(timeout=300)
+    flag.touch()
+    slow_out, _ = slow.communicate(timeout=300)
+    assert fast.returncode == 0 and slow.returncode == 0
+
+    # The fast writer published at once; the held one found main moved, staged again on the
+    # new head and published: two publishes, and every row of all three files on main once.
+    assert json.loads(fast_out.splitlines()[-1]) == {"published": True, "publishes": 1}
+    assert json.loads(slow_out.splitlines()[-1]) == {"published": True, "publishes": 2}
+    ids = Lakehouse.from_settings(production_settings).read(TABLE).column("event_id").to_pylist()
+    assert sorted(ids) == sorted(r["event_id"] for r in seed + slow_rows + fast_rows)
+
+
+def test_postgresql_down_at_publish_fails_the_ingest_cleanly_and_a_rerun_lands_once(
+    keel_home, s3_server, monkeypatch, tmp_path
+):
+    # A server of this test's own, stopped mid-run: the session's must stay up for the others.
+    with PostgresServer() as postgres:
+        for name, value in s3_server.environment().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("KEEL_CATALOG_URI", postgres.create_database("catalog"))
+        monkeypatch.setenv("KEEL_WAREHOUSE", s3_server.create_bucket("keel-outage") + "/warehouse")
+        monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
+        seed, rows = payment_rows(DAY, 5, prefix="seed"), payment_rows(DAY, 20, prefix="late")
+        seeded = writer("cli", write_csv(tmp_path / "seed.csv", seed), tmp_path / "unused", None)
+        assert seeded.wait(timeout=300) == 0, seeded.stderr.read()
+        path, ready, flag = write_csv(tmp_path / "late.csv", rows), tmp_path / "ready", tmp_path / "go"
+
+        held = writer("cli", path, ready, flag)
+        wait_for(ready.exists, timeout=120, what="the held ingest to reach its publish")
+        postgres.halt()
+        flag.touch()
+        _, err = held.communicate(timeout=300)
+
+        # One line naming the catalog and what to do; no traceback.
+        assert held.returncode == 1
+        assert err.startswith("keel ingest: the Iceberg catalog at postgresql+psycopg2://127.0.0.1:"), err
+        assert len(err.splitlines()) == 1, err
+        assert "run the same command again when it is back" in err and "Traceback" not in err, err
+
+        postgres.restart()
+        lake = Lakehouse.from_settings(Settings.from_env())
+        assert sorted(lake.read(TABLE).column("event_id").to_pylist()) == sorted(r["event_id"] for r in seed)
+        rerun = writer("cli", path, ready, None)
+        assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+        landed = Lakehouse.from_settings(Settings.from_env()).read(TABLE).column("event_id").to_pylist()
+        assert sorted(landed) == sorted(r["event_id"] for r in seed + rows)
