@@ -15,19 +15,13 @@ use; ``production_settings`` points a test's Keel at a fresh database on the one
 bucket on the other: the Iceberg catalog in PostgreSQL and the warehouse on ``s3://``.
 """
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
 import uuid
 
 import pytest
 
 from keel.config import Settings
-from keel.devservers import DevServerError, KafkaBroker, RedisServer, Server
-from keel.devservers.storage import PostgresServer, S3Server
+from keel.devservers import DevServerError, KafkaBroker, RedisServer
+from keel.devservers.storage import MlflowServer, PostgresServer, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -115,58 +109,6 @@ def production_settings(keel_home, postgres_server, s3_server, monkeypatch) -> S
     monkeypatch.setenv("KEEL_CATALOG_URI", database)
     monkeypatch.setenv("KEEL_WAREHOUSE", f"{bucket}/warehouse")
     return Settings.from_env()
-
-
-class MlflowServer(Server):
-    """``mlflow server`` on a loopback port, its SQLite store and artifacts in its scratch folder."""
-
-    name = "mlflow"
-    stop_timeout = 15.0
-    # `mlflow server` runs uvicorn as its child: started in a session of their own, the two are
-    # stopped together as one process group, and a parent killed after a timeout orphans nothing.
-    # Job execution (a huey consumer beside them) is not needed here.
-    LAUNCH = (
-        "import os, sys; os.setsid(); os.environ['MLFLOW_SERVER_ENABLE_JOB_EXECUTION'] = 'false'; "
-        "os.execv(sys.executable, [sys.executable, '-m', 'mlflow', *sys.argv[1:]])"
-    )
-
-    def _command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-c",
-            self.LAUNCH,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{self.workdir / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.workdir / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
-
-    def _ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
-            return answer.status == 200
-
-    def _terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, sig)
-                try:
-                    self.process.wait(self.stop_timeout)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,26 @@
-"""PostgreSQL and S3-compatible object storage on loopback ports, as the production profile uses them.
+"""PostgreSQL, S3-compatible object storage and an MLflow tracking server on loopback ports, as
+the production profile uses them.
 
 ``PostgresServer`` runs the PostgreSQL binaries on PATH or Debian's
 (``/usr/lib/postgresql/<version>/bin``) on a fresh cluster, as the ``postgres`` user when run
 as root (PostgreSQL refuses to run as root). ``S3Server`` runs ``moto``'s standalone server,
 which speaks the S3 REST API (MinIO does not install from the package registries).
+``MlflowServer`` runs ``mlflow server`` on a backend store and an artifact destination
+(SQLite and a folder in its scratch folder unless given PostgreSQL and ``s3://``), serving the
+artifacts itself, so its clients need no object-store credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from keel.devservers import DevServerError, Server
@@ -172,3 +179,74 @@ class S3Server(Server):
         """Create the bucket ``name`` and return ``s3://name``."""
         self.client().create_bucket(Bucket=name)
         return f"s3://{name}"
+
+
+class MlflowServer(Server):
+    """``mlflow server`` on a loopback port; ``url`` is its tracking (and registry) URI.
+
+    ``backend_store_uri`` defaults to SQLite and ``artifacts_destination`` to a folder, both in
+    its scratch folder; ``environment`` is added to the server's own (e.g. ``S3Server.environment()``
+    for an ``s3://`` destination).
+    """
+
+    name = "mlflow"
+    stop_timeout = 15.0
+    # `mlflow server` runs uvicorn as its child: started in a session of their own, the two are
+    # stopped together as one process group, and a parent killed after a timeout orphans nothing.
+    # Job execution (a huey consumer beside them) is not needed here.
+    LAUNCH = (
+        "import os, sys; os.setsid(); os.environ['MLFLOW_SERVER_ENABLE_JOB_EXECUTION'] = 'false'; "
+        "os.execv(sys.executable, [sys.executable, '-m', 'mlflow', *sys.argv[1:]])"
+    )
+
+    def __init__(
+        self,
+        backend_store_uri: str | None = None,
+        artifacts_destination: str | None = None,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backend_store_uri = backend_store_uri
+        self.artifacts_destination = artifacts_destination
+        self.environment = dict(environment or {})
+
+    def _popen_options(self) -> dict:
+        return {"env": os.environ | self.environment} if self.environment else {}
+
+    def _command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            self.LAUNCH,
+            "server",
+            "--backend-store-uri",
+            self.backend_store_uri or f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            self.artifacts_destination or str(self.workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+
+    def _ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+            return answer.status == 200
+
+    def _terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, sig)
+                try:
+                    self.process.wait(self.stop_timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

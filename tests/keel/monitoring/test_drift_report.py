@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -21,7 +16,8 @@ import numpy as np
 import pytest
 
 from keel.config import Settings
-from keel.devservers import free_port
+from keel.devservers import DevServerError, free_port
+from keel.devservers.storage import MlflowServer
 from keel.models.registry_client import mlflow_client
 from keel.monitoring import report as drift_report
 from keel.monitoring.declarations import Threshold
@@ -30,7 +26,6 @@ from keel.monitoring.statistics import categorical_drift, numeric_drift
 
 MODEL = "churn"
 WINDOW = dt.datetime(2026, 5, 11, tzinfo=dt.UTC)
-MLFLOW = Path(sys.executable).with_name("mlflow")
 # The MLflow UI's run page reads the preselected artifact from its route with this expression
 # (server/js/build, the run page's artifact view).
 UI_ARTIFACT_ROUTE = re.compile(r"/(?:artifactPath|artifacts)/(.+)")
@@ -196,75 +191,21 @@ def test_an_unreachable_tracking_server_is_named_without_its_password(tmp_path, 
 # Served over http by MLflow ---------------------------------------------------------------------
 
 
-class MlflowServer:
-    """``mlflow server`` on a free loopback port over a SQLite store, in its own process group."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / "mlflow-server.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> MlflowServer:
-        command = [
-            str(MLFLOW),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.home / 'mlflow.db'}",
-            "--artifacts-destination",
-            (self.home / "served-artifacts").as_uri(),
-        ]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, cwd=self.home, env=env, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{self._tail()}")
-            try:
-                if get(f"{self.url}/health", timeout=1)[0] == 200:
-                    return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)  # a poll interval, bounded by the deadline, not a wait for an outcome
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer on {self.url} within {timeout:.0f} s:\n{self._tail()}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
-
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
 def get(url: str, timeout: float = 10) -> tuple[int, Message, bytes]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.status, response.headers, response.read()
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def served(tmp_path_factory):
+    """``mlflow server`` over a Keel home's embedded store (as ``make mlflow-ui`` runs it), and the home."""
     home = tmp_path_factory.mktemp("served")
+    server = MlflowServer(f"sqlite:///{home / 'mlflow.db'}", (home / "served-artifacts").as_uri())
     try:
-        server = MlflowServer(home).start()
-    except RuntimeError as exc:
+        server.start(timeout=90)
+    except DevServerError as exc:
         pytest.fail(str(exc))
-    yield server
+    yield server, home
     server.stop()
 
 
@@ -274,11 +215,12 @@ def served_artifact(ui_url: str, logged: drift_report.LoggedReport) -> tuple[int
     return get(f"{ui_url}/get-artifact?{query}")
 
 
-def test_mlflow_serves_the_linked_report_over_http(mlflow_server):
+def test_mlflow_serves_the_linked_report_over_http(served):
     """Keel's embedded store, and the UI `make mlflow-ui` starts over it (here on a free port)."""
+    mlflow_server, home = served
     settings = Settings.from_env(
         {
-            "KEEL_HOME": str(mlflow_server.home),
+            "KEEL_HOME": str(home),
             "KEEL_CODE_VERSION": "test-sha",
             "KEEL_MLFLOW_UI_URL": mlflow_server.url,
         }
@@ -297,7 +239,8 @@ def test_mlflow_serves_the_linked_report_over_http(mlflow_server):
     assert status == 200 and re.search(rb"static-files/static/js/main\.[0-9a-f]+\.js", page), page[:500]
 
 
-def test_through_a_tracking_server_the_server_is_the_ui_and_stores_the_report(mlflow_server, tmp_path):
+def test_through_a_tracking_server_the_server_is_the_ui_and_stores_the_report(served, tmp_path):
+    mlflow_server, _ = served
     """The production shape: KEEL_MLFLOW_URI is the server, artifacts go through it (proxied)."""
     settings = Settings.from_env(
         {"KEEL_HOME": str(tmp_path / "client"), "KEEL_CODE_VERSION": "test-sha", "KEEL_MLFLOW_URI": mlflow_server.url}
