@@ -17,7 +17,8 @@ def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:
 
 
 class LakehouseResource(dg.ConfigurableResource):
-    """The Iceberg lakehouse: catalog, warehouse and the code version stamped on snapshots.
+    """The Iceberg lakehouse: catalog, warehouse (and its object store's endpoint) and the code
+    version stamped on snapshots.
 
     A setting left unset is derived from ``home`` when a run starts, as keel.config does.
     """
@@ -25,6 +26,7 @@ class LakehouseResource(dg.ConfigurableResource):
     home: str
     catalog_uri: str | None = None
     warehouse: str | None = None
+    s3_endpoint: str | None = None
     landing: str | None = None
     code_version: str | None = None
 
@@ -33,6 +35,7 @@ class LakehouseResource(dg.ConfigurableResource):
             "home": self.home,
             "catalog_uri": self.catalog_uri,
             "warehouse": self.warehouse,
+            "s3_endpoint": self.s3_endpoint,
             "landing": self.landing,
             "code_version": self.code_version,
         }
@@ -50,6 +53,7 @@ def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
             home=str(s.home),
             catalog_uri=s.catalog_uri,
             warehouse=s.warehouse,
+            s3_endpoint=s.s3_endpoint,
             landing=str(s.landing),
             code_version=s.code_version,
         )
@@ -57,6 +61,8 @@ def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
         home=_setting("home", str(s.home)),
         catalog_uri=_setting("catalog_uri"),
         warehouse=_setting("warehouse"),
+        # KEEL_S3_ENDPOINT, else the AWS endpoint variables keel.config falls back to.
+        s3_endpoint=_setting("s3_endpoint", s.s3_endpoint),
         landing=_setting("landing"),
         code_version=_setting("code_version", s.code_version),
     )
