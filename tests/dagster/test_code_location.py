@@ -126,7 +126,9 @@ def test_production_profile_is_postgres_with_queued_runs_one_per_table(postgres_
 
     storage = config["storage"]["postgres"]["postgres_db"]
     assert storage["hostname"] == {"env": "DAGSTER_PG_HOST"}
-    assert set(storage) == {"hostname", "port", "username", "password", "db_name"}
+    assert set(storage) == {"hostname", "port", "username", "password", "db_name", "scheme"}
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which is not installed.
+    assert storage["scheme"] == "postgresql+psycopg2"
 
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"] == {
@@ -139,9 +141,10 @@ def test_production_profile_storage_builds_a_postgres_url_from_the_environment(p
     from dagster_postgres.utils import get_conn_string, pg_url_from_config
 
     config, _ = dagster_instance_config(str(ROOT / "deploy" / "dagster"))
-    resolved = {key: os.environ[value["env"]] for key, value in config["storage"]["postgres"]["postgres_db"].items()}
+    storage = config["storage"]["postgres"]["postgres_db"]
+    resolved = {key: os.environ[value["env"]] if isinstance(value, dict) else value for key, value in storage.items()}
     url = pg_url_from_config({"postgres_db": resolved})
-    assert url == get_conn_string("dagster", "secret", "db.internal", "dagster", "5432")
+    assert url == get_conn_string("dagster", "secret", "db.internal", "dagster", "5432", scheme="postgresql+psycopg2")
 
 
 def test_production_profile_rejects_a_broken_config(tmp_path):
