@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import psycopg2
 
+from keel.cli.main import main
 from keel.config import Settings
 from keel.devservers.storage import PostgresServer
 from keel.ingest.batch import ingest_files
@@ -167,8 +168,7 @@ def test_postgresql_down_at_publish_fails_the_ingest_cleanly_and_a_rerun_lands_o
         monkeypatch.setenv("KEEL_WAREHOUSE", s3_server.create_bucket("keel-outage") + "/warehouse")
         monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
         seed, rows = payment_rows(DAY, 5, prefix="seed"), payment_rows(DAY, 20, prefix="late")
-        seeded = writer("cli", write_csv(tmp_path / "seed.csv", seed), tmp_path / "unused", None)
-        assert seeded.wait(timeout=300) == 0, seeded.stderr.read()
+        assert main(["ingest", str(write_csv(tmp_path / "seed.csv", seed)), "--source", "payments"]) == 0
         path, ready, flag = write_csv(tmp_path / "late.csv", rows), tmp_path / "ready", tmp_path / "go"
 
         held = writer("cli", path, ready, flag)
