@@ -96,19 +96,21 @@ def s3_server():
     server.stop()
 
 
+def use_production_backends(monkeypatch, postgres: PostgresServer, s3: S3Server) -> Settings:
+    """Point this test's Keel at a fresh database on ``postgres`` (the Iceberg catalog) and a
+    fresh bucket on ``s3`` (the warehouse; the AWS variables point pyarrow's S3 client at it)."""
+    for name, value in s3.environment().items():
+        monkeypatch.setenv(name, value)
+    suffix = uuid.uuid4().hex[:12]
+    monkeypatch.setenv("KEEL_CATALOG_URI", postgres.create_database(f"keel_{suffix}"))
+    monkeypatch.setenv("KEEL_WAREHOUSE", s3.create_bucket(f"keel-{suffix}") + "/warehouse")
+    return Settings.from_env()
+
+
 @pytest.fixture
 def production_settings(keel_home, postgres_server, s3_server, monkeypatch) -> Settings:
-    """Settings with the Iceberg catalog in a fresh PostgreSQL database and the warehouse in a
-    fresh S3 bucket (the AWS variables point pyarrow's S3 client at the server)."""
-    for name, value in s3_server.environment().items():
-        monkeypatch.setenv(name, value)
-    # One database and one bucket per test.
-    suffix = uuid.uuid4().hex[:12]
-    database = postgres_server.create_database(f"keel_{suffix}")
-    bucket = s3_server.create_bucket(f"keel-{suffix}")
-    monkeypatch.setenv("KEEL_CATALOG_URI", database)
-    monkeypatch.setenv("KEEL_WAREHOUSE", f"{bucket}/warehouse")
-    return Settings.from_env()
+    """Settings on the session's PostgreSQL and S3 servers, a database and a bucket of the test's own."""
+    return use_production_backends(monkeypatch, postgres_server, s3_server)
 
 
 @pytest.fixture(scope="session")

@@ -175,6 +175,11 @@ class S3Server(Server):
             region_name=self.region,
         )
 
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in ``bucket`` under ``prefix``."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
     def create_bucket(self, name: str) -> str:
         """Create the bucket ``name`` and return ``s3://name``."""
         self.client().create_bucket(Bucket=name)

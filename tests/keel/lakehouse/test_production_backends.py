@@ -19,6 +19,7 @@ from keel.lakehouse.tables import Lakehouse
 from tests.factories.ingest import DAY, NOW, TABLE, write_csv
 from tests.factories.payments import payment_rows
 from tests.factories.timing import wait_for
+from tests.servers import use_production_backends
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -33,12 +34,6 @@ def catalog_tables(settings) -> list[str]:
             return [row[0] for row in cursor.fetchall()]
     finally:
         connection.close()
-
-
-def bucket_keys(s3_server, warehouse: str) -> list[str]:
-    url = urlparse(warehouse)
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=url.netloc)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def test_an_ingest_lands_through_the_postgresql_catalog_onto_object_storage(
@@ -57,7 +52,7 @@ def test_an_ingest_lands_through_the_postgresql_catalog_onto_object_storage(
     assert sorted(landed.column("event_id").to_pylist()) == sorted(r["event_id"] for r in rows)
     assert TABLE in catalog_tables(settings)
     # The table's metadata and data files are objects in the bucket; nothing is on local disk.
-    keys = bucket_keys(s3_server, settings.warehouse)
+    keys = s3_server.keys(urlparse(settings.warehouse).netloc)
     assert any(k.endswith(".parquet") and "/raw/payments/data/" in k for k in keys), keys
     assert any(k.endswith(".metadata.json") for k in keys), keys
     assert not (settings.home / "warehouse").exists() and not (settings.home / "catalog.db").exists()
@@ -71,11 +66,7 @@ def test_an_ingest_lands_through_the_postgresql_catalog_onto_object_storage(
 def test_a_lakehouse_keeps_working_across_a_postgresql_restart(keel_home, s3_server, monkeypatch, payments, tmp_path):
     # A server of this test's own: the session's must not restart under the other tests.
     with PostgresServer() as postgres:
-        for name, value in s3_server.environment().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("KEEL_CATALOG_URI", postgres.create_database("catalog"))
-        monkeypatch.setenv("KEEL_WAREHOUSE", s3_server.create_bucket("keel-restart") + "/warehouse")
-        lake = Lakehouse.from_settings(Settings.from_env())
+        lake = Lakehouse.from_settings(use_production_backends(monkeypatch, postgres, s3_server))
         first, second = payment_rows(DAY, 10, prefix="a"), payment_rows(DAY, 10, prefix="b")
         assert ingest_files(lake, payments, [write_csv(tmp_path / "a.csv", first)], run_id="a", now=NOW).published
 
@@ -162,10 +153,7 @@ def test_postgresql_down_at_publish_fails_the_ingest_cleanly_and_a_rerun_lands_o
 ):
     # A server of this test's own, stopped mid-run: the session's must stay up for the others.
     with PostgresServer() as postgres:
-        for name, value in s3_server.environment().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("KEEL_CATALOG_URI", postgres.create_database("catalog"))
-        monkeypatch.setenv("KEEL_WAREHOUSE", s3_server.create_bucket("keel-outage") + "/warehouse")
+        use_production_backends(monkeypatch, postgres, s3_server)
         monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
         seed, rows = payment_rows(DAY, 5, prefix="seed"), payment_rows(DAY, 20, prefix="late")
         assert main(["ingest", str(write_csv(tmp_path / "seed.csv", seed)), "--source", "payments"]) == 0

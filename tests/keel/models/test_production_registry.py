@@ -63,7 +63,6 @@ def test_a_model_registers_and_loads_through_mlflow_on_postgresql_and_object_sto
         cursor.execute("SELECT count(*) FROM runs")
         assert cursor.fetchone()[0] >= 1
     connection.close()
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="artifacts/")
-    keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    keys = s3_server.keys(bucket, prefix="artifacts/")
     assert any(key.endswith("MLmodel") for key in keys), keys
     assert not (settings.home / "mlflow.db").exists()
