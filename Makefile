@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 # Byte-code caches save seconds of start-up per process (pandas, scipy, dagster).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install lock demo test ui mlflow-ui lint format dagster-home clean
+.PHONY: install lock demo demo-prod test ui mlflow-ui lint format dagster-home clean
 
 install: $(STAMP) $(BIN)/promtool
 
@@ -52,8 +52,14 @@ dagster-home:
 demo: install dagster-home
 	$(BIN)/keel demo
 
+# The same demo on the production profile: PostgreSQL, S3-compatible storage, Redis, a Kafka broker,
+# an MLflow server and Dagster's daemon, started under KEEL_HOME/servers and stopped when it ends.
+demo-prod: install
+	$(BIN)/keel demo --profile production
+
+# pytest-xdist runs the suite on every core (at most four), one test file per worker at a time.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
 # Started from DAGSTER_HOME, so Dagster reads the instance's copy of dagster.yaml, not the repo's.
 ui: install dagster-home

@@ -12,6 +12,7 @@ tables' content as it was (ingests merge by event id), with new snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import os
@@ -65,15 +66,18 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     from assets.online import ONLINE_SYNC_JOB
     from assets.predictions import predict_job_name
     from keel.devservers import free_port
+    from keel.inference_log.records import TOPIC
     from keel.ingest.landing_folder import landing_files
     from pipelines import project
     from pipelines.dagster_service import DagsterService
+    from pipelines.demo_live import DemoServer, LiveStream
     from pipelines.demo_monitoring import monitoring_loop
     from pipelines.demo_runs import DemoRuns
     from pipelines.generate import generate, write_files
     from pipelines.models import MODELS
 
     instance = _dagster_instance(settings)
+    embedded = type(instance.run_storage).__name__.startswith("Sqlite")
     lake = Lakehouse.from_settings(settings)
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
@@ -104,7 +108,8 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     failed: list[str] = []
     print(f"[{next(step)}/{steps}] starting Dagster (dagster dev: webserver, daemon, code server) ...", flush=True)
     env = {**os.environ, **settings.as_env(), "DAGSTER_HOME": str(instance.root_directory)}
-    with DagsterService(Path(instance.root_directory), free_port(), env=env) as dagster:
+    with contextlib.ExitStack() as stack:
+        dagster = stack.enter_context(DagsterService(Path(instance.root_directory), free_port(), env=env))
         runs = DemoRuns(dagster, instance)
         print(f"        up at {dagster.url}; its sensors and schedules are on (README: Automation)", flush=True)
         count = sum(len(f) for f in files.values())
@@ -128,6 +133,11 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
             end=" ",
             flush=True,
         )
+        # With a broker, `keel stream` consumes live events meanwhile, publishing to the raw tables
+        # the backfill reads. It starts once the history has landed: it warms its windows from them.
+        live = stack.enter_context(LiveStream(settings, project)) if settings.kafka_bootstrap and not failed else None
+        if live is not None:
+            print("\n" + live.describe(), flush=True)
         t = time.perf_counter()
         backfill = dagster.backfill(groups, [(start + dt.timedelta(days=i)).isoformat() for i in range(days)])
         status, backfill_runs = dagster.wait_for_backfill(backfill)
@@ -137,6 +147,11 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
             print(f"        {group.name} v{group.version}: {sum(rows.values()):,} rows in {len(rows)} days", flush=True)
         if status not in ("COMPLETED", "COMPLETED_SUCCESS") or any(s != "SUCCESS" for s in backfill_runs.values()):
             failed.append("feature backfill")
+        if live is not None:
+            text, ok = live.finish(lake)
+            print("\n".join(text), flush=True)
+            if not ok:
+                failed.append("live stream")
 
         print(f"[{next(step)}/{steps}] training set for the churn label", flush=True)
         if not failed:
@@ -191,36 +206,50 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
                 if not identical:
                     failed.append(f"reproduce {spec.name}")
 
-            print(
-                f"[{next(step)}/{steps}] serving {spec.name}: keel serve --workers 2, a few predictions, stop ...",
-                flush=True,
-            )
-            if failed:
-                print("        skipped: an earlier step failed", flush=True)
-            else:
-                text, ok = serving_summary(settings, lake, spec, last)
-                print(text, flush=True)
-                if not ok:
-                    failed.append(f"serve {spec.name}")
+            with DemoServer(settings, spec) as server:
+                print(
+                    f"[{next(step)}/{steps}] serving {spec.name}: keel serve --workers 2, a few predictions ...",
+                    flush=True,
+                )
+                users = []
+                if failed:
+                    print("        skipped: an earlier step failed", flush=True)
+                else:
+                    text, ok, users = serving_summary(server, lake, spec, last)
+                    print(text, flush=True)
+                    if not ok:
+                        failed.append(f"serve {spec.name}")
 
-            print(
-                f"[{next(step)}/{steps}] monitoring {spec.name} across the drift: traffic, drift, alerts, retrain ...",
-                flush=True,
-            )
-            if failed:
-                print("        skipped: an earlier step failed", flush=True)
-            else:
-                text, broken = monitoring_loop(runs, settings, lake, spec, span, drift_day)
-                print("\n".join(text), flush=True)
-                failed += broken
-        print("        stopping Dagster; `make ui` starts it again on the same instance", flush=True)
+                print(
+                    f"[{next(step)}/{steps}] monitoring {spec.name} across the drift: traffic, drift, alerts, "
+                    "retrain, while the server answers ...",
+                    flush=True,
+                )
+                if failed:
+                    print("        skipped: an earlier step failed", flush=True)
+                else:
+                    server.keep_asking(users)
+                    text, broken = monitoring_loop(runs, settings, lake, spec, span, drift_day)
+                    print("\n".join(text), flush=True)
+                    failed += broken
+                    text, ok = server.traffic_summary()
+                    print(text, flush=True)
+                    if not ok:
+                        failed.append(f"serve {spec.name} during monitoring")
+            sink = "on the topic " + TOPIC if settings.kafka_bootstrap else f"under {settings.home / 'inference_log'}"
+            print(f"        server stopped; its log is {server.log_path}, its inference log {sink}", flush=True)
+        again = "`make ui` starts it again on the same instance" if embedded else "its instance goes with the servers"
+        print(f"        stopping Dagster; {again}", flush=True)
 
     print(f"[{next(step)}/{steps}] summary", flush=True)
     print(summary(lake))
-    print(
-        f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these runs; "
-        "`make mlflow-ui` opens MLflow at http://127.0.0.1:5000."
-    )
+    if embedded:
+        print(
+            f"\ndone in {time.perf_counter() - t0:.0f}s. `make ui` opens Dagster at http://127.0.0.1:3000 with these "
+            "runs; `make mlflow-ui` opens MLflow at http://127.0.0.1:5000."
+        )
+    else:
+        print(f"\ndone in {time.perf_counter() - t0:.0f}s.")
     if failed:
         print(f"FAILED: {', '.join(failed)} (see the runs in `make ui`)", file=sys.stderr)
         return 1
@@ -318,7 +347,8 @@ def model_summary(result, settings: Settings, spec) -> str:
         f"        promoted to champion: {decided['promoted']} ({decided['reason']})",
         f"        lineage: {len(info['features'])} features, run {info['run_id'][:8]}, code {str(info['code_version'])[:12]}, "
         "read " + ", ".join(f"{t}@{s}" for t, s in info["snapshots"].items()),
-        "        `make mlflow-ui` shows the run and the registered versions at http://127.0.0.1:5000",
+        f"        MLflow shows the run and the registered versions at {settings.mlflow_ui_url}"
+        + ("" if settings.mlflow_uri.startswith("http") else " (`make mlflow-ui`)"),
     ]
     return "\n" + "\n".join(lines)
 
@@ -359,77 +389,30 @@ def reproduction_summary(settings: Settings, spec) -> tuple[str, bool]:
     )
 
 
-def serving_summary(settings: Settings, lake: Lakehouse, spec, day: dt.date) -> tuple[str, bool]:
-    """Start ``keel serve`` on a free port, ask for three users' churn risk, print the answers
-    and their latency, and stop it gracefully (its inference log is flushed on the way out)."""
-    import json
-    import signal
-    import subprocess
-    import urllib.error
-    import urllib.request
-
-    from keel.devservers import free_port
+def serving_summary(server, lake: Lakehouse, spec, day: dt.date) -> tuple[str, bool, list[str]]:
+    """Start ``keel serve`` (a ``DemoServer``), ask for three users' churn risk and print the
+    answers and their latency; returns the text, whether all went well, and the users asked."""
     from keel.lakehouse.tables import day_filter
     from keel.models.batch_predict import predictions_table
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = settings.home / "serve.log"
-    keel = Path(sys.executable).with_name("keel")
     t = time.perf_counter()
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(keel), "serve", "--port", str(port), "--workers", "2"],
-            env={**os.environ, **settings.as_env()},
-            stdout=log,
-            stderr=log,
+    ready = server.start()
+    if ready is None:
+        return f"        the server did not become ready; see {server.log_path}", False, []
+    lines = [f"        ready in {time.perf_counter() - t:.1f}s at {server.url}, serving {ready['models']}"]
+    scored = lake.read(predictions_table(spec), row_filter=day_filter("feature_ts", [day]))
+    users = scored.sort_by([("prediction", "descending")]).column("user_id").to_pylist()[:2] + ["u00001"]
+    for user in users:
+        t0 = time.perf_counter()
+        out = server.predict(user)
+        lines.append(
+            f"        POST /v1/models/{spec.name}/predict {user}: {out['predictions'][0]:.3f} "
+            f"(v{out['version']} {out['alias']}, {len(out['missing_features'])} features missing, "
+            f"server {out['latency_ms']:.2f} ms, round trip {1000 * (time.perf_counter() - t0):.1f} ms)"
         )
-    lines, ok = [], False
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as answer:
-                    ready = json.load(answer)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.2)
-        else:
-            return f"        the server did not become ready; see {log_path}", False
-        lines.append(f"        ready in {time.perf_counter() - t:.1f}s at {url}, serving {ready['models']}")
-        scored = lake.read(predictions_table(spec), row_filter=day_filter("feature_ts", [day]))
-        users = scored.sort_by([("prediction", "descending")]).column("user_id").to_pylist()[:2] + ["u00001"]
-        for user in users:
-            body = json.dumps({"entity_id": user}).encode()
-            request = urllib.request.Request(
-                f"{url}/v1/models/{spec.name}/predict", body, {"content-type": "application/json"}
-            )
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=5) as answer:
-                out = json.load(answer)
-            lines.append(
-                f"        POST /v1/models/{spec.name}/predict {user}: {out['predictions'][0]:.3f} "
-                f"(v{out['version']} {out['alias']}, {len(out['missing_features'])} features missing, "
-                f"server {out['latency_ms']:.2f} ms, round trip {1000 * (time.perf_counter() - t0):.1f} ms)"
-            )
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
-            metrics = answer.read().decode()
-        counted = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("keel_serving_requests_total{") and 'status="ok"' in line
-        )
-        lines.append(f"        /metrics counts {counted:.0f} answered requests over the server's 2 workers")
-        ok = counted == len(users)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            ok = False
-    lines.append(f"        stopped; its log is {log_path}, its inference log under {settings.home / 'inference_log'}")
-    return "\n".join(lines), ok
+    counted = server.answered()
+    lines.append(f"        /metrics counts {counted:.0f} answered requests over the server's 2 workers")
+    return "\n".join(lines), counted == len(users), users
 
 
 def _cell(value, status: str) -> str:

@@ -94,3 +94,17 @@ def model_project(payments, outcomes):
     spend, ratio = groups_for(payments)
     start = dt.date(2026, 3, 1)
     return Project(name="t", sources=(payments, outcomes), start_date=start, feature_groups=(spend, ratio))
+
+
+# The end-to-end tests take minutes each; `make test` spreads the suite over the cores
+# (pytest-xdist, one file at a time), and handing the longest files out first keeps one core
+# from finishing a long test alone at the end.
+LONGEST_FIRST = ("tests/e2e/test_demo_production.py", "tests/e2e/test_demo.py", "tests/e2e/test_dagster_ui.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel.cli import demo as cli_demo
 from keel.cli import features as cli_features
 from keel.cli import models as cli_models
 from keel.cli import monitoring as cli_monitor
@@ -103,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_serve.add_commands(sub)
     cli_monitor.add_commands(sub)
 
-    p = sub.add_parser("demo", help="run the project's demo end to end through Dagster")
-    p.set_defaults(func=cmd_demo)
+    cli_demo.add_commands(sub)
     return parser
 
 
@@ -286,16 +285,6 @@ def cmd_maintain(args) -> int:
         )
     print(staging.summary())
     return 0
-
-
-def cmd_demo(args) -> int:
-    settings = Settings.from_env()
-    try:
-        demo = importlib.import_module(f"{settings.project}.demo")
-    except ModuleNotFoundError:
-        print(f"keel: project module {settings.project!r} has no demo ({settings.project}/demo.py)", file=sys.stderr)
-        return 2
-    return demo.run(settings)
 
 
 if __name__ == "__main__":

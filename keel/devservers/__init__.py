@@ -106,10 +106,13 @@ class Server(ABC):
         """Extra ``subprocess.Popen`` options for the server process (none by default)."""
         return {}
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> Server:
+    def start(self, timeout: float = START_TIMEOUT_S, under: Path | None = None) -> Server:
+        """Start on a free port with a new scratch folder (in ``under``, else the temporary folder)."""
         if self.process is not None:
             return self
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"keel-{self.name}-"))
+        if under is not None:
+            Path(under).mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"keel-{self.name}-", dir=under))
         self._prepare()
         # Another process may take the free port before the server binds it: try a few.
         for _attempt in range(3):

@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from keel.devservers import DevServerError, Server
+from keel.devservers import START_TIMEOUT_S, DevServerError, Server
 
 # Debian's postgresql packages install each major version's binaries under <this>/<version>/bin.
 DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
@@ -44,6 +44,23 @@ def postgres_bin_dir() -> Path:
         "PostgreSQL's server binaries (initdb, postgres) not found: install Debian's postgresql package "
         "(apt-get install postgresql) or put a PostgreSQL bin folder on PATH"
     )
+
+
+def _reachable(folder: Path, account: pwd.struct_passwd) -> bool:
+    """Whether ``account`` may enter ``folder`` and every folder above it (execute permission)."""
+    for path in [folder, *folder.parents]:
+        if not path.exists():
+            continue
+        st = path.stat()
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & 0o100
+        elif st.st_gid == account.pw_gid:
+            allowed = st.st_mode & 0o010
+        else:
+            allowed = st.st_mode & 0o001
+        if not allowed:
+            return False
+    return True
 
 
 class PostgresServer(Server):
@@ -75,6 +92,14 @@ class PostgresServer(Server):
                 "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as: "
                 "create one (useradd --system postgres) or run as another user"
             ) from None
+
+    def start(self, timeout: float = START_TIMEOUT_S, under: Path | None = None) -> PostgresServer:
+        """As ``Server.start``; run as ``postgres`` (we are root), the scratch folder goes in the
+        temporary folder instead when ``postgres`` cannot reach ``under`` (e.g. under pytest's 0700 tmp)."""
+        owner = self._owner()
+        if owner and under is not None and not _reachable(Path(under), owner):
+            under = None
+        return super().start(timeout, under)
 
     def _popen_options(self) -> dict:
         owner = self._owner()

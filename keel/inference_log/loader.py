@@ -96,7 +96,7 @@ def stage_inference_log(
     """Read every record of ``days`` (UTC) and stage the days on the run's audit branch.
 
     Records come from the files under ``settings.home`` and, when ``settings.kafka_bootstrap``
-    is set, from ``topic``. Each day is replaced whole, so a reload gives the same rows. Exact
+    is set, from ``topic`` (read once for all the days, however late a record reached it). Each day is replaced whole, so a reload gives the same rows. Exact
     copies (a retried batch) are kept once; records sharing a log_id but differing are kept,
     for the audit to flag. Unreadable records go to keel.quarantine.
 
@@ -111,7 +111,9 @@ def stage_inference_log(
     schema = DECLARATION.arrow_schema()
     lake.ensure_table(TABLE, schema, day_column="ts")
     root = log_root(settings)
-    reader = TopicReader(settings.kafka_bootstrap, topic, lateness, timeout_s) if settings.kafka_bootstrap else None
+    reader = (
+        TopicReader(settings.kafka_bootstrap, topic, lateness, timeout_s, days) if settings.kafka_bootstrap else None
+    )
     rows_per_day: dict[dt.date, int] = {}
     bad: list[pa.Table] = []
     files: list[str] = []

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -62,21 +64,28 @@ def file_lines(root: Path, day: dt.date) -> tuple[pa.Table, list[str]]:
 
 
 class TopicReader:
-    """Reads a day of the topic, partition by partition, without a consumer group.
+    """Reads the topic's records of some days, partition by partition, without a consumer group.
 
-    Each partition is read from the first offset stamped at or after the day's start minus
-    ``lateness`` (``offsets_for_times``) until a record stamped at or after the day's end plus
-    ``lateness``, or the log end as it was when the reader opened; records are then kept by
-    their own ts. A broker that answers offsets_for_times too early (tansu 0.6 answers the
+    The first ``read_day`` reads each partition once, from the first offset stamped at or after
+    the first day's start minus ``lateness`` (``offsets_for_times``) to the log end as it was
+    when the reader opened, and keeps each record stamped within ``lateness`` of a requested
+    day under that day (its own ts decides later). Nothing stops at a record stamped after the
+    days: a record may reach the log long after its ts (a replayed backtest, a server that held
+    its batch through a broker outage), and one read of the span costs what the per-day reads
+    cost for one day. A broker that answers offsets_for_times too early (tansu 0.6 answers the
     log start) only makes the read longer.
     """
 
-    def __init__(self, bootstrap: str, topic: str, lateness: dt.timedelta, timeout_s: float) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, lateness: dt.timedelta, timeout_s: float, days: Sequence[dt.date]
+    ) -> None:
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
         self.bootstrap, self.topic, self.lateness, self.timeout_s = bootstrap, topic, lateness, timeout_s
+        self.days = sorted(set(days))
         self.notes: list[str] = []
+        self._by_day: dict[dt.date, tuple[list, list, list, list]] | None = None
         try:
             self.consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap,
@@ -100,13 +109,28 @@ class TopicReader:
             self.notes.append(f"topic {topic!r} does not exist on {bootstrap}: nothing was logged to Kafka")
 
     def read_day(self, day: dt.date) -> pa.Table:
+        """The records kept for ``day`` (one of the reader's days), each handed out once."""
+        if day not in self.days:
+            raise InferenceLogError(f"inference log: {day} is not one of the days this reader reads ({self.days})")
         if not self.partitions:
             return _LINES.empty_table()
-        start = dt.datetime.combine(day, dt.time(), dt.UTC)
-        start_ms = int((start - self.lateness).timestamp() * 1000)
-        stop_ms = int((start + DAY + self.lateness).timestamp() * 1000)
+        if self._by_day is None:
+            self._by_day = self._read_span()
+        origins, numbers, days, lines = self._by_day.pop(day, ([], [], [], []))
+        return _lines(origins, numbers, days, False, lines)
+
+    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each day's [start - lateness, end + lateness) in ms."""
+        starts = [dt.datetime.combine(d, dt.time(), dt.UTC) for d in self.days]
+        lo = np.array([int((s - self.lateness).timestamp() * 1000) for s in starts])
+        hi = np.array([int((s + DAY + self.lateness).timestamp() * 1000) for s in starts])
+        return lo, hi
+
+    def _read_span(self) -> dict[dt.date, tuple[list, list, list, list]]:
+        lo, hi = self._windows()
+        by_day: dict[dt.date, tuple[list, list, list, list]] = {}
         consumer = self.consumer
-        found = consumer.offsets_for_times({tp: max(0, start_ms) for tp in self.partitions})
+        found = consumer.offsets_for_times({tp: max(0, int(lo[0])) for tp in self.partitions})
         consumer.assign(self.partitions)
         consumer.resume(*self.partitions)
         todo = set()
@@ -117,36 +141,41 @@ class TopicReader:
                 todo.add(tp)
             else:
                 consumer.pause(tp)
-        origins, numbers, days, lines = [], [], [], []
         deadline = time.monotonic() + self.timeout_s
         while todo:
             if time.monotonic() > deadline:
                 at = {tp.partition: consumer.position(tp) for tp in todo}
                 raise InferenceLogError(
-                    f"reading {day} from topic {self.topic!r} at {self.bootstrap}: no progress within "
-                    f"{self.timeout_s:.0f}s (positions {at}, log ends "
+                    f"reading {self.days[0]}..{self.days[-1]} from topic {self.topic!r} at {self.bootstrap}: "
+                    f"not done within {self.timeout_s:.0f}s (positions {at}, log ends "
                     f"{ {tp.partition: self.ends[tp] for tp in todo} }); check the broker and rerun"
                 )
             for tp, records in consumer.poll(timeout_ms=200).items():
                 if tp not in todo:
                     continue
+                deadline = time.monotonic() + self.timeout_s  # progress: the timeout is for a stalled read
                 end = self.ends[tp]
+                where = location(self.topic, tp.partition)
                 for r in records:
-                    if r.offset >= end or r.timestamp >= stop_ms:
-                        todo.discard(tp)
-                        consumer.pause(tp)
+                    if r.offset >= end:
                         break
-                    origins.append(location(self.topic, tp.partition))
-                    numbers.append(r.offset)
-                    days.append(
-                        dt.datetime.fromtimestamp(r.timestamp / 1000, dt.UTC).date() if r.timestamp >= 0 else None
-                    )
-                    lines.append(r.value.decode("utf-8", errors="replace") if r.value is not None else None)
+                    # The days whose window holds the record's stamp (one, or two near midnight).
+                    first = int(np.searchsorted(hi, r.timestamp, side="right"))
+                    for i in range(first, len(self.days)):
+                        if lo[i] > r.timestamp:
+                            break
+                        bucket = by_day.setdefault(self.days[i], ([], [], [], []))
+                        bucket[0].append(where)
+                        bucket[1].append(r.offset)
+                        bucket[2].append(
+                            dt.datetime.fromtimestamp(r.timestamp / 1000, dt.UTC).date() if r.timestamp >= 0 else None
+                        )
+                        bucket[3].append(r.value.decode("utf-8", errors="replace") if r.value is not None else None)
             for tp in list(todo):
                 if consumer.position(tp) >= self.ends[tp]:
                     todo.discard(tp)
                     consumer.pause(tp)
-        return _lines(origins, numbers, days, False, lines)
+        return by_day
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
