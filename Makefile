@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+COMPOSE_SCHEMA := $(VENV)/share/keel/compose_spec.json
 
 export KEEL_HOME ?= $(CURDIR)/.keel
 export DAGSTER_HOME ?= $(KEEL_HOME)/dagster
@@ -15,7 +16,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install lock demo demo-prod test ui mlflow-ui lint format dagster-home clean
 
-install: $(STAMP) $(BIN)/promtool
+install: $(STAMP) $(BIN)/promtool $(COMPOSE_SCHEMA)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,17 @@ $(BIN)/promtool: | $(STAMP)
 	fi
 	@test -x $@ || echo "promtool: not installed (no promtool on PATH, and 'apt-get download prometheus' failed or apt is missing); tests/deploy skips its promtool checks. Install Prometheus' promtool and run 'make install' again, or 'ln -s \$$(command -v promtool) $@'."
 
+# tests/deploy validates deploy/compose.yaml against the Compose Specification's JSON schema. No
+# package of it installs beside ours; the docker-compose 1.29 wheel (PyPI) carries it: take the
+# file out of the wheel, without installing the package.
+$(COMPOSE_SCHEMA): | $(STAMP)
+	@mkdir -p $(dir $@)
+	@tmp=$$(mktemp -d) && \
+		$(BIN)/python -m pip download --quiet --no-deps --dest $$tmp docker-compose==1.29.2 && \
+		$(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('compose/config/compose_spec.json'))" $$tmp/docker_compose-1.29.2-py2.py3-none-any.whl > $@.part && \
+		mv $@.part $@; rm -rf $$tmp
+	@test -s $@ || { echo "compose schema: 'pip download docker-compose==1.29.2' failed; tests/deploy needs $@"; exit 1; }
+
 # Pin every dependency for reproducible installs: run `make lock` after changing pyproject.toml.
 # (Not a file rule: a fresh clone's mtimes must never trigger a re-resolve.)
 lock:
@@ -57,9 +69,11 @@ demo: install dagster-home
 demo-prod: install
 	$(BIN)/keel demo --profile production
 
-# pytest-xdist runs the suite on every core (at most four), one test file per worker at a time.
+# pytest-xdist runs the suite on every core (at most four), one test file per worker at a time,
+# in collection order (tests/conftest.py puts the minutes-long end-to-end files first; xdist
+# would otherwise hand out the files with the most tests first and these last).
 test: install
-	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile
+	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 --dist=loadfile --no-loadscope-reorder
 
 # Started from DAGSTER_HOME, so Dagster reads the instance's copy of dagster.yaml, not the repo's.
 ui: install dagster-home

@@ -176,7 +176,10 @@ def create_app(
         return answer_predict(server, settings, name, body, allowed)
 
     app.add_middleware(
-        BoundedRequests, max_body_bytes=settings.max_body_bytes, predict=fast_predict if fast_path else None
+        BoundedRequests,
+        max_body_bytes=settings.max_body_bytes,
+        predict=fast_predict if fast_path else None,
+        in_flight=server.metrics.in_flight,
     )
 
     @app.get(
@@ -359,15 +362,26 @@ class BoundedRequests:
     interrupt it anyway.
     """
 
-    def __init__(self, app, *, max_body_bytes: int, predict=None) -> None:
+    def __init__(self, app, *, max_body_bytes: int, predict=None, in_flight=None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.predict = predict
+        self.in_flight = in_flight
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.in_flight is None:
+            await self._http(scope, receive, send)
+            return
+        self.in_flight.inc()
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self.in_flight.dec()
+
+    async def _http(self, scope, receive, send) -> None:
         too_big = f"request body larger than {self.max_body_bytes} bytes (KEEL_SERVE_MAX_BODY_BYTES)"
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length")

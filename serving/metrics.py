@@ -74,6 +74,13 @@ class ServingMetrics:
             registry=r,
             multiprocess_mode="max",
         )
+        # What the HorizontalPodAutoscaler of deploy/kubernetes/serving.yaml scales on, beside CPU.
+        self.in_flight = Gauge(
+            "keel_serving_requests_in_flight",
+            "HTTP requests being read or answered right now (summed over the workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.swaps = Counter("keel_serving_model_swaps", "Versions swapped in after a promotion", ["model"], registry=r)
 
         self._children: dict = {}

@@ -22,7 +22,7 @@ from keel.dsl import DeclarationError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every command and its options."""
     parser = argparse.ArgumentParser(
         prog="keel", description="Keel: feature store, serving and monitoring on a lakehouse."
     )

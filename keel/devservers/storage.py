@@ -1,8 +1,8 @@
 """PostgreSQL, S3-compatible object storage and an MLflow tracking server on loopback ports, as
 the production profile uses them.
 
-``PostgresServer`` runs the PostgreSQL binaries on PATH or Debian's
-(``/usr/lib/postgresql/<version>/bin``) on a fresh cluster, as the ``postgres`` user when run
+``PostgresServer`` runs the PostgreSQL binaries on PATH, Debian's
+(``/usr/lib/postgresql/<version>/bin``) or the ``pgserver`` wheel's on a fresh cluster, as the ``postgres`` user when run
 as root (PostgreSQL refuses to run as root). ``S3Server`` runs ``moto``'s standalone server,
 which speaks the S3 REST API (MinIO does not install from the package registries).
 ``MlflowServer`` runs ``mlflow server`` on a backend store and an artifact destination
@@ -29,9 +29,21 @@ from keel.devservers import START_TIMEOUT_S, DevServerError, Server
 DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
 
 
+def wheel_postgres_bin_dir() -> Path | None:
+    """PostgreSQL's server binaries from the ``pgserver`` wheel, if it is installed."""
+    import importlib.util
+
+    # Found, not imported: importing pgserver sets up its own server machinery, not needed here.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve() / "pginstall" / "bin"
+    return folder if (folder / "initdb").is_file() and (folder / "postgres").is_file() else None
+
+
 def postgres_bin_dir() -> Path:
     """The folder of PostgreSQL's server binaries (``initdb``, ``postgres``): from PATH, else
-    Debian's newest ``/usr/lib/postgresql/<version>/bin``."""
+    Debian's newest ``/usr/lib/postgresql/<version>/bin``, else the ``pgserver`` wheel's."""
     on_path = shutil.which("initdb")
     candidates = [Path(on_path).resolve().parent] if on_path else []
     if DEBIAN_POSTGRESQL.is_dir():
@@ -40,9 +52,13 @@ def postgres_bin_dir() -> Path:
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
+    wheel = wheel_postgres_bin_dir()
+    if wheel is not None:
+        return wheel
     raise DevServerError(
         "PostgreSQL's server binaries (initdb, postgres) not found: install Debian's postgresql package "
-        "(apt-get install postgresql) or put a PostgreSQL bin folder on PATH"
+        "(apt-get install postgresql), the pgserver wheel (pip install 'pgserver>=0.1.4,<0.2', part of keel's "
+        "dev extras), or put a PostgreSQL bin folder on PATH"
     )
 
 
@@ -107,6 +123,11 @@ class PostgresServer(Server):
 
     def _prepare(self) -> None:
         owner = self._owner()
+        if owner and not _reachable(self.bin_dir, owner):
+            raise DevServerError(
+                f"PostgreSQL runs as 'postgres' (we are root) and that account cannot reach its binaries in "
+                f"{self.bin_dir}: make the folders above it searchable (chmod o+x) or run as another user"
+            )
         if owner:
             os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
         initdb = [str(self.bin_dir / "initdb"), "-D", "data", "-U", self.user, "--auth=trust", "-E", "UTF8"]

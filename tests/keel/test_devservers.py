@@ -98,8 +98,25 @@ def test_s3_server_keeps_objects_and_stops():
     assert process.poll() is not None
 
 
-def test_missing_postgresql_names_the_package(monkeypatch, tmp_path):
+def test_missing_postgresql_names_the_packages(monkeypatch, tmp_path):
     monkeypatch.setattr(storage.shutil, "which", lambda name: None)
     monkeypatch.setattr(storage, "DEBIAN_POSTGRESQL", tmp_path)
-    with pytest.raises(DevServerError, match=r"apt-get install postgresql"):
+    monkeypatch.setattr(storage, "wheel_postgres_bin_dir", lambda: None)
+    with pytest.raises(DevServerError, match=r"apt-get install postgresql.*pip install 'pgserver"):
         PostgresServer()
+
+
+def test_without_debians_postgresql_the_wheels_server_runs(monkeypatch, tmp_path):
+    import psycopg2
+
+    monkeypatch.setattr(storage.shutil, "which", lambda name: None)
+    monkeypatch.setattr(storage, "DEBIAN_POSTGRESQL", tmp_path)
+    with PostgresServer() as server:
+        assert server.bin_dir == storage.wheel_postgres_bin_dir() and "pgserver" in str(server.bin_dir)
+        connection = psycopg2.connect(host="127.0.0.1", port=server.port, user="keel", dbname="postgres")
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            assert cursor.fetchone()[0].startswith("16.")
+        connection.close()
+        process = server.process
+    assert process.poll() is not None
