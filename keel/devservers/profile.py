@@ -13,6 +13,7 @@ started, the last first, and deletes what they held: the profile is for demos an
 from __future__ import annotations
 
 import contextlib
+import secrets
 from pathlib import Path
 
 from keel.devservers import KafkaBroker, RedisServer, Server
@@ -35,6 +36,7 @@ class ProductionServers:
         self.redis = RedisServer()
         self.kafka = KafkaBroker()
         self.mlflow: MlflowServer | None = None
+        self.password = f"pg-{secrets.token_hex(8)}"
         self._started: list[Server] = []
 
     def start(self) -> ProductionServers:
@@ -78,11 +80,12 @@ class ProductionServers:
             "KEEL_REDIS_URL": self.redis.url,
             "KEEL_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
             "KEEL_MLFLOW_URI": self.mlflow.url,
-            # deploy/dagster/dagster.yaml reads its PostgreSQL from these (trust auth: any password).
+            # deploy/dagster/dagster.yaml reads its PostgreSQL from these. The server trusts
+            # loopback, so any password passes; a fresh one lets tests look for it in the logs.
             "DAGSTER_PG_HOST": "127.0.0.1",
             "DAGSTER_PG_PORT": str(self.postgres.port),
             "DAGSTER_PG_USER": self.postgres.user,
-            "DAGSTER_PG_PASSWORD": "keel",
+            "DAGSTER_PG_PASSWORD": self.password,
             "DAGSTER_PG_DB": DATABASES["dagster"],
         }
 

@@ -82,6 +82,14 @@ def inspect_the_servers(settings: Settings, capsys) -> None:
     assert sum(ends.values()) > 0
     assert "check drift " in out and lake.read("monitoring.performance").num_rows > 0
 
+    # No secret the profile set is in a log, a report or Dagster's storage under KEEL_HOME.
+    secrets = [os.environ["DAGSTER_PG_PASSWORD"], os.environ["AWS_SECRET_ACCESS_KEY"]]
+    files = [p for p in settings.home.rglob("*") if p.is_file() and "servers" not in p.relative_to(settings.home).parts]
+    assert len(files) > 10
+    for path in files:
+        text = path.read_bytes()
+        assert not any(secret.encode() in text for secret in secrets), path
+
 
 def _objects(bucket: str) -> list[dict]:
     import boto3

@@ -250,8 +250,9 @@ def test_a_row_lost_in_validation_stops_the_ingest_with_the_numbers(lake, paymen
         ("header.csv", (HEADER + "\n").encode()),
         ("empty.csv", b""),
         ("blank.jsonl", b"\n  \n\n"),
-        ("empty.jsonl.gz", gzip.compress(b"")),
+        ("empty.jsonl.gz", gzip.compress(b"", mtime=0)),
     ],
+    ids=["header-only.csv", "empty.csv", "blank.jsonl", "empty.jsonl.gz"],
 )
 def test_a_file_without_rows_says_so_and_publishes_nothing(lake, payments, tmp_path, name, data):
     path = tmp_path / name
