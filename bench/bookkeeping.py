@@ -8,7 +8,7 @@ catalog, local warehouse: only Dagster's storage differs):
 - embedded: the instance of ``dagster.yaml`` (runs and event log in SQLite under DAGSTER_HOME);
 - production: the instance of ``deploy/dagster/dagster.yaml`` on a PostgreSQL started here.
 
-Each line prints the run's time, its events, and the cost per event over the floor.
+Each line prints the better of two runs' time, its events, and the cost per event over the floor.
 
     .venv/bin/python bench/bookkeeping.py [--days 90] [--users 300]
 """
@@ -48,7 +48,10 @@ def ingest_once(home: Path, instance: dg.DagsterInstance, days: int, users: int)
     t0 = time.perf_counter()
     result = job.execute_in_process(
         instance=instance,
-        run_config=ingest_run_config(transactions, files),
+        run_config={
+            **ingest_run_config(transactions, files),
+            "loggers": {"console": {"config": {"log_level": "ERROR"}}},
+        },
         tags={
             ASSET_PARTITION_RANGE_START_TAG: project.start_date.isoformat(),
             ASSET_PARTITION_RANGE_END_TAG: str(last),
@@ -92,7 +95,9 @@ def main() -> None:
                     os.environ["DAGSTER_HOME"] = str(home / "dagster")
                     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
                 with instance:
-                    seconds, events = ingest_once(home, instance, args.days, args.users)
+                    # The better of two runs (each on a lakehouse of its own): the first pays imports.
+                    runs = [ingest_once(home / str(i), instance, args.days, args.users) for i in range(2)]
+                seconds, events = min(runs)
                 rows.append((name, seconds, events))
                 print(f"  {name}: {seconds:.2f}s, {events} events", flush=True)
     finally:
