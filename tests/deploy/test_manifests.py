@@ -138,7 +138,8 @@ def test_a_variable_renamed_in_the_code_fails_the_check(monkeypatch):
 def commands() -> list[list[str]]:
     found = [c["command"] for c in containers()]
     found += [s["command"] for s in compose()["services"].values() if s.get("image", "").startswith("keel:")]
-    return [shlex.split(c) if isinstance(c, str) else c for c in found]
+    unique = {tuple(shlex.split(c) if isinstance(c, str) else c): None for c in found}
+    return [list(c) for c in unique]
 
 
 def test_every_command_parses_with_the_installed_tools():

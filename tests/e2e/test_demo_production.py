@@ -21,8 +21,8 @@ from keel.lakehouse.tables import Lakehouse
 from keel.stream.kafka_io import end_offsets, topic_partitions
 from pipelines import demo
 
-# A third of the demo's users: the same loop, with less data to move through the servers.
-USERS = 300
+# A fifth of the demo's users: the same loop, with less data to move through the servers.
+USERS = 200
 
 
 def inspect_the_servers(settings: Settings, capsys) -> None:
