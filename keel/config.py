@@ -3,6 +3,10 @@
 Defaults give the embedded, server-less setup under ``KEEL_HOME``; production backends are
 chosen by URI (PostgreSQL catalog, S3 warehouse, Redis, Kafka, an MLflow server). A bad
 value fails at start with a message naming the variable, the value and the fix.
+
+Every variable may instead be given as a file: ``KEEL_X_FILE=/run/secrets/x`` holds the value of
+``KEEL_X`` (the convention of Docker and Kubernetes secrets), so credentials in URIs need not
+sit in the environment. ``hide_password`` and ``redact_url`` are how such values are shown.
 """
 
 from __future__ import annotations
@@ -98,8 +102,7 @@ class Settings:
         env = os.environ if environ is None else environ
 
         def get(key: str) -> str | None:
-            value = env.get(VARIABLES[key].name)
-            return value.strip() if value and value.strip() else None
+            return read_variable(env, VARIABLES[key].name)
 
         home = Path(get("home") or ".keel").expanduser().resolve()
         if home.exists() and not home.is_dir():
@@ -243,7 +246,7 @@ class ServingSettings:
         env = os.environ if environ is None else environ
         out: dict = {}
         for key, var in SERVING_VARIABLES.items():
-            text = (env.get(var.name) or "").strip()
+            text = read_variable(env, var.name)
             if not text:
                 continue
             default = getattr(cls, key)
@@ -266,9 +269,33 @@ class ServingSettings:
         return cls(**out)
 
 
+def read_variable(environ: Mapping[str, str], name: str) -> str | None:
+    """The value of ``name``, or the content of the file ``name_FILE`` names; None when neither is set.
+
+    Setting both is an error (which one wins would be a guess), as is a file that cannot be read
+    or is empty; the message names the variable and the path, never the value.
+    """
+    value = (environ.get(name) or "").strip()
+    path = (environ.get(f"{name}_FILE") or "").strip()
+    if not path:
+        return value or None
+    if value:
+        raise ConfigError(f"{name} and {name}_FILE are both set: keep one (the file is for secrets)")
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{name}_FILE={path!r} cannot be read ({reason}): point it at a file holding {name}"
+        ) from None
+    if not text:
+        raise ConfigError(f"{name}_FILE={path!r} is empty: write the value of {name} into it")
+    return text
+
+
 def _fail(key: str, value: str, fix: str) -> None:
     var = VARIABLES[key]
-    raise ConfigError(f"{var.name}={value!r} is not usable: {fix} ({var.help})")
+    raise ConfigError(f"{var.name}={hide_password(value)!r} is not usable: {fix} ({var.help})")
 
 
 def _mlflow_ui_default(mlflow_uri: str) -> str:
@@ -294,6 +321,19 @@ def redact_url(url: str) -> str:
         hidden = parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
         return f"{parts.scheme}://{host}/***" if hidden else f"{parts.scheme}://{host}"
     return f"<{len(url)} characters, hidden>"
+
+
+def hide_password(uri: str) -> str:
+    """``uri`` with the password in its user part (``user:PASSWORD@host``) and in a
+    ``password=`` query parameter replaced by ``***``; everything else as it is."""
+    parts = urlparse(uri)
+    if not parts.scheme or "@" not in parts.netloc:
+        shown = uri
+    else:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        shown = parts._replace(netloc=f"{user}{':***' if colon else ''}@{host}").geturl()
+    return re.sub(r"(?i)(password=)[^&;\s]*", r"\1***", shown)
 
 
 def _check_catalog_uri(uri: str) -> None:

@@ -16,6 +16,20 @@ def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:
     return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
 
 
+def _variables(values: dict[str, str | None]) -> dict[str, str]:
+    """A resource's fields as ``KEEL_*`` variables. A field left unset takes its ``KEEL_*_FILE``
+    from the run's environment: a secret in a file is read when the run starts, and never
+    becomes resource configuration the UI would show."""
+    out = {}
+    for key, value in values.items():
+        name = VARIABLES[key].name
+        if value:
+            out[name] = value
+        elif os.environ.get(f"{name}_FILE", "").strip():
+            out[f"{name}_FILE"] = os.environ[f"{name}_FILE"]
+    return out
+
+
 class LakehouseResource(dg.ConfigurableResource):
     """The Iceberg lakehouse: catalog, warehouse (and its object store's endpoint) and the code
     version stamped on snapshots.
@@ -39,7 +53,7 @@ class LakehouseResource(dg.ConfigurableResource):
             "landing": self.landing,
             "code_version": self.code_version,
         }
-        return Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v})
+        return Settings.from_env(_variables(values))
 
     def lakehouse(self) -> Lakehouse:
         return Lakehouse.from_settings(self.settings())
@@ -76,7 +90,7 @@ class OnlineStoreResource(dg.ConfigurableResource):
 
     def store(self) -> OnlineStore:
         values = {"home": self.home, "redis_url": self.redis_url}
-        return OnlineStore.from_settings(Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v}))
+        return OnlineStore.from_settings(Settings.from_env(_variables(values)))
 
 
 def online_resource(settings: Settings | None = None) -> OnlineStoreResource:
@@ -101,7 +115,7 @@ class MlflowResource(dg.ConfigurableResource):
             "mlflow_ui_url": self.mlflow_ui_url,
             "code_version": self.code_version,
         }
-        return Settings.from_env({VARIABLES[k].name: v for k, v in values.items() if v})
+        return Settings.from_env(_variables(values))
 
 
 def mlflow_resource(settings: Settings | None = None) -> MlflowResource:

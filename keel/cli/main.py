@@ -127,11 +127,12 @@ def _project(settings: Settings):
 def cmd_config(args) -> int:
     from dataclasses import fields
 
-    from keel.config import SERVING_VARIABLES, ServingSettings, redact_url
+    from keel.config import SERVING_VARIABLES, ServingSettings, hide_password, redact_url
 
     for key, value in Settings.from_env().as_env().items():
-        # A webhook URL carries its token in the path: shown redacted, like the API keys below.
-        print(f"{key}={redact_url(value) if key == 'KEEL_ALERT_WEBHOOK' else value}")
+        # No secret is printed: a webhook URL carries its token in the path, a database or Redis
+        # URL its password, and the API keys below are only counted.
+        print(f"{key}={redact_url(value) if key == 'KEEL_ALERT_WEBHOOK' else hide_password(value)}")
     serving = ServingSettings.from_env()
     for f in fields(serving):
         value = getattr(serving, f.name)

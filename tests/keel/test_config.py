@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import VARIABLES, ConfigError, Settings, git_sha
+from keel.config import VARIABLES, ConfigError, ServingSettings, Settings, git_sha, hide_password
 
 
 def test_defaults_live_under_keel_home(keel_home):
@@ -392,3 +392,87 @@ def test_keel_config_shows_the_mlflow_ui_url(keel_home, monkeypatch, capsys):
 
     lines = capsys.readouterr().out.splitlines()
     assert "KEEL_MLFLOW_UI_URL=https://mlflow.example.com" in lines
+
+
+def test_a_variable_can_come_from_a_file_named_by_its_file_twin(tmp_path):
+    secret = tmp_path / "catalog-uri"
+    secret.write_text("postgresql+psycopg2://keel:s3cret@db:5432/catalog\n")
+    keys = tmp_path / "api-keys"
+    keys.write_text("key-one,key-two")
+    env = {"KEEL_HOME": str(tmp_path), "KEEL_CATALOG_URI_FILE": str(secret), "KEEL_SERVE_API_KEYS_FILE": str(keys)}
+
+    assert Settings.from_env(env).catalog_uri == "postgresql+psycopg2://keel:s3cret@db:5432/catalog"
+    assert ServingSettings.from_env(env).api_keys == ("key-one", "key-two")
+
+
+@pytest.mark.parametrize(
+    ("content", "also_set", "message"),
+    [
+        (None, False, "KEEL_REDIS_URL_FILE='{path}' cannot be read (No such file or directory)"),
+        ("  \n", False, "KEEL_REDIS_URL_FILE='{path}' is empty: write the value of KEEL_REDIS_URL into it"),
+        ("redis://:pw@r:6379/0", True, "KEEL_REDIS_URL and KEEL_REDIS_URL_FILE are both set: keep one"),
+    ],
+)
+def test_a_secret_file_that_cannot_be_used_is_named_without_its_content(tmp_path, content, also_set, message):
+    path = tmp_path / "redis-url"
+    if content is not None:
+        path.write_text(content)
+    env = {"KEEL_HOME": str(tmp_path), "KEEL_REDIS_URL_FILE": str(path)}
+    if also_set:
+        env["KEEL_REDIS_URL"] = "redis://:other@r:6379/0"
+
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert message.format(path=path) in str(raised.value)
+    assert "pw@" not in str(raised.value) and "other@" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql+psycopg2://keel:s3cret@db:5432/catalog", "postgresql+psycopg2://keel:***@db:5432/catalog"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        (
+            "rediss://default:s3cret@cache:6380/1?ssl_cert_reqs=none",
+            "rediss://default:***@cache:6380/1?ssl_cert_reqs=none",
+        ),
+        ("postgresql://db/catalog?user=keel&password=s3cret", "postgresql://db/catalog?user=keel&password=***"),
+        ("postgresql+psycopg2://keel@db:5432/catalog", "postgresql+psycopg2://keel@db:5432/catalog"),
+        ("sqlite:////home/keel/catalog.db", "sqlite:////home/keel/catalog.db"),
+        ("/home/keel/.keel", "/home/keel/.keel"),
+    ],
+)
+def test_hide_password_hides_only_the_password(uri, shown):
+    assert hide_password(uri) == shown
+
+
+def test_a_bad_uri_is_named_with_its_password_hidden(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_REDIS_URL": "http://:s3cret@cache:6379"})
+    assert "KEEL_REDIS_URL='http://:***@cache:6379' is not usable" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_keel_config_shows_no_secret_of_a_production_setup(keel_home, monkeypatch, capsys, tmp_path):
+    from keel.cli.main import main
+
+    webhook = tmp_path / "webhook"
+    webhook.write_text("https://hooks.slack.com/services/T0/B0/hook-secret")
+    production = {
+        "KEEL_CATALOG_URI": "postgresql+psycopg2://keel:pg-secret@db:5432/keel_catalog",
+        "KEEL_MLFLOW_URI": "postgresql://mlflow:mlflow-secret@db:5432/mlflow",
+        "KEEL_REDIS_URL": "redis://:redis-secret@cache:6379/0",
+        "KEEL_ALERT_WEBHOOK_FILE": str(webhook),
+        "KEEL_SERVE_API_KEYS": "api-secret-1,api-secret-2",
+    }
+    for name, value in production.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for secret in ("pg-secret", "mlflow-secret", "redis-secret", "hook-secret", "api-secret"):
+        assert secret not in out, secret
+    assert "KEEL_CATALOG_URI=postgresql+psycopg2://keel:***@db:5432/keel_catalog" in out
+    assert "KEEL_REDIS_URL=redis://:***@cache:6379/0" in out
+    assert "KEEL_ALERT_WEBHOOK=https://hooks.slack.com/***" in out
+    assert "KEEL_SERVE_API_KEYS=<2 key(s)>" in out
