@@ -72,13 +72,13 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="keel-bench-bookkeeping-"))
     rows = []
     try:
-        with PostgresServer() as postgres:
+        with PostgresServer(password="keel-bench") as postgres:
             postgres.create_database("dagster")
             os.environ.update(
                 DAGSTER_PG_HOST="127.0.0.1",
                 DAGSTER_PG_PORT=str(postgres.port),
                 DAGSTER_PG_USER=postgres.user,
-                DAGSTER_PG_PASSWORD="keel",
+                DAGSTER_PG_PASSWORD=postgres.password,
                 DAGSTER_PG_DB="dagster",
             )
             for name, config in (

@@ -412,7 +412,10 @@ def serving_summary(server, lake: Lakehouse, spec, day: dt.date) -> tuple[str, b
         )
     counted = server.answered()
     lines.append(f"        /metrics counts {counted:.0f} answered requests over the server's 2 workers")
-    return "\n".join(lines), counted == len(users), users
+    # Admin endpoints are closed to a caller without a key (off entirely until KEEL_SERVE_API_KEYS is set).
+    status, error = server.admin_without_a_key()
+    lines.append(f"        GET /admin/models without an API key: {status} ({error or 'ANSWERED'})")
+    return "\n".join(lines), counted == len(users) and status in (401, 403), users
 
 
 def _cell(value, status: str) -> str:

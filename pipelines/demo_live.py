@@ -200,6 +200,14 @@ class DemoServer:
         with urllib.request.urlopen(request, timeout=5) as answer:
             return json.load(answer)
 
+    def admin_without_a_key(self) -> tuple[int, str]:
+        """What ``GET /admin/models`` answers a caller with no API key: status and error."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/admin/models", timeout=5) as answer:
+                return answer.status, ""
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.load(refused).get("error", "")
+
     def answered(self) -> float:
         """Requests answered with status ok, by the server's own /metrics (summed over its workers)."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as answer:

@@ -79,7 +79,8 @@ def kafka_topics(kafka_broker):
 @pytest.fixture(scope="session")
 def postgres_server():
     try:
-        server = PostgresServer().start()
+        # Signing in with a password, as a team's server asks.
+        server = PostgresServer(password=f"pg-{uuid.uuid4().hex}").start()
     except DevServerError as exc:
         pytest.fail(str(exc))
     yield server

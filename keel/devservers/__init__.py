@@ -189,13 +189,15 @@ class Server(ABC):
 
 
 class RedisServer(Server):
-    """``redis-server`` on 127.0.0.1 with persistence off; ``url`` is ``redis://127.0.0.1:PORT/0``."""
+    """``redis-server`` on 127.0.0.1 with persistence off; ``url`` is ``redis://127.0.0.1:PORT/0``,
+    or ``redis://:PASSWORD@127.0.0.1:PORT/0`` when it requires a ``password``."""
 
     name = "redis"
 
-    def __init__(self, binary: Path | None = None) -> None:
+    def __init__(self, binary: Path | None = None, password: str | None = None) -> None:
         super().__init__()
         self.binary = binary or redis_binary()
+        self.password = password
 
     def _command(self, port: int) -> list[str]:
         return [
@@ -210,12 +212,26 @@ class RedisServer(Server):
             "no",
             "--dir",
             str(self.workdir),
+            # The password goes in through a file, never on the command line that `ps` shows.
+            *(["--include", str(self._password_config())] if self.password else []),
         ]
+
+    def _password_config(self) -> Path:
+        path = self.workdir / "password.conf"
+        path.touch(mode=0o600)
+        path.write_text(f"requirepass {self.password}\n")
+        return path
 
     def _ready(self) -> bool:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+        )
         try:
             return bool(client.ping())
         finally:
@@ -223,7 +239,10 @@ class RedisServer(Server):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        from urllib.parse import quote
+
+        secret = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
 
 
 class KafkaBroker(Server):

@@ -16,6 +16,7 @@ import contextlib
 import secrets
 from pathlib import Path
 
+from keel.config import hide_password
 from keel.devservers import KafkaBroker, RedisServer, Server
 from keel.devservers.storage import MlflowServer, PostgresServer, S3Server
 
@@ -31,12 +32,13 @@ class ProductionServers:
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = Path(scratch)
-        self.postgres = PostgresServer()
+        # Every server that can ask for a password does, a fresh one each run (as a team's servers
+        # would): what a test looks for in the logs, and what `keel config` must not show.
+        self.postgres = PostgresServer(password=f"pg-{secrets.token_hex(12)}")
         self.s3 = S3Server()
-        self.redis = RedisServer()
+        self.redis = RedisServer(password=f"redis-{secrets.token_hex(12)}")
         self.kafka = KafkaBroker()
         self.mlflow: MlflowServer | None = None
-        self.password = f"pg-{secrets.token_hex(8)}"
         self._started: list[Server] = []
 
     def start(self) -> ProductionServers:
@@ -80,24 +82,28 @@ class ProductionServers:
             "KEEL_REDIS_URL": self.redis.url,
             "KEEL_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
             "KEEL_MLFLOW_URI": self.mlflow.url,
-            # deploy/dagster/dagster.yaml reads its PostgreSQL from these. The server trusts
-            # loopback, so any password passes; a fresh one lets tests look for it in the logs.
+            # deploy/dagster/dagster.yaml reads its PostgreSQL from these.
             "DAGSTER_PG_HOST": "127.0.0.1",
             "DAGSTER_PG_PORT": str(self.postgres.port),
             "DAGSTER_PG_USER": self.postgres.user,
-            "DAGSTER_PG_PASSWORD": self.password,
+            "DAGSTER_PG_PASSWORD": self.postgres.password,
             "DAGSTER_PG_DB": DATABASES["dagster"],
         }
 
+    def secrets(self) -> list[str]:
+        """Every credential the servers were given: none may be printed, logged or stored by Keel."""
+        return [self.postgres.password, self.s3.secret_key, self.redis.password]
+
     def describe(self) -> list[str]:
-        """One line per server: what it is, where it listens, what it holds."""
+        """One line per server: what it is, where it listens, what it holds; passwords hidden."""
         pg = f"127.0.0.1:{self.postgres.port}"
         return [
             f"PostgreSQL   {pg}  databases {', '.join(DATABASES.values())} "
-            f"(psql -h 127.0.0.1 -p {self.postgres.port} -U {self.postgres.user} {DATABASES['catalog']})",
+            f"(PGPASSFILE={self.postgres.passfile} psql -h 127.0.0.1 -p {self.postgres.port} "
+            f"-U {self.postgres.user} {DATABASES['catalog']})",
             f"object store {self.s3.endpoint}  s3://{WAREHOUSE_BUCKET} (Iceberg warehouse), "
             f"s3://{ARTIFACT_BUCKET} (MLflow artifacts); moto, objects in memory",
-            f"Redis        {self.redis.url}  online store",
+            f"Redis        {hide_password(self.redis.url)}  online store",
             f"Kafka        {self.kafka.bootstrap}  tansu, live events (in memory)",
             f"MLflow       {self.mlflow.url}  tracking and registry UI; store in PostgreSQL, artifacts on s3://",
             f"scratch      {self.scratch} (each server's log is server.log in its folder)",

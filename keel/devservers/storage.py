@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -80,11 +81,13 @@ def _reachable(folder: Path, account: pwd.struct_passwd) -> bool:
 
 
 class PostgresServer(Server):
-    """PostgreSQL on 127.0.0.1 on a fresh cluster (fsync off), superuser ``keel`` with trust auth.
+    """PostgreSQL on 127.0.0.1 on a fresh cluster (fsync off), superuser ``keel``: trusted
+    without a ``password``, else signing in over TCP with it (SCRAM), as a team's server would.
 
-    ``url(database)`` is a SQLAlchemy URL (``postgresql+psycopg2://keel@127.0.0.1:PORT/NAME``);
-    ``create_database`` makes one database per user of it (Iceberg catalog, MLflow, Dagster).
-    Everything it holds is deleted when it stops.
+    ``url(database)`` is a SQLAlchemy URL (``postgresql+psycopg2://keel[:PASSWORD]@127.0.0.1:PORT/NAME``);
+    ``create_database`` makes one database per user of it (Iceberg catalog, MLflow, Dagster);
+    ``passfile`` is a libpq password file for ``psql`` (``PGPASSFILE``), so the password need not
+    be typed or shown. Everything it holds is deleted when it stops.
     """
 
     name = "postgres"
@@ -93,9 +96,10 @@ class PostgresServer(Server):
     stop_timeout = 15.0
     user = "keel"
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
+    def __init__(self, bin_dir: Path | None = None, password: str | None = None) -> None:
         super().__init__()
         self.bin_dir = bin_dir or postgres_bin_dir()
+        self.password = password
 
     def _owner(self) -> pwd.struct_passwd | None:
         """The account the server runs as: ``postgres`` when we are root, else ourselves (None)."""
@@ -130,10 +134,22 @@ class PostgresServer(Server):
             )
         if owner:
             os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
-        initdb = [str(self.bin_dir / "initdb"), "-D", "data", "-U", self.user, "--auth=trust", "-E", "UTF8"]
-        done = subprocess.run(
-            [*initdb, "--no-sync"], cwd=self.workdir, capture_output=True, text=True, **self._popen_options()
-        )
+        initdb = [str(self.bin_dir / "initdb"), "-D", "data", "-U", self.user, "-E", "UTF8", "--no-sync"]
+        if self.password is None:
+            initdb.append("--auth=trust")
+        else:
+            # Local socket connections stay trusted (only this account can reach the socket);
+            # TCP ones sign in. initdb reads the password from a file, removed once it has run.
+            pwfile = self.workdir / "pwfile"
+            pwfile.touch(mode=0o600)
+            pwfile.write_text(self.password)
+            if owner:
+                os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+            initdb += ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile.name}"]
+        try:
+            done = subprocess.run(initdb, cwd=self.workdir, capture_output=True, text=True, **self._popen_options())
+        finally:
+            (self.workdir / "pwfile").unlink(missing_ok=True)
         if done.returncode != 0:
             raise DevServerError(f"initdb failed in {self.workdir}:\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
 
@@ -150,20 +166,37 @@ class PostgresServer(Server):
         return [str(self.bin_dir / "postgres"), "-D", str(self.workdir / "data"), "-p", str(port), *options]
 
     def _ready(self) -> bool:
-        import psycopg2
-
-        psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres", connect_timeout=1).close()
+        self.connect("postgres", connect_timeout=1).close()
         return True
 
+    def connect(self, database: str = "postgres", **options):
+        """A psycopg2 connection to ``database`` over TCP, signed in."""
+        import psycopg2
+
+        return psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=database, **options
+        )
+
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database}"
+        from urllib.parse import quote
+
+        secret = f":{quote(self.password, safe='')}" if self.password else ""
+        return f"postgresql+psycopg2://{self.user}{secret}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def passfile(self) -> Path:
+        """A libpq password file (mode 0600) for this server, written on first use."""
+        path = self.workdir / "pgpass"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(f"127.0.0.1:{self.port}:*:{self.user}:{self.password or ''}\n")
+        return path
 
     def create_database(self, name: str) -> str:
         """Create the database ``name`` (if missing) and return its URL."""
-        import psycopg2
         from psycopg2 import sql
 
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres")
+        connection = self.connect("postgres")
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
@@ -184,8 +217,12 @@ class S3Server(Server):
 
     name = "s3"
     access_key = "keel"
-    secret_key = "keel-secret"
     region = "us-east-1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # moto takes any key; a fresh one per server is a secret a test can look for in logs.
+        self.secret_key = f"s3-{secrets.token_hex(12)}"
 
     def _command(self, port: int) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -262,7 +299,10 @@ class MlflowServer(Server):
         self.environment = dict(environment or {})
 
     def _popen_options(self) -> dict:
-        return {"env": os.environ | self.environment} if self.environment else {}
+        # The store's URI carries its password: it goes in through the environment (which
+        # `mlflow server` reads for --backend-store-uri), never on the command line `ps` shows.
+        store = self.backend_store_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+        return {"env": os.environ | self.environment | {"MLFLOW_BACKEND_STORE_URI": store}}
 
     def _command(self, port: int) -> list[str]:
         return [
@@ -270,8 +310,6 @@ class MlflowServer(Server):
             "-c",
             self.LAUNCH,
             "server",
-            "--backend-store-uri",
-            self.backend_store_uri or f"sqlite:///{self.workdir / 'mlflow.db'}",
             "--artifacts-destination",
             self.artifacts_destination or str(self.workdir / "artifacts"),
             "--host",

@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
-import psycopg2
 
 from assets.raw_events import raw_event_definitions
 from keel.lakehouse.tables import Lakehouse
@@ -33,7 +32,7 @@ def test_an_ingest_run_on_the_production_instance_catalog_and_warehouse(
         "DAGSTER_PG_HOST": "127.0.0.1",
         "DAGSTER_PG_PORT": str(postgres_server.port),
         "DAGSTER_PG_USER": postgres_server.user,
-        "DAGSTER_PG_PASSWORD": "trust-auth-ignores-it",
+        "DAGSTER_PG_PASSWORD": postgres_server.password,
         "DAGSTER_PG_DB": database,
     }.items():
         monkeypatch.setenv(name, value)
@@ -51,7 +50,7 @@ def test_an_ingest_run_on_the_production_instance_catalog_and_warehouse(
         partitions = instance.get_materialized_partitions(dg.AssetKey(["raw", "payments"]))
         assert partitions == {START.isoformat(), (START + dt.timedelta(days=1)).isoformat()}
 
-    connection = psycopg2.connect(host="127.0.0.1", port=postgres_server.port, user="keel", dbname=database)
+    connection = postgres_server.connect(database)
     with connection.cursor() as cursor:
         cursor.execute("SELECT run_id FROM runs")
         assert cursor.fetchall() == [(result.run_id,)]

@@ -5,9 +5,12 @@ The demo runs inside ``run_production``, so this test looks at every server whil
 runs: nothing may be in SQLite or on the local disk but the landing files and logs.
 """
 
+import contextlib
 import os
 import re
+from urllib.parse import urlparse
 
+import boto3
 import dagster as dg
 import psycopg2
 import redis
@@ -39,12 +42,9 @@ def inspect_the_servers(settings: Settings, capsys) -> None:
     for job in ("online_sync", "train_churn", "predict_churn", "load_inference_log", "monitor_churn"):
         assert job in jobs, job
     assert sum(run.job_name.startswith("ingest_") for run in runs) == 12
-    port = int(os.environ["DAGSTER_PG_PORT"])
-    connection = psycopg2.connect(host="127.0.0.1", port=port, user="keel", dbname=DATABASES["dagster"])
-    with connection, connection.cursor() as cursor:
+    with _connect(DATABASES["dagster"]) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM runs")
         assert cursor.fetchone()[0] == len(runs)
-    connection.close()
     assert not list(settings.dagster_home.rglob("*.db"))
 
     # The lakehouse: catalog in PostgreSQL, every table's files on the bucket.
@@ -82,18 +82,68 @@ def inspect_the_servers(settings: Settings, capsys) -> None:
     assert sum(ends.values()) > 0
     assert "check drift " in out and lake.read("monitoring.performance").num_rows > 0
 
-    # No secret the profile set is in a log, a report or Dagster's storage under KEEL_HOME.
-    secrets = [os.environ["DAGSTER_PG_PASSWORD"], os.environ["AWS_SECRET_ACCESS_KEY"]]
-    files = [p for p in settings.home.rglob("*") if p.is_file() and "servers" not in p.relative_to(settings.home).parts]
-    assert len(files) > 10
-    for path in files:
-        text = path.read_bytes()
-        assert not any(secret.encode() in text for secret in secrets), path
+    # The serving admin endpoints are closed: the profile sets no API key.
+    assert re.search(r"GET /admin/models without an API key: 403 \(admin endpoints are off", out), out
+    assert_no_secret_anywhere(settings, out, capsys)
+
+
+def assert_no_secret_anywhere(settings: Settings, out: str, capsys) -> None:
+    """No password or key the profile's servers were given is in the demo's output, `keel config`,
+    a log or report under KEEL_HOME (the servers' logs too), Dagster's or MLflow's storage in
+    PostgreSQL (run configs, event logs with their metadata, tags, params), or any object on the buckets."""
+    from keel.cli.main import main
+
+    secrets = [
+        os.environ["DAGSTER_PG_PASSWORD"],
+        os.environ["AWS_SECRET_ACCESS_KEY"],
+        urlparse(settings.redis_url).password,
+    ]
+    assert all(secrets) and all(secret in str(os.environ) for secret in secrets)
+    assert main(["config"]) == 0
+    places = {"demo output": out.encode(), "keel config": capsys.readouterr().out.encode()}
+    assert b"KEEL_CATALOG_URI=postgresql+psycopg2://keel:***@" in places["keel config"]
+    # Files: everything under KEEL_HOME but PostgreSQL's cluster (read through SQL below) and the
+    # two files that hold a password by design, mode 0600 (psql's pgpass, Redis's requirepass).
+    for path in settings.home.rglob("*"):
+        cluster = any(part.startswith("keel-postgres-") for part in path.parts) and "data" in path.parts
+        if path.is_file() and not cluster and path.name not in ("pgpass", "password.conf"):
+            places[str(path)] = path.read_bytes()
+    # PostgreSQL's scratch folder may be in the system's temporary folder instead (see PostgresServer).
+    assert sum(path.endswith("server.log") for path in places) >= 4
+    for database in DATABASES.values():
+        with _connect(database) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables "
+                "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+            )
+            for (table,) in cursor.fetchall():
+                cursor.execute(f"SELECT t::text FROM {table} t")
+                places[f"{database}: {table}"] = "\n".join(row[0] for row in cursor.fetchall()).encode()
+    assert any(name.endswith("event_logs") for name in places) and any("registered_models" in n for n in places)
+    s3 = boto3.client("s3")
+    for bucket in (WAREHOUSE_BUCKET, ARTIFACT_BUCKET):
+        for item in _objects(bucket):
+            places[f"s3://{bucket}/{item['Key']}"] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    for place, content in places.items():
+        assert not any(secret.encode() in content for secret in secrets), place
+
+
+@contextlib.contextmanager
+def _connect(database: str):
+    connection = psycopg2.connect(
+        host="127.0.0.1",
+        port=int(os.environ["DAGSTER_PG_PORT"]),
+        user=os.environ["DAGSTER_PG_USER"],
+        password=os.environ["DAGSTER_PG_PASSWORD"],
+        dbname=database,
+    )
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
 def _objects(bucket: str) -> list[dict]:
-    import boto3
-
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return [item for page in pages for item in page.get("Contents", [])]
 

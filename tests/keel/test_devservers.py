@@ -23,6 +23,16 @@ def test_redis_server_answers_and_stops():
     assert not workdir.exists()
 
 
+def test_a_redis_server_with_a_password_refuses_a_client_without_it():
+    with RedisServer(password="redis-check-secret") as server:
+        assert server.url == f"redis://:redis-check-secret@127.0.0.1:{server.port}/0"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port).ping()
+        assert redis.Redis.from_url(server.url).ping()
+        # The password is not on the command line `ps` shows.
+        assert "redis-check-secret" not in " ".join(server.process.args)
+
+
 def test_session_fixtures_serve_redis_and_kafka(clean_redis_url, kafka_topics):
     client = redis.Redis.from_url(clean_redis_url)
     assert client.dbsize() == 0
@@ -85,6 +95,26 @@ def test_postgres_server_answers_runs_unprivileged_and_stops():
     assert owner == (pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid())
     assert process.poll() is not None
     assert not workdir.exists()
+
+
+def test_a_postgres_server_with_a_password_signs_in_over_tcp_and_keeps_it_out_of_sight():
+    import psycopg2
+    import sqlalchemy
+
+    with PostgresServer(password="pg-check-secret") as server:
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            psycopg2.connect(host="127.0.0.1", port=server.port, user="keel", password="wrong", dbname="postgres")
+        url = server.create_database("things")
+        assert url == f"postgresql+psycopg2://keel:pg-check-secret@127.0.0.1:{server.port}/things"
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as connection:
+            assert connection.execute(sqlalchemy.text("SELECT current_database()")).scalar() == "things"
+        engine.dispose()
+        # psql signs in from the password file; initdb's copy of the password is gone.
+        assert server.passfile.read_text() == f"127.0.0.1:{server.port}:*:keel:pg-check-secret\n"
+        assert server.passfile.stat().st_mode & 0o777 == 0o600
+        assert not (server.workdir / "pwfile").exists()
+        assert "pg-check-secret" not in " ".join(server.process.args)
 
 
 def test_s3_server_keeps_objects_and_stops():

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[3]
 def catalog_tables(settings) -> list[str]:
     """The tables pyiceberg's SQL catalog lists in the PostgreSQL database."""
     url = urlparse(settings.catalog_uri)
-    connection = psycopg2.connect(host=url.hostname, port=url.port, user=url.username, dbname=url.path.lstrip("/"))
+    connection = psycopg2.connect(
+        host=url.hostname, port=url.port, user=url.username, password=url.password, dbname=url.path.lstrip("/")
+    )
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT table_namespace || '.' || table_name FROM iceberg_tables ORDER BY 1")

@@ -5,7 +5,6 @@ import logging
 import uuid
 
 import numpy as np
-import psycopg2
 import pytest
 
 from keel.config import Settings
@@ -56,7 +55,7 @@ def test_a_model_registers_and_loads_through_mlflow_on_postgresql_and_object_sto
     )
 
     # The run and the registered model are rows in PostgreSQL; the artifacts objects in the bucket.
-    connection = psycopg2.connect(host="127.0.0.1", port=postgres_server.port, user="keel", dbname=database)
+    connection = postgres_server.connect(database)
     with connection.cursor() as cursor:
         cursor.execute("SELECT name FROM registered_models")
         assert cursor.fetchall() == [("churn",)]
