@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from keel.cli import demo as cli_demo
 from keel.cli import features as cli_features
@@ -195,16 +196,32 @@ def cmd_ingest(args) -> int:
         print(f"keel ingest: {exc}; nothing was published", file=sys.stderr)
         return 1
     except CATALOG_DOWN as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
-            f"keel ingest: the Iceberg catalog at {redact_url(settings.catalog_uri)} did not answer ({first}); "
-            "run the same command again when it is back: each row lands once, whether or not this run's "
-            "publish reached it",
+            f"keel ingest: the Iceberg catalog at {redact_url(settings.catalog_uri)} did not answer "
+            f"({_first_line(exc)}); run the same command again when it is back: each row lands once, whether "
+            "or not this run's publish reached it",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        if urlparse(settings.warehouse).scheme == "file":
+            raise
+        # pyarrow's object-store client failed writing or reading table files. Main only ever
+        # moves to a whole staged write, so it holds all of this run or none of it.
+        store = settings.s3_endpoint or urlparse(settings.warehouse).scheme
+        print(
+            f"keel ingest: the object store at {store} failed ({_first_line(exc)}); run the same command again "
+            "when it answers: each row lands once, whether or not this run's publish reached main",
             file=sys.stderr,
         )
         return 1
     print(report.summary())
     return 0 if report.published else 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cmd_tables(args) -> int:

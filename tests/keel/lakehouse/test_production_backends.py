@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import psycopg2
+import pytest
 
 from keel.cli.main import main
 from keel.config import Settings
@@ -19,6 +20,7 @@ from keel.lakehouse.tables import Lakehouse
 from tests.factories.ingest import DAY, NOW, TABLE, write_csv
 from tests.factories.payments import payment_rows
 from tests.factories.timing import wait_for
+from tests.proxy import CutProxy
 from tests.servers import use_production_backends
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -180,3 +182,54 @@ def test_postgresql_down_at_publish_fails_the_ingest_cleanly_and_a_rerun_lands_o
         assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
         landed = Lakehouse.from_settings(Settings.from_env()).read(TABLE).column("event_id").to_pylist()
         assert sorted(landed) == sorted(r["event_id"] for r in seed + rows)
+
+
+# Where the object store goes away, in the order an ingest writes the raw table's objects. Each
+# object is a multipart upload and the cut drops its part, mid-object. Table metadata is written
+# three times: creating the audit branch, committing the staged snapshot to it, and moving main
+# (the publish). The last value is the audit branch the cut leaves: none, at main's head, or
+# holding the staged snapshot.
+METADATA = rb"PUT /[^ ]*/raw/payments/metadata/[^ ]*\.metadata\.json\?partNumber="
+CUTS = {
+    "branch metadata": (METADATA, 1, None),
+    "data file": (rb"PUT /[^ ]*/raw/payments/data/[^ ]*\.parquet\?partNumber=", 1, "at head"),
+    "staged metadata": (METADATA, 2, "at head"),
+    "publish metadata": (METADATA, 3, "staged"),
+}
+
+
+@pytest.mark.parametrize("cut", CUTS)
+def test_the_object_store_gone_mid_write_leaves_main_untouched_and_a_rerun_lands_once(
+    production_settings, s3_server, monkeypatch, tmp_path, capsys, cut
+):
+    monkeypatch.setenv("KEEL_PROJECT", "tests.keel.cli.feature_project")
+    seed, rows = payment_rows(DAY, 5, prefix="seed"), payment_rows(DAY, 20, prefix="late")
+    assert main(["ingest", str(write_csv(tmp_path / "seed.csv", seed)), "--source", "payments"]) == 0
+    lake = Lakehouse.from_settings(production_settings)
+    head = lake.head(TABLE)
+    path = write_csv(tmp_path / "late.csv", rows)
+    capsys.readouterr()
+
+    pattern, nth, staged = CUTS[cut]
+    with CutProxy(s3_server.port, pattern, nth) as proxy:
+        monkeypatch.setenv("KEEL_S3_ENDPOINT", proxy.endpoint)
+        assert main(["ingest", str(path), "--source", "payments"]) == 1
+        assert proxy.cuts == 1
+        err = capsys.readouterr().err
+        # One line naming the store and what to do; no traceback.
+        assert err.startswith(f"keel ingest: the object store at {proxy.endpoint} failed ("), err
+        assert "run the same command again when it answers" in err and len(err.splitlines()) == 1, err
+
+        # Main is where it was, read straight from the server: no row of the cut run on it.
+        after = Lakehouse.from_settings(production_settings)
+        assert after.head(TABLE) == head
+        branches = [ref.snapshot_id for name, ref in after.table(TABLE).refs().items() if name != "main"]
+        assert [("at head" if snapshot == head else "staged") for snapshot in branches] == ([staged] if staged else [])
+        ids = Lakehouse.from_settings(production_settings).read(TABLE).column("event_id").to_pylist()
+        assert sorted(ids) == sorted(r["event_id"] for r in seed)
+
+        # The store is back (the proxy listens again): the same command lands every row once.
+        proxy.up()
+        assert main(["ingest", str(path), "--source", "payments"]) == 0
+    landed = Lakehouse.from_settings(production_settings).read(TABLE).column("event_id").to_pylist()
+    assert sorted(landed) == sorted(r["event_id"] for r in seed + rows)
