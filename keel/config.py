@@ -137,6 +137,7 @@ class Settings:
         mlflow_ui_url = get("mlflow_ui_url") or _mlflow_ui_default(mlflow_uri)
         if not _is_http_url(mlflow_ui_url):
             _fail("mlflow_ui_url", mlflow_ui_url, "use the UI's http(s) address, e.g. http://mlflow.internal:5000")
+        _no_credentials("mlflow_ui_url", mlflow_ui_url)
         mlflow_ui_url = mlflow_ui_url.rstrip("/")
 
         project = get("project") or "pipelines"
@@ -161,6 +162,7 @@ class Settings:
         dagster_url = get("dagster_url") or "http://127.0.0.1:3000"
         if not _is_http_url(dagster_url):
             _fail("dagster_url", dagster_url, "use the UI's http(s) address, e.g. http://dagster.internal:3000")
+        _no_credentials("dagster_url", dagster_url)
         dagster_url = dagster_url.rstrip("/")
 
         return cls(
@@ -296,6 +298,12 @@ def read_variable(environ: Mapping[str, str], name: str) -> str | None:
 def _fail(key: str, value: str, fix: str) -> None:
     var = VARIABLES[key]
     raise ConfigError(f"{var.name}={hide_password(value)!r} is not usable: {fix} ({var.help})")
+
+
+def _no_credentials(key: str, url: str) -> None:
+    """UI addresses end up in links (alerts, Dagster metadata, reports): none may carry a password."""
+    if "@" in urlparse(url).netloc:
+        _fail(key, url, "give the address without user:password@ (links to it are shown in alerts and Dagster)")
 
 
 def _mlflow_ui_default(mlflow_uri: str) -> str:

@@ -476,3 +476,10 @@ def test_keel_config_shows_no_secret_of_a_production_setup(keel_home, monkeypatc
     assert "KEEL_REDIS_URL=redis://:***@cache:6379/0" in out
     assert "KEEL_ALERT_WEBHOOK=https://hooks.slack.com/***" in out
     assert "KEEL_SERVE_API_KEYS=<2 key(s)>" in out
+
+
+@pytest.mark.parametrize("variable", ["KEEL_MLFLOW_UI_URL", "KEEL_DAGSTER_URL"])
+def test_a_ui_address_with_credentials_is_refused_as_links_would_show_them(tmp_path, variable):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"KEEL_HOME": str(tmp_path), variable: "https://admin:s3cret@ui.internal"})
+    assert f"{variable}='https://admin:***@ui.internal' is not usable: give the address without" in str(raised.value)
