@@ -68,6 +68,10 @@ VARIABLES = {
     "dagster_url": Variable(
         "KEEL_DAGSTER_URL", "address of the Dagster UI, for run links in alerts (default http://127.0.0.1:3000)"
     ),
+    "sensor_interval_s": Variable(
+        "KEEL_SENSOR_INTERVAL_S",
+        "seconds between evaluations of every sensor, 1 to 86400 (default: each sensor's own, 30 or 60)",
+    ),
 }
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -96,6 +100,7 @@ class Settings:
     alert_webhook: str | None
     alert_file: Path
     dagster_url: str
+    sensor_interval_s: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -165,6 +170,10 @@ class Settings:
         _no_credentials("dagster_url", dagster_url)
         dagster_url = dagster_url.rstrip("/")
 
+        interval = get("sensor_interval_s")
+        if interval is not None and not (interval.isdigit() and 1 <= int(interval) <= 86400):
+            _fail("sensor_interval_s", interval, "give whole seconds from 1 to 86400, e.g. 30")
+
         return cls(
             home=home,
             catalog_uri=catalog_uri,
@@ -180,6 +189,7 @@ class Settings:
             alert_webhook=alert_webhook,
             alert_file=alert_file,
             dagster_url=dagster_url,
+            sensor_interval_s=int(interval) if interval is not None else None,
         )
 
     def as_env(self) -> dict[str, str]:

@@ -23,7 +23,8 @@ from keel.lakehouse.tables import Lakehouse
 REPLAY_PER_DAY = 200
 BEFORE_DRIFT_DAYS = 14
 QUALITY_DAYS = 14
-# The retrain and alert sensors tick every 60 s; the retrain run queues behind nothing.
+# The retrain and alert sensors tick every 60 s (the demo's KEEL_SENSOR_INTERVAL_S, if set); the
+# retrain run queues behind nothing.
 SENSOR_WAIT_S = 300
 
 
@@ -83,7 +84,8 @@ def monitoring_loop(runs, settings: Settings, lake: Lakehouse, spec, span, drift
     print("\n".join(lines), flush=True)
     lines.clear()
 
-    print("        waiting for the daemon: the alert and retrain sensors tick every 60 s ...", flush=True)
+    every = settings.sensor_interval_s or 60
+    print(f"        waiting for the daemon: the alert and retrain sensors tick every {every} s ...", flush=True)
     runs.tick_after("monitoring_alerts", launched=launched, finished=monitored_at, timeout_s=SENSOR_WAIT_S)
     # The alerts this loop's checks raised (the alert file keeps every earlier one too).
     since = dt.datetime.fromtimestamp(launched, dt.UTC)

@@ -40,6 +40,7 @@ from dagster._core.storage.asset_check_execution_record import (
 from keel.alerts.policy import Evaluation, PendingAlert, Sink, flush_outbox, plain_metadata, reconcile
 from keel.alerts.sinks import sinks_from_settings
 from keel.config import Settings
+from sensors import every
 
 # Evaluations read per check and tick; beyond this only the newest count (the state they end in is right).
 HISTORY = 500
@@ -121,7 +122,7 @@ def log_delivery(log, outcome) -> None:
 
 
 def alert_sensor_definitions(checks: Sequence[dg.AssetCheckKey]) -> dg.Definitions:
-    return dg.Definitions(sensors=[alert_sensor(checks)])
+    return dg.Definitions(sensors=[alert_sensor(checks, minimum_interval_seconds=every(60))])
 
 
 def _first_tick(storage, keys) -> tuple[list[AssetCheckExecutionRecord], list[dict]]:

@@ -35,6 +35,7 @@ from keel.ingest.landing import (
 from keel.ingest.landing_alerts import clip
 from keel.project import Project
 from resources import LakehouseResource
+from sensors import every
 from sensors.alerts import log_delivery
 
 __all__ = [
@@ -112,7 +113,7 @@ def landing_sensor(
 
 
 def sensor_definitions(project: Project, jobs: list) -> dg.Definitions:
-    return dg.Definitions(sensors=[landing_sensor(project, jobs)])
+    return dg.Definitions(sensors=[landing_sensor(project, jobs, minimum_interval_seconds=every(30))])
 
 
 def _run_request(request: IngestRequest) -> dg.RunRequest:

@@ -22,6 +22,7 @@ from keel.models.role_types import Roles
 from keel.models.roles import settle
 from keel.models.spec import ModelSpec
 from resources import MlflowResource
+from sensors import every
 
 MINIMUM_INTERVAL_SECONDS = 30
 
@@ -97,4 +98,6 @@ def already_recorded(instance: dg.DagsterInstance, spec: ModelSpec, roles: Roles
 
 
 def model_registry_sensor_definitions(models: Sequence[ModelSpec]) -> dg.Definitions:
-    return dg.Definitions(sensors=[model_registry_sensor(models)])
+    return dg.Definitions(
+        sensors=[model_registry_sensor(models, minimum_interval_seconds=every(MINIMUM_INTERVAL_SECONDS))]
+    )

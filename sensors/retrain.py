@@ -17,6 +17,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from assets.models import train_job_name
 from assets.monitoring import drift_key, performance_key
 from keel.models.spec import ModelSpec
+from sensors import every
 
 COOL_DOWN_SECONDS = 6 * 3600
 # Evaluations read per check and tick; more failures than this between ticks change nothing.
@@ -99,4 +100,4 @@ def retrain_sensor(
 
 
 def retrain_sensor_definitions(models: Sequence[ModelSpec]) -> dg.Definitions:
-    return dg.Definitions(sensors=[retrain_sensor(spec) for spec in models])
+    return dg.Definitions(sensors=[retrain_sensor(spec, minimum_interval_seconds=every(60)) for spec in models])

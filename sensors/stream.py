@@ -9,6 +9,7 @@ from keel.project import Project
 from keel.stream.kafka_io import group_lag, newest_event
 from resources import LakehouseResource
 from resources.kafka import KafkaResource
+from sensors import every
 
 
 def stream_health_sensor(project: Project) -> dg.SensorDefinition:
@@ -16,7 +17,7 @@ def stream_health_sensor(project: Project) -> dg.SensorDefinition:
 
     @dg.sensor(
         name="stream_health",
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=every(30),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "When KEEL_KAFKA_BOOTSTRAP is set: the stream worker's consumer lag per topic (log end offsets "

@@ -217,6 +217,7 @@ def test_as_env_round_trips(tmp_path):
             "KEEL_ALERT_FILE": str(tmp_path / "logs" / "alerts.jsonl"),
             "KEEL_DAGSTER_URL": "https://dagster.internal",
             "KEEL_MLFLOW_UI_URL": "https://mlflow.example.com/ui",
+            "KEEL_SENSOR_INTERVAL_S": "15",
         }
     )
 
@@ -483,3 +484,11 @@ def test_a_ui_address_with_credentials_is_refused_as_links_would_show_them(tmp_p
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"KEEL_HOME": str(tmp_path), variable: "https://admin:s3cret@ui.internal"})
     assert f"{variable}='https://admin:***@ui.internal' is not usable: give the address without" in str(raised.value)
+
+
+def test_the_sensor_interval_is_whole_seconds_and_unset_by_default(tmp_path):
+    assert Settings.from_env({"KEEL_HOME": str(tmp_path)}).sensor_interval_s is None
+    assert Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_SENSOR_INTERVAL_S": "10"}).sensor_interval_s == 10
+    for bad in ("0", "1.5", "-3", "ten", "86401"):
+        with pytest.raises(ConfigError, match=f"KEEL_SENSOR_INTERVAL_S='{bad}' is not usable: give whole seconds"):
+            Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_SENSOR_INTERVAL_S": bad})
