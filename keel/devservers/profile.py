@@ -99,7 +99,7 @@ class ProductionServers:
         pg = f"127.0.0.1:{self.postgres.port}"
         return [
             f"PostgreSQL   {pg}  databases {', '.join(DATABASES.values())} "
-            f"(PGPASSFILE={self.postgres.passfile} psql -h 127.0.0.1 -p {self.postgres.port} "
+            f"(PGPASSFILE={self.postgres.passfile} {self.postgres.psql} -h 127.0.0.1 -p {self.postgres.port} "
             f"-U {self.postgres.user} {DATABASES['catalog']})",
             f"object store {self.s3.endpoint}  s3://{WAREHOUSE_BUCKET} (Iceberg warehouse), "
             f"s3://{ARTIFACT_BUCKET} (MLflow artifacts); moto, objects in memory",

@@ -184,6 +184,11 @@ class PostgresServer(Server):
         return f"postgresql+psycopg2://{self.user}{secret}@127.0.0.1:{self.port}/{database}"
 
     @property
+    def psql(self) -> str:
+        """``psql`` from PATH, else the one beside this server's binaries."""
+        return shutil.which("psql") or str(self.bin_dir / "psql")
+
+    @property
     def passfile(self) -> Path:
         """A libpq password file (mode 0600) for this server, written on first use."""
         path = self.workdir / "pgpass"

@@ -8,6 +8,7 @@ runs: nothing may be in SQLite or on the local disk but the landing files and lo
 import contextlib
 import os
 import re
+import subprocess
 from urllib.parse import urlparse
 
 import boto3
@@ -46,6 +47,22 @@ def inspect_the_servers(settings: Settings, capsys) -> None:
         cursor.execute("SELECT count(*) FROM runs")
         assert cursor.fetchone()[0] == len(runs)
     assert not list(settings.dagster_home.rglob("*.db"))
+    # psql, as the demo prints it (signed in through the password file), shows the runs and the catalog.
+    psql = re.search(r"\((PGPASSFILE=(\S+) (\S+) -h 127.0.0.1 -p (\d+) -U keel) keel_catalog\)", out)
+    assert psql, out
+    _, passfile, binary, port = psql.groups()
+    for database, query, expected in (
+        (DATABASES["dagster"], "SELECT count(*) FROM runs", str(len(runs))),
+        (DATABASES["catalog"], "SELECT count(*) > 10 FROM iceberg_tables", "t"),
+    ):
+        shown = subprocess.run(
+            [binary, "-h", "127.0.0.1", "-p", port, "-U", "keel", "-w", "-At", "-c", query, database],
+            env={**os.environ, "PGPASSFILE": passfile},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0 and shown.stdout.strip() == expected, shown
 
     # The lakehouse: catalog in PostgreSQL, every table's files on the bucket.
     lake = Lakehouse.from_settings(settings)

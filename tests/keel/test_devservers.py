@@ -1,6 +1,8 @@
 """The development servers start on free loopback ports, answer, and stop cleanly."""
 
+import os
 import pwd
+import subprocess
 import time
 
 import pytest
@@ -114,6 +116,27 @@ def test_a_postgres_server_with_a_password_signs_in_over_tcp_and_keeps_it_out_of
         assert server.passfile.read_text() == f"127.0.0.1:{server.port}:*:keel:pg-check-secret\n"
         assert server.passfile.stat().st_mode & 0o777 == 0o600
         assert not (server.workdir / "pwfile").exists()
+        signed_in = subprocess.run(
+            [
+                server.psql,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(server.port),
+                "-U",
+                "keel",
+                "-w",
+                "-At",
+                "-c",
+                "SELECT 1",
+                "things",
+            ],
+            env={**os.environ, "PGPASSFILE": str(server.passfile)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert signed_in.returncode == 0 and signed_in.stdout.strip() == "1", signed_in
         assert "pg-check-secret" not in " ".join(server.process.args)
 
 
