@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from scipy import stats
 
 from pipelines.sources import (
     COUNTRIES,
@@ -183,6 +182,8 @@ def _live_one_day(rng, people, day):
     active = (people["signup_day"] <= day) & (churn_day > day)
     engagement = np.exp(log_engagement)
     # ppf(0) is -1: a uniform of exactly 0 still means no sessions.
+    from scipy import stats  # here: every Dagster run imports this module, few generate
+
     n_sessions = np.maximum(stats.poisson.ppf(u_sessions, engagement), 0).astype(np.int64) * active
     n_buys = np.maximum(stats.binom.ppf(u_buys, n_sessions, PLAN_CONVERSION[plan]), 0).astype(np.int64)
     refunds = (n_buys > 0) & (u_refund < 1 - (1 - REFUND_RATE) ** n_buys)
