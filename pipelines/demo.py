@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -27,9 +26,6 @@ from keel.ingest.batch import QUARANTINE_TABLE
 from keel.lakehouse.tables import Lakehouse
 
 USERS = 1000
-# The daemon evaluates every sensor this often in the demo (their own 30-60 s otherwise), so the
-# loop waits less for the alert and retrain sensors; KEEL_SENSOR_INTERVAL_S overrides it.
-SENSOR_INTERVAL_S = 10
 # The data drifts after the first third of the window: labels (30 days late) exist on both sides.
 DRIFT_AFTER_PART = 3
 
@@ -66,7 +62,6 @@ def write_corrections(folder: Path, good_row: dict) -> Path:
 
 def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     settings = settings or Settings.from_env()
-    settings = dataclasses.replace(settings, sensor_interval_s=settings.sensor_interval_s or SENSOR_INTERVAL_S)
     from assets.models import train_job_name
     from assets.online import ONLINE_SYNC_JOB
     from assets.predictions import predict_job_name

@@ -107,7 +107,8 @@ def test_every_variable_named_is_one_the_code_reads():
     services = compose()["services"]
     keel_services = [s for s in services.values() if s.get("image", "").startswith("keel:")]
     for service in keel_services:
-        named |= {k for k in service["environment"] if k != "MLFLOW_S3_ENDPOINT_URL"}
+        # MLflow's own variables (its artifact store's endpoint, its server's backend store).
+        named |= {k for k in service["environment"] if k not in ("MLFLOW_S3_ENDPOINT_URL", "MLFLOW_BACKEND_STORE_URI")}
     named |= SECRET_VARIABLES
     assert not sorted(named - allowed), "variables the code does not read (renamed?)"
     # What the production profile needs is set in both.
@@ -209,3 +210,12 @@ def test_images_ports_and_probes_agree_with_the_code():
     )
     config = config_data()
     assert trigger["metadata"]["bootstrapServers"] == config["KEEL_KAFKA_BOOTSTRAP"]
+
+
+def test_no_secret_is_on_a_command_line():
+    # Every user of a machine sees its processes' command lines (ps): secrets go in the environment.
+    assert commands()
+    for command in commands():
+        for word in command:
+            assert not re.search(rf"\$\{{?\w*({SECRET_NAME.pattern})", word), command
+            assert not re.search(r"://[^/\s:@]*:[^/\s@]+@", word), command  # user:password@host
