@@ -415,6 +415,9 @@ def open_catalog(settings: Settings) -> Catalog:
     ``settings.s3_endpoint`` when one is set; credentials and region come from the AWS variables."""
     uri = settings.catalog_uri
     properties = {"warehouse": settings.warehouse}
+    if not settings.warehouse.startswith("file://"):
+        # Table metadata is immutable: read once per process, not on every load (keel.lakehouse.file_io).
+        properties["py-io-impl"] = "keel.lakehouse.file_io.MetadataCachingFileIO"
     if settings.s3_endpoint:
         # Path-style addressing: an endpoint of our own has no per-bucket host names. The region
         # is given, or pyiceberg would ask AWS itself which region the bucket is in.
