@@ -82,6 +82,8 @@ def run(settings: Settings | None = None, *, users: int = USERS) -> int:
     # MLflow narrates schema migrations and its serving-input self-check; the demo prints its own summary.
     # (MLflow sets its loggers' level from this variable when it is first imported, inside the run.)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    # Loading a model from an MLflow server draws a download bar per artifact over the demo's lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     steps = 7 + 5 * len(MODELS)
     # The shop's days run from the project's first partition to yesterday (UTC), so every partition
     # fills, online values are fresh, and a live stream carries on from them.
