@@ -69,11 +69,12 @@ demo: install dagster-home
 demo-prod: install
 	$(BIN)/keel demo --profile production
 
-# pytest-xdist runs the suite in one worker per core (at most four; a third worker on two cores
-# measured slower: the end-to-end tests stretch under contention). One test file per worker at a
-# time, in collection order (tests/conftest.py puts the minutes-long end-to-end files first; xdist
-# would otherwise hand out the files with the most tests first).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+# pytest-xdist runs the suite in one worker more than the cores (at most four): the end-to-end
+# tests spend part of their time waiting on the daemon, and two workers on two cores left the CPU
+# a third idle. One test file per worker at a time, in collection order (tests/conftest.py puts
+# the minutes-long end-to-end files first; xdist would otherwise hand out the files with the
+# most tests first).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n + 1 > 4 ? 4 : n + 1 )))
 test: install
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile --no-loadscope-reorder --durations=15
 
