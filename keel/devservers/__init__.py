@@ -40,6 +40,13 @@ class DevServerError(RuntimeError):
     """A development server cannot be found or did not start; the message says why and the fix."""
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` (a password, or a file holding one) to ``path``, readable by its owner only."""
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -217,10 +224,7 @@ class RedisServer(Server):
         ]
 
     def _password_config(self) -> Path:
-        path = self.workdir / "password.conf"
-        path.touch(mode=0o600)
-        path.write_text(f"requirepass {self.password}\n")
-        return path
+        return write_private(self.workdir / "password.conf", f"requirepass {self.password}\n")
 
     def _ready(self) -> bool:
         import redis

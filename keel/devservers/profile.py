@@ -90,10 +90,6 @@ class ProductionServers:
             "DAGSTER_PG_DB": DATABASES["dagster"],
         }
 
-    def secrets(self) -> list[str]:
-        """Every credential the servers were given: none may be printed, logged or stored by Keel."""
-        return [self.postgres.password, self.s3.secret_key, self.redis.password]
-
     def describe(self) -> list[str]:
         """One line per server: what it is, where it listens, what it holds; passwords hidden."""
         pg = f"127.0.0.1:{self.postgres.port}"

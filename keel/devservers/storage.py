@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from keel.devservers import START_TIMEOUT_S, DevServerError, Server
+from keel.devservers import START_TIMEOUT_S, DevServerError, Server, write_private
 
 # Debian's postgresql packages install each major version's binaries under <this>/<version>/bin.
 DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
@@ -140,9 +140,7 @@ class PostgresServer(Server):
         else:
             # Local socket connections stay trusted (only this account can reach the socket);
             # TCP ones sign in. initdb reads the password from a file, removed once it has run.
-            pwfile = self.workdir / "pwfile"
-            pwfile.touch(mode=0o600)
-            pwfile.write_text(self.password)
+            pwfile = write_private(self.workdir / "pwfile", self.password)
             if owner:
                 os.chown(pwfile, owner.pw_uid, owner.pw_gid)
             initdb += ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile.name}"]
@@ -193,8 +191,7 @@ class PostgresServer(Server):
         """A libpq password file (mode 0600) for this server, written on first use."""
         path = self.workdir / "pgpass"
         if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(f"127.0.0.1:{self.port}:*:{self.user}:{self.password or ''}\n")
+            write_private(path, f"127.0.0.1:{self.port}:*:{self.user}:{self.password or ''}\n")
         return path
 
     def create_database(self, name: str) -> str:

@@ -28,19 +28,14 @@ class BoundedCache:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0
-        self.hits = 0
-        self.misses = 0
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, location: str) -> bytes | None:
         with self._lock:
             data = self._items.get(location)
-            if data is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._items.move_to_end(location)
+            if data is not None:
+                self._items.move_to_end(location)
             return data
 
     def put(self, location: str, data: bytes) -> None:
