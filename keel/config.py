@@ -72,6 +72,19 @@ VARIABLES = {
         "KEEL_SENSOR_INTERVAL_S",
         "seconds between evaluations of every sensor, 1 to 86400 (default: each sensor's own, 30 or 60)",
     ),
+    "compute": Variable(
+        "KEEL_COMPUTE",
+        "Dask scheduler that runs the entity shards of training sets and backfills, tcp://host:8786; "
+        "unset runs them in this process, one after another",
+    ),
+    "max_memory": Variable(
+        "KEEL_MAX_MEMORY",
+        "memory one shard may take, e.g. 4GB or 512MB; sets the number of shards (default: half the machine's memory)",
+    ),
+    "shards": Variable(
+        "KEEL_SHARDS",
+        "entity shards of every training set and backfill, a power of two (default: from KEEL_MAX_MEMORY)",
+    ),
 }
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -101,6 +114,9 @@ class Settings:
     alert_file: Path
     dagster_url: str
     sensor_interval_s: int | None = None
+    compute: str | None = None
+    max_memory: int | None = None
+    shards: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -190,6 +206,9 @@ class Settings:
             alert_file=alert_file,
             dagster_url=dagster_url,
             sensor_interval_s=int(interval) if interval is not None else None,
+            compute=_compute_address(get("compute")),
+            max_memory=_memory(get("max_memory")),
+            shards=_shards(get("shards")),
         )
 
     def as_env(self) -> dict[str, str]:
@@ -303,6 +322,33 @@ def read_variable(environ: Mapping[str, str], name: str) -> str | None:
     if not text:
         raise ConfigError(f"{name}_FILE={path!r} is empty: write the value of {name} into it")
     return text
+
+
+def _compute_address(value: str | None) -> str | None:
+    if value and not re.match(r"^(tcp|tls)://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$", value):
+        _fail("compute", value, "give the Dask scheduler's address, e.g. tcp://scheduler:8786")
+    return value or None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def _memory(value: str | None) -> int | None:
+    if value is None:
+        return None
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*$", value.upper())
+    unit = match.group(2).rstrip("B") + "B" if match and match.group(2) else ""
+    if not match or float(match.group(1)) * _UNITS[unit] < 64 << 20:
+        _fail("max_memory", value, "give at least 64MB, e.g. 4GB, 512MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _shards(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1) or int(value) > 4096:
+        _fail("shards", value, "give a power of two from 1 to 4096, e.g. 8")
+    return int(value)
 
 
 def _fail(key: str, value: str, fix: str) -> None:

@@ -25,8 +25,10 @@ __all__ = ["FeatureStore", "TrainingSet", "TrainingSetError"]
 class FeatureStore(OfflineStore):
     """Training sets, feature tables and online values of one project."""
 
-    def __init__(self, lake: Lakehouse, project: Project, online: OnlineStore | None = None) -> None:
-        super().__init__(lake, project)
+    def __init__(
+        self, lake: Lakehouse, project: Project, online: OnlineStore | None = None, *, settings: Settings | None = None
+    ) -> None:
+        super().__init__(lake, project, settings=settings)
         self._online = online
         self._plans: dict[tuple[str, ...], LookupPlan] = {}
 
@@ -34,7 +36,7 @@ class FeatureStore(OfflineStore):
     def online(self) -> OnlineStore:
         """The online store (from the environment's settings unless one was given)."""
         if self._online is None:
-            self._online = OnlineStore.from_settings(Settings.from_env())
+            self._online = OnlineStore.from_settings(self.settings or Settings.from_env())
         return self._online
 
     def get_online_features(

@@ -179,36 +179,71 @@ def dd_add(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> tu
     return fast_two_sum(s, e + (al + bl))
 
 
-def dd_prefix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Prefix sums (with a leading 0) and the running sum of every addition's exact rounding error."""
-    s = np.zeros(len(x) + 1)
-    np.cumsum(x, out=s[1:])  # a sequential accumulate: s[i+1] = fl(s[i] + x[i])
-    # TwoSum of (s[i], x[i]) with its sum known, in place: err = (a - (s - bb)) + (x - bb), bb = s - a.
-    a, total = s[:-1], s[1:]
-    bb = np.subtract(total, a)
-    err = np.subtract(total, bb)
-    np.subtract(a, err, out=err)
-    np.subtract(x, bb, out=bb)
-    np.add(err, bb, out=err)
-    del bb
-    e = np.zeros(len(x) + 1)
-    np.cumsum(err, out=e[1:])
-    return s, e
+# Per-entity prefix sums: each block (one entity's events) is summed from 0, left to right, so a
+# window's sum depends on its entity's events alone, whichever other entities share the arrays
+# (a shard of entities gets the very bits the whole set gets).
 
 
-def dd_prefix_squares(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``dd_prefix`` of the exact squares of y: each square's own rounding error joins the error sums."""
+def block_cumsum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Inclusive running sums that restart at every block start, each block summed left to right.
+
+    Blocks go into padded matrices by size class (widths of powers of two, so padding at most
+    doubles the memory) and are summed along rows: one cumsum per class, never a loop per block.
+    """
+    n = len(x)
+    out = np.empty_like(x)
+    if not n:
+        return out
+    sizes = np.diff(np.append(starts, n))
+    width_class = np.frexp((sizes - 1).astype(np.float64))[1]  # ceil(log2(size))
+    for k in np.unique(width_class):
+        blocks = np.flatnonzero(width_class == k)
+        cols = np.arange(1 << int(k))
+        idx = starts[blocks, None] + cols
+        valid = cols < sizes[blocks, None]
+        matrix = np.where(valid, x[np.where(valid, idx, 0)], np.zeros(1, x.dtype))
+        np.cumsum(matrix, axis=1, out=matrix)
+        out[idx[valid]] = matrix[valid]
+    return out
+
+
+def dd_block_prefix(x: np.ndarray, starts: np.ndarray, extra_err: np.ndarray | None = None):
+    """``block_cumsum`` of x, with every addition's exact rounding error (plus ``extra_err`` per
+    element) summed the same way, as four arrays of n + 1: for the sums and for the errors,
+    ``through[i]``, the sum of element i-1's block up to and including it (0 at i = 0), and
+    ``before[i]``, the sum of element i's block before it (0 at a block start and at i = n)."""
+    c = block_cumsum(x, starts)
+    prev = np.empty_like(c)
+    prev[1:] = c[:-1]
+    prev[starts] = 0.0
+    bb = c - prev
+    err = (prev - (c - bb)) + (x - bb)  # TwoSum of (prev, x), their sum c known
+    if extra_err is not None:
+        err += extra_err
+    e = block_cumsum(err, starts)
+    e_prev = np.empty_like(e)
+    e_prev[1:] = e[:-1]
+    e_prev[starts] = 0.0
+    zero = np.zeros(1)
+    return (
+        np.concatenate([zero, c]),
+        np.concatenate([prev, zero]),
+        np.concatenate([zero, e]),
+        np.concatenate([e_prev, zero]),
+    )
+
+
+def dd_block_prefix_squares(y: np.ndarray, starts: np.ndarray):
+    """``dd_block_prefix`` of the exact squares of y: each square's rounding error joins the error sums."""
     p, err = two_product(y, y)
-    s2, e2 = dd_prefix(p)
-    del p
-    e2[1:] += np.cumsum(err)
-    return s2, e2
+    return dd_block_prefix(p, starts, err)
 
 
-def dd_window(s, e, lo, up):
-    """The sum over [lo, up) from ``dd_prefix`` sums, as an unnormalised double-double (hi, lo)."""
-    hi, err = two_sum(s[up], -s[lo])
-    return hi, err + (e[up] - e[lo])
+def dd_block_window(prefix, lo: np.ndarray, up: np.ndarray):
+    """The sum over [lo, up) (one block's positions) from ``dd_block_prefix``, as a double-double."""
+    s_through, s_before, e_through, e_before = prefix
+    hi, err = two_sum(s_through[up], -s_before[lo])
+    return hi, err + (e_through[up] - e_before[lo])
 
 
 def sample_stddev(n: np.ndarray, h1, l1, h2, l2, exps: np.ndarray) -> np.ndarray:

@@ -14,12 +14,12 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import duckdb
 import pyarrow as pa
 
-from keel.dsl import Column, EventSource, Feature, FeatureGroup, window_seconds
-from keel.features.point_in_time import point_in_time
-from keel.features.training_sets import OfflineStore, sources_of
+from keel.compute import ShardReport
+from keel.dsl import Column, EventSource, Feature, FeatureGroup
+from keel.features.shards import days_values
+from keel.features.training_sets import OfflineStore
 from keel.lakehouse import wap
 from keel.lakehouse.audit import AuditReport, audit_events
 from keel.lakehouse.tables import Lakehouse, day_filter
@@ -41,6 +41,7 @@ class GroupWrite:
     group: str
     staged: wap.StagedWrite
     entities_per_day: dict[dt.date, int]
+    shards: ShardReport | None = None
 
 
 def day_end(day: dt.date) -> dt.datetime:
@@ -88,63 +89,23 @@ def audit_declaration(group: FeatureGroup) -> EventSource:
     )
 
 
-def compute_days(store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date], pinned: dict | None = None):
-    """The group's rows for ``days``: one per (entity with recent events, day), as of each day's end."""
+def compute_days(
+    store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date], pinned: dict | None = None
+) -> tuple[pa.Table, dict[str, int | None], ShardReport]:
+    """The group's rows for ``days``: one per (entity with recent events, day), as of each day's end,
+    computed in entity shards on the store's compute engine; the snapshots read; how the shards ran."""
     days = sorted(set(days))
     ends = pa.array([day_end(d) for d in days], pa.timestamp("us", tz="UTC"))
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.register("day_ends", pa.table({"_t": ends}))
-    snapshots = store._register_events(con, [group], ends, pinned or {})  # noqa: SLF001 - one engine, two callers
-    keys = ", ".join(f'"{k}"' for k in group.key_columns)
-    e_keys = ", ".join(f'e."{k}"' for k in group.key_columns)
-    p_keys = ", ".join(f'p."{k}"' for k in group.key_columns)
-    active = []
-    for name, (source, need) in sources_of([group]).items():
-        span = _activity_span(group, source, need)
-        # >=: an entity whose last event is exactly ttl old is still alive (its values are not NULL).
-        lower = f"AND e.\"{source.timestamp}\" >= d._t - INTERVAL '{span} seconds'" if span is not None else ""
-        active.append(
-            f"SELECT DISTINCT {e_keys}, d._t FROM events_{name} e "
-            f'JOIN day_ends d ON e."{source.timestamp}" <= d._t {lower}'
-        )
-    con.execute(
-        f"CREATE TEMP TABLE probes AS SELECT *, (row_number() OVER () - 1)::BIGINT AS _probe "
-        f"FROM ({' UNION '.join(active)}) ORDER BY _t, {keys}"
-    )
-    values = point_in_time(con, group, {name: f"events_{name}" for name in sources_of([group])}, "probes")
-    con.register("vals", values.to_arrow_table())
-    names = ", ".join(f'v."{f.name}"' for f in group.features)
-    data = con.sql(
-        f"SELECT {p_keys}, p._t AS feature_ts, {names} "
-        "FROM probes p JOIN vals v USING (_probe) ORDER BY feature_ts, " + keys
-    ).to_arrow_table()
-    con.close()
-    return data.cast(group.arrow_schema()), snapshots
-
-
-def _activity_span(group: FeatureGroup, source: EventSource, need: dt.timedelta | None) -> int | None:
-    """Seconds before a day's end an entity's last event may lie for the entity to get a row."""
-    ttl_groups = [group] if group.source is not None else [u for u in _all_upstream(group) if u.source is source]
-    ttls = [window_seconds(g.ttl) for g in ttl_groups if g.ttl]
-    if ttls and len(ttls) == len(ttl_groups):
-        return max(ttls)
-    return None if need is None else int(need.total_seconds())
-
-
-def _all_upstream(group: FeatureGroup) -> list[FeatureGroup]:
-    out = []
-    for up in group.upstream:
-        out.append(up)
-        out += _all_upstream(up)
-    return out
+    reads, snapshots = store.event_reads([group], pa.chunked_array([ends]), pinned or {})
+    data, report = days_values(store, group, ends, reads, None)
+    return data.cast(group.arrow_schema()), snapshots, report
 
 
 def stage_days(store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date], run_id: str) -> GroupWrite:
     """Compute ``days`` of the group and stage them on the run's audit branch."""
     lake = store.lake
     lake.ensure_table(group.table_name, group.arrow_schema(), day_column="feature_ts")
-    data, snapshots = compute_days(store, group, days)
+    data, snapshots, report = compute_days(store, group, days)
     props = {
         PROP_VERSION: str(group.version),
         PROP_FINGERPRINT: group.fingerprint(),
@@ -165,7 +126,7 @@ def stage_days(store: OfflineStore, group: FeatureGroup, days: Sequence[dt.date]
     for day, rows in lake.partition_rows(group.table_name, snapshot_id=staged.snapshot_id).items():
         if day in per_day:
             per_day[day] = rows
-    return GroupWrite(group.name, staged, per_day)
+    return GroupWrite(group.name, staged, per_day, report)
 
 
 def audit_group(lake: Lakehouse, group: FeatureGroup, staged: wap.StagedWrite) -> AuditReport:

@@ -29,14 +29,13 @@ fit, so the composite is always exact. Each probe bound (``t``; ``t - w`` for ea
 entity's first event) then becomes a position in that sorted array by one binary search, the
 probes sorted first so the searches stream. Between two positions:
 
-- ``count``, ``sum``, ``avg`` are differences of prefix sums. Float prefix sums carry the
-  exact rounding error of every addition (TwoSum) in a second prefix array, so a window's sum
-  keeps its own precision unless everything summed before it (all entities) is some 1e16
-  times larger (its last bit can depend on those other events); int64 sums wrap and come
-  out exact. ``stddev`` uses prefix sums of values and
-  of their exact squares (Dekker) in double-double arithmetic, each entity scaled by a power
-  of two, so neither another entity's values nor sums of squares cancel its precision away,
-  and a window of one repeated value gives exactly 0.
+- ``count``, ``sum``, ``avg`` are differences of prefix sums. Float sums restart at every
+  entity (each entity's events summed left to right, in padded matrices by size class) and
+  carry the exact rounding error of every addition (TwoSum) in a second running sum, so a
+  window's sum depends on its entity's events alone: a shard of entities gets the very bits
+  the whole set gets; int64 sums wrap and come out exact. ``stddev`` uses the same per-entity
+  sums of values and of their exact squares (Dekker) in double-double arithmetic, each
+  entity scaled by a power of two, and a window of one repeated value gives exactly 0.
 - ``last`` / ``first``: the latest / earliest qualifying position inside the window, from a
   running maximum / minimum of positions.
 - ``min`` / ``max``: a sparse table, built one level at a time (O(n log n) work, O(n) memory).

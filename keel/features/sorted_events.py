@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 from keel.dsl import COLUMN_TYPES, Feature, window_seconds
 from keel.features.encoding import Axis, PointInTimeError, combine_codes, entity_codes, filled_numpy, sortable
 from keel.features.kernels import (
-    dd_prefix,
-    dd_prefix_squares,
-    dd_window,
+    dd_block_prefix,
+    dd_block_prefix_squares,
+    dd_block_window,
     extreme_identity,
     fast_two_sum,
     first_position,
@@ -178,12 +178,12 @@ class SortedEvents:
             return prefix[up] - prefix[lo]
         finite = np.isfinite(x)
         if finite.all():
-            s, e = self._cached(("dd", column, where), lambda: dd_prefix(x))
-            hi, lo_part = dd_window(s, e, lo, up)
+            dd = self._cached(("dd", column, where), lambda: dd_block_prefix(x, self.block_starts))
+            hi, lo_part = dd_block_window(dd, lo, up)
             return hi + lo_part
         # IEEE semantics for inf and NaN, from counts of each; the finite rest as above.
-        s, e = self._cached(("dd", column, where), lambda: dd_prefix(np.where(finite, x, 0.0)))
-        hi, lo_part = dd_window(s, e, lo, up)
+        dd = self._cached(("dd", column, where), lambda: dd_block_prefix(np.where(finite, x, 0.0), self.block_starts))
+        hi, lo_part = dd_block_window(dd, lo, up)
         within = []
         for kind in (np.isnan, np.isposinf, np.isneginf):
             prefix = self.prefix(("nonfinite", kind.__name__, column, where), lambda k=kind: k(x))
@@ -191,12 +191,12 @@ class SortedEvents:
         return float_total(hi, lo_part, *within)
 
     def stddev(self, column: str, where: str | None, w: int | None, n: np.ndarray) -> np.ndarray:
-        (s1, e1), (s2, e2), exponents, changes, nxt, nonfinite = self._cached(
+        sums, squares, exponents, changes, nxt, nonfinite = self._cached(
             ("moments", column, where), lambda: self._moments(column, where)
         )
         lo, up = self.lower(w), self.upper
-        h1, l1 = fast_two_sum(*dd_window(s1, e1, lo, up))
-        h2, l2 = fast_two_sum(*dd_window(s2, e2, lo, up))
+        h1, l1 = fast_two_sum(*dd_block_window(sums, lo, up))
+        h2, l2 = fast_two_sum(*dd_block_window(squares, lo, up))
         block = np.minimum(np.searchsorted(self.block_codes, self.probe_codes), len(exponents) - 1)
         sd = sample_stddev(n, h1, l1, h2, l2, exponents[block])
         # A window of one repeated value has no spread at all, not a rounding's worth.
@@ -226,7 +226,7 @@ class SortedEvents:
         largest = np.maximum.reduceat(np.abs(x), self.block_starts) if self.n else np.zeros(1)
         exponents = np.frexp(largest)[1].astype(np.int64)
         y = np.ldexp(x, np.repeat(-exponents[: len(sizes)], sizes))
-        s2, e2 = dd_prefix_squares(y)
+        squares = dd_block_prefix_squares(y, self.block_starts)
         # Changes of value between consecutive seen events (a new entity counts as a change).
         at = None if seen is None else np.flatnonzero(seen)
         xs, cs = (x, self.codes) if at is None else (x[at], self.codes[at])
@@ -238,7 +238,7 @@ class SortedEvents:
             change[at[1:]] = moved
         changes = prefix_sums(change)
         nxt = np.arange(self.n + 1) if seen is None else next_seen(seen)
-        return dd_prefix(y), (s2, e2), exponents, changes, nxt, nonfinite
+        return dd_block_prefix(y, self.block_starts), squares, exponents, changes, nxt, nonfinite
 
     def extreme(self, column: str, where: str | None, w: int | None, n, agg: str, typ: str) -> pa.Array:
         ranks, decode = self._cached(("ordered", column), lambda: sortable(self.ev.column(column), typ))

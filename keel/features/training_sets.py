@@ -8,9 +8,8 @@ need are read, and the snapshot ids read are recorded so ``as_of=`` reproduces t
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -18,11 +17,11 @@ from typing import Self
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, BooleanExpression, GreaterThan, LessThanOrEqual
 
+from keel.compute import Compute, ShardReport
 from keel.config import Settings
-from keel.dsl import COLUMN_TYPES, DeclarationError, EventSource, FeatureGroup, window_seconds
-from keel.features.point_in_time import point_in_time
+from keel.dsl import COLUMN_TYPES, DeclarationError, FeatureGroup
+from keel.features.shards import EventRead, event_read, sources_of, training_values
 from keel.lakehouse.tables import Lakehouse
 from keel.project import Project, load_project
 
@@ -41,6 +40,7 @@ class TrainingSet:
     features: list[str]
     snapshots: dict[str, int | None] = field(default_factory=dict)
     groups: dict[str, dict] = field(default_factory=dict)
+    shards: ShardReport | None = None
 
     def coverage(self) -> dict[str, float]:
         """Share of rows with a non-NULL value, per feature."""
@@ -66,39 +66,6 @@ def table_digest(table: pa.Table) -> str:
         values = pd.util.hash_pandas_object(column.to_pandas(), index=False)
         digest.update(values.to_numpy().tobytes())
     return digest.hexdigest()
-
-
-def lookback(group: FeatureGroup) -> dt.timedelta | None:
-    """How far before a probe time the group's source events matter; None means from the start."""
-    if group.source is None:
-        spans = [lookback(u) for u in group.upstream]
-        return None if any(s is None for s in spans) else max(spans)
-    seconds = group.max_window_s
-    if seconds is None:
-        return None
-    if group.ttl:
-        seconds = max(seconds, window_seconds(group.ttl))
-    # Windows are (t - w, t]; first/last also need the events just inside the lower edge.
-    return dt.timedelta(seconds=seconds)
-
-
-def sources_of(groups: Iterable[FeatureGroup]) -> dict[str, tuple[EventSource, dt.timedelta | None]]:
-    """Every source the groups read (through upstream groups too), with the longest lookback each needs."""
-    out: dict[str, tuple[EventSource, dt.timedelta | None]] = {}
-
-    def visit(group: FeatureGroup) -> None:
-        if group.source is not None:
-            need = lookback(group)
-            prev = out.get(group.source.name)
-            if prev is not None:
-                need = None if prev[1] is None or need is None else max(prev[1], need)
-            out[group.source.name] = (group.source, need)
-        for up in group.upstream:
-            visit(up)
-
-    for group in groups:
-        visit(group)
-    return out
 
 
 def read_spine(spine, timestamp: str, key_types: Mapping[str, str] | None = None) -> pa.Table:
@@ -167,13 +134,17 @@ def _duck_types(key_types: Mapping[str, str] | None) -> str:
 class OfflineStore:
     """Training sets and feature tables of one project over one lakehouse."""
 
-    def __init__(self, lake: Lakehouse, project: Project) -> None:
+    def __init__(self, lake: Lakehouse, project: Project, *, settings: Settings | None = None) -> None:
         self.lake = lake
         self.project = project
+        self.settings = settings
+        self.compute = Compute(settings.compute if settings else None)
+        self.shards = settings.shards if settings else None
+        self.max_memory = settings.max_memory if settings else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
-        return cls(Lakehouse.from_settings(settings), load_project(settings.project))
+        return cls(Lakehouse.from_settings(settings), load_project(settings.project), settings=settings)
 
     @classmethod
     def from_env(cls) -> Self:
@@ -225,11 +196,14 @@ class OfflineStore:
         *,
         timestamp: str = "event_ts",
         as_of: Mapping[str, int] | TrainingSet | None = None,
+        shards: int | None = None,
     ) -> TrainingSet:
         """Each spine row with every feature's value as computable at the row's timestamp.
 
         ``as_of``: the ``snapshots`` of an earlier training set (or the set itself); the raw
         tables are then read at those snapshots, so the same spine gives the same rows.
+        ``shards``: entity shards to compute in (``keel.features.shards``; default: the store's
+        ``KEEL_SHARDS``, else as many as the memory budget needs); the rows are the same either way.
         """
         wanted = self.resolve(features)
         groups = list(dict.fromkeys(g for g, _ in wanted))
@@ -248,9 +222,6 @@ class OfflineStore:
                 f"(columns: {', '.join(table.column_names)})"
             )
         pinned = dict(as_of.snapshots if isinstance(as_of, TrainingSet) else as_of or {})
-
-        con = duckdb.connect()
-        con.execute("SET TimeZone = 'UTC'")
         probes = pa.table(
             {
                 **{k: pc.cast(table.column(k), COLUMN_TYPES[groups[0].entity.join_keys[k]]) for k in keys},
@@ -258,20 +229,8 @@ class OfflineStore:
                 "_probe": pa.array(range(table.num_rows), pa.int64()),
             }
         )
-        con.register("probes", probes)
-        snapshots = self._register_events(con, groups, probes.column("_t"), pinned)
-        result = con.sql("SELECT _probe FROM probes")
-        columns = []
-        for i, group in enumerate(groups):
-            rel = point_in_time(con, group, {name: f"events_{name}" for name in sources_of([group])}, "probes")
-            names = [n for g, n in wanted if g is group]
-            alias = f"g{i}"
-            con.register(alias, rel.to_arrow_table())
-            cols = ", ".join(f'{alias}."{n}"' for n in names)
-            result = con.sql(f"SELECT r.*, {cols} FROM ({result.sql_query()}) r JOIN {alias} USING (_probe)")
-            columns += names
-        values = con.sql(f"SELECT * FROM ({result.sql_query()}) ORDER BY _probe").to_arrow_table()
-        con.close()
+        reads, snapshots = self.event_reads(groups, probes.column("_t"), pinned)
+        values, report = training_values(self, wanted, probes, reads, shards)
         out = table
         for name in [n for _, n in wanted]:
             if name in out.column_names:
@@ -282,31 +241,24 @@ class OfflineStore:
             features=[n for _, n in wanted],
             snapshots=snapshots,
             groups={g.name: {"version": g.version, "fingerprint": g.fingerprint()} for g in groups},
+            shards=report,
         )
 
-    def _register_events(
-        self, con: duckdb.DuckDBPyConnection, groups: list[FeatureGroup], times: pa.ChunkedArray, pinned: dict
-    ) -> dict[str, int | None]:
-        """Register each needed source's events (only the partitions needed) as ``events_<source>``."""
+    def event_reads(
+        self, groups: list[FeatureGroup], times: pa.ChunkedArray, pinned: dict
+    ) -> tuple[list[EventRead], dict[str, int | None]]:
+        """What each needed source must be read at (only the partitions needed), and the snapshots."""
         first, last = pc.min(times).as_py(), pc.max(times).as_py()
-        snapshots: dict[str, int | None] = {}
+        reads, snapshots = [], {}
         for name, (source, need) in sources_of(groups).items():
             table_name = source.table_name
             if not self.lake.exists(table_name):
                 raise TrainingSetError(
                     f"source table {table_name!r} does not exist yet; ingest it first (keel ingest FILE --source {name})"
                 )
-            snapshot = pinned.get(table_name) if pinned else self.lake.head(table_name)
             if pinned and table_name not in pinned:
                 raise TrainingSetError(f"as_of has no snapshot for {table_name!r} (it has: {', '.join(pinned)})")
-            row_filter: BooleanExpression = LessThanOrEqual(source.timestamp, last.isoformat())
-            if need is not None:
-                row_filter = And(GreaterThan(source.timestamp, (first - need).isoformat()), row_filter)
-            data = (
-                self.lake.read(table_name, snapshot_id=snapshot, row_filter=row_filter)
-                if snapshot is not None
-                else source.arrow_schema().empty_table()
-            )
-            con.register(f"events_{name}", data)
+            snapshot = pinned.get(table_name) if pinned else self.lake.head(table_name)
+            reads.append(event_read(source, snapshot, None if need is None else first - need, last))
             snapshots[table_name] = snapshot
-        return snapshots
+        return reads, snapshots

@@ -110,7 +110,9 @@ def stage_prepared(
     """Land the good rows on the run's audit branch (None when there are none); the old copies of
     corrected events leave their days in the same staging."""
     source = prepared.source
-    lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
+    lake.ensure_table(
+        source.table_name, source.arrow_schema(), day_column=source.timestamp, bucket_column=source.key_columns[0]
+    )
     if prepared.rows_valid == 0:
         return None
     resent = resent or Resent()
@@ -199,7 +201,12 @@ class FileIngest:
             staging_root=self.staging_root,
             encoding=self.encoding,
         ) as prepared:
-            self.lake.ensure_table(self.source.table_name, self.source.arrow_schema(), day_column=self.source.timestamp)
+            self.lake.ensure_table(
+                self.source.table_name,
+                self.source.arrow_schema(),
+                day_column=self.source.timestamp,
+                bucket_column=self.source.key_columns[0],
+            )
             resent = settle_resent(self.lake, self.source, prepared.con, self.lake.head(self.source.table_name))
             prepared.quarantined = dict(
                 prepared.con.execute("SELECT reason_code, count(*) FROM bad GROUP BY 1 ORDER BY 1").fetchall()

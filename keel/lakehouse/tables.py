@@ -24,10 +24,11 @@ from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsEr
 from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
 from pyiceberg.table import Table
 from pyiceberg.table.refs import SnapshotRefType
-from pyiceberg.transforms import DayTransform, IdentityTransform, MonthTransform
+from pyiceberg.transforms import BucketTransform, DayTransform, IdentityTransform, MonthTransform
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from keel.config import Settings, s3_region
+from keel.lakehouse.buckets import ENTITY_BUCKETS, ensure_bucket_partition
 
 PROP_RUN_ID = "keel.run_id"
 PROP_PARTITION = "keel.partition"
@@ -134,12 +135,14 @@ class Lakehouse:
         day_column: str | None = None,
         identity_column: str | None = None,
         month_column: str | None = None,
+        bucket_column: str | None = None,
         properties: dict[str, str] | None = None,
     ) -> Table:
-        """Create the table, or evolve an existing one by adding the columns it lacks.
+        """Create the table, or evolve an existing one by adding the columns (and bucket partition) it lacks.
 
         ``month_column`` partitions by month instead of day, for tables with few rows a day
-        (monitoring results), where a file per day would be mostly overhead."""
+        (monitoring results), where a file per day would be mostly overhead. ``bucket_column``
+        adds ``bucket(entity key)`` (``keel.lakehouse.buckets``), so a shard of entities reads its files only."""
         namespace = name.split(".")[0]
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(namespace)
@@ -154,6 +157,8 @@ class Lakehouse:
                     spec.add_field(month_column, MonthTransform(), f"{month_column}_month")
                 if identity_column:
                     spec.add_field(identity_column, IdentityTransform(), identity_column)
+                if bucket_column:
+                    spec.add_field(bucket_column, BucketTransform(ENTITY_BUCKETS), f"{bucket_column}_bucket")
             # Branches can only be cut from a snapshot, so a new table starts with an empty one.
             table.append(schema.empty_table(), snapshot_properties=self.snapshot_properties("create", [], "create"))
             return table
@@ -168,7 +173,7 @@ class Lakehouse:
             with table.update_schema() as update:
                 update.union_by_name(schema)
             table = self.catalog.load_table(name)
-        return table
+        return ensure_bucket_partition(table, bucket_column) if bucket_column else table
 
     def table(self, name: str) -> Table:
         try:
@@ -361,7 +366,7 @@ class Lakehouse:
         return expired
 
     def compact(self, name: str, *, day_column: str, run_id: str, min_files: int = 2) -> dict[dt.date, int]:
-        """Rewrite each day partition made of ``min_files`` or more files as one file.
+        """Rewrite each day with a partition (day, bucket) made of ``min_files`` or more files, one file a partition.
 
         Content is unchanged; the new snapshot says ``keel.source=compaction``. Returns the
         number of files each compacted day had.
@@ -372,12 +377,13 @@ class Lakehouse:
         if head is None or not table.snapshot_by_id(head).manifests(table.io):
             return {}
         files = table.inspect.files(snapshot_id=head)
-        counts: dict[dt.date, int] = {}
+        counts: dict[tuple, int] = {}  # per partition: the day, and the entity bucket where there is one
         for part in files.column("partition").to_pylist():
             day = part.get(f"{day_column}_day") if part else None
             if isinstance(day, dt.date):
-                counts[day] = counts.get(day, 0) + 1
-        targets = {day: n for day, n in counts.items() if n >= min_files}
+                key = (day, *(v for k, v in part.items() if k.endswith("_bucket")))
+                counts[key] = counts.get(key, 0) + 1
+        targets = {key[0]: n for key, n in counts.items() if n >= min_files}
         if not targets:
             return {}
         expr = day_filter(day_column, targets)

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import COLUMN_TYPES, DUCKDB_TYPES, Derived, EventSource, Feature, FeatureGroup, window_seconds
-from keel.features.training_sets import sources_of
+from keel.features.shards import sources_of
 from keel.stream.source_state import Entities, SourceState, StreamStateError, to_micros
 from keel.stream.windows import to_arrow, window_feature
 

@@ -27,9 +27,9 @@ from keel.dsl import COLUMN_TYPES, Feature
 
 # One set of kernels for both engines, so offline and online round alike.
 from keel.features.kernels import (
-    dd_prefix,
-    dd_prefix_squares,
-    dd_window,
+    dd_block_prefix,
+    dd_block_prefix_squares,
+    dd_block_window,
     extreme_identity,
     fast_two_sum,
     first_position,
@@ -190,7 +190,8 @@ class Events:
 
 
 class FloatSums:
-    """Double-double prefix sums of seen finite values and of their squares, scaled per run.
+    """Double-double sums of seen finite values and of their squares, restarting at every run (as
+    the offline engine's restart at every entity), scaled per run.
 
     Each run is scaled by the power of two that brings its largest magnitude into [0.5, 1):
     exact, and it keeps another run's large values from limiting this one's precision.
@@ -207,7 +208,8 @@ class FloatSums:
         largest = window_reduce(np.abs(self.x), runs.start, runs.end, np.maximum, 0.0)
         self.exps = np.frexp(largest)[1].astype(np.int64)
         self.y = np.ldexp(self.x, -self.exps[runs.run])
-        self.s1 = dd_prefix(self.y)
+        self.starts = np.unique(runs.start[runs.end > runs.start])
+        self.s1 = dd_block_prefix(self.y, self.starts)
         self._s2 = None
         bad = ~finite if seen is None else seen & ~finite
         self.nonfinite = None
@@ -216,7 +218,7 @@ class FloatSums:
 
     def sum_parts(self, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The window's sum as an unscaled double-double (hi, lo)."""
-        hi, low = fast_two_sum(*dd_window(*self.s1, lo, self.runs.end))
+        hi, low = fast_two_sum(*dd_block_window(self.s1, lo, self.runs.end))
         return np.ldexp(hi, self.exps), np.ldexp(low, self.exps)
 
     def nonfinite_counts(self, lo: np.ndarray) -> list[np.ndarray]:
@@ -228,10 +230,10 @@ class FloatSums:
     def moments(self, lo: np.ndarray) -> tuple[np.ndarray, ...]:
         """Scaled double-double sums of y and y^2 over the window: (h1, l1, h2, l2)."""
         if self._s2 is None:
-            self._s2 = dd_prefix_squares(self.y)
+            self._s2 = dd_block_prefix_squares(self.y, self.starts)
         end = self.runs.end
-        h1, l1 = fast_two_sum(*dd_window(*self.s1, lo, end))
-        h2, l2 = fast_two_sum(*dd_window(*self._s2, lo, end))
+        h1, l1 = fast_two_sum(*dd_block_window(self.s1, lo, end))
+        h2, l2 = fast_two_sum(*dd_block_window(self._s2, lo, end))
         return h1, l1, h2, l2
 
     def spread(self, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

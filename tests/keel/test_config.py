@@ -218,6 +218,9 @@ def test_as_env_round_trips(tmp_path):
             "KEEL_DAGSTER_URL": "https://dagster.internal",
             "KEEL_MLFLOW_UI_URL": "https://mlflow.example.com/ui",
             "KEEL_SENSOR_INTERVAL_S": "15",
+            "KEEL_COMPUTE": "tcp://scheduler:8786",
+            "KEEL_MAX_MEMORY": "4GB",
+            "KEEL_SHARDS": "8",
         }
     )
 
@@ -492,3 +495,24 @@ def test_the_sensor_interval_is_whole_seconds_and_unset_by_default(tmp_path):
     for bad in ("0", "1.5", "-3", "ten", "86401"):
         with pytest.raises(ConfigError, match=f"KEEL_SENSOR_INTERVAL_S='{bad}' is not usable: give whole seconds"):
             Settings.from_env({"KEEL_HOME": str(tmp_path), "KEEL_SENSOR_INTERVAL_S": bad})
+
+
+def test_compute_memory_and_shards_are_checked(tmp_path):
+    env = {"KEEL_HOME": str(tmp_path)}
+    settings = Settings.from_env(
+        {**env, "KEEL_COMPUTE": "tcp://10.0.0.5:8786", "KEEL_MAX_MEMORY": "1.5G", "KEEL_SHARDS": "16"}
+    )
+    assert (settings.compute, settings.max_memory, settings.shards) == ("tcp://10.0.0.5:8786", 3 << 29, 16)
+    assert Settings.from_env({**env, "KEEL_MAX_MEMORY": "512MB"}).max_memory == 512 << 20
+    assert Settings.from_env({**env, "KEEL_MAX_MEMORY": str(1 << 30)}).max_memory == 1 << 30
+    for name, bad, fix in [
+        ("KEEL_COMPUTE", "scheduler:8786", "give the Dask scheduler's address"),
+        ("KEEL_COMPUTE", "http://scheduler:8786", "give the Dask scheduler's address"),
+        ("KEEL_MAX_MEMORY", "lots", "give at least 64MB"),
+        ("KEEL_MAX_MEMORY", "10MB", "give at least 64MB"),
+        ("KEEL_SHARDS", "3", "give a power of two from 1 to 4096"),
+        ("KEEL_SHARDS", "0", "give a power of two from 1 to 4096"),
+        ("KEEL_SHARDS", "8192", "give a power of two from 1 to 4096"),
+    ]:
+        with pytest.raises(ConfigError, match=f"{name}='{bad}' is not usable: {fix}"):
+            Settings.from_env({**env, name: bad})

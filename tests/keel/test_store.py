@@ -6,6 +6,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from keel.features import shards
 from keel.features.materialize import audit_group, backfill, day_end, read_version, stage_days
 from keel.features.registry import RegistryError, lineage, register, registered
 from keel.project import Project
@@ -85,13 +86,13 @@ def test_spine_from_pandas_parquet_and_csv_gives_the_same_rows(store, lake, paym
 def test_only_the_partitions_the_windows_need_are_read(store, lake, payments, monkeypatch):
     land(lake, payments, HISTORY + [event("old", "alice", at(-40), 1.0)], "h")
     filters = []
-    real_read = lake.read
+    real_read = shards.read_shard
 
-    def recording_read(name, **kwargs):
-        filters.append(str(kwargs.get("row_filter")))
-        return real_read(name, **kwargs)
+    def recording_read(table, scan, row_filter, *args):
+        filters.append(str(row_filter))
+        return real_read(table, scan, row_filter, *args)
 
-    monkeypatch.setattr(lake, "read", recording_read)
+    monkeypatch.setattr(shards, "read_shard", recording_read)
     one_day = spine([("alice", at(20), 0)])
     store.get_training_set(one_day, ["n_7d"])
 
