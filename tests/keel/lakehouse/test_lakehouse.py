@@ -445,3 +445,36 @@ def test_days_of_is_utc(payments):
 
     assert days_of(data, "event_ts") == [D2]
     assert days_of(data.slice(0, 0), "event_ts") == []
+
+
+def test_a_table_gains_the_entity_bucket_partition_and_keeps_its_files_readable(lake, payments):
+    """A partition-spec evolution: files written before it are read by every shard (their bucket is
+    unknown) and filtered by key; files written after it carry their bucket and are read by its shard only."""
+    from keel.lakehouse.buckets import ENTITY_BUCKETS, bucket_field, read_shard, shard_of, shard_tasks
+
+    before = as_table(payments, payment_rows(D1, 40, prefix="old"))
+    lake.ensure_table(TABLE, payments.arrow_schema(), day_column="event_ts")
+    write(lake, TABLE, before, "r1")
+    assert bucket_field(lake.table(TABLE)) is None
+
+    lake.ensure_table(TABLE, payments.arrow_schema(), day_column="event_ts", bucket_column="user_id")
+    table = lake.table(TABLE)
+    assert bucket_field(table)[1:] == ("user_id", ENTITY_BUCKETS)
+    assert bucket_field(table, table.spec().spec_id - 1) is None  # the day spec the old files keep
+    after = as_table(payments, payment_rows(D2, 40, prefix="new"))
+    write(lake, TABLE, after, "r2")
+    assert ordered(lake.read(TABLE)) == ordered(pa.concat_tables([before, after]))
+
+    table = lake.table(TABLE)
+    everything = pa.concat_tables([before, after])
+    for shards in (1, 2, 4, 8, 16):
+        got = []
+        for shard in range(shards):
+            scan = table.scan()
+            tasks, exact = shard_tasks(table, scan.plan_files(), shard, shards)
+            old_files = [t for t in tasks if t.file.spec_id != table.spec().spec_id]
+            assert len(old_files) == 1 and not exact  # the old day's one file, read by every shard
+            part = read_shard(table, scan, scan.row_filter, "user_id", shard, shards)
+            assert set(shard_of(part.column("user_id"), shards).tolist()) <= {shard}
+            got.append(part)
+        assert ordered(pa.concat_tables(got)) == ordered(everything), shards
