@@ -20,7 +20,7 @@ from keel.features.training_sets import OfflineStore
 from keel.lakehouse.buckets import ENTITY_BUCKETS, bucket_field, entity_hash, shard_of, shard_tasks
 from keel.project import load_project
 from pipelines.generate import generate
-from tests.factories.orders import amounts, at, micros, orders, quantities, sources_of
+from tests.factories.orders import amounts, at, micros, quantities, sources_of
 from tests.keel.features.test_point_in_time import basket, basket_no_id, basket_ttl, combined
 
 USERS = tuple(f"user-{i}" for i in range(12)) + ("", "ü-ß", "a" * 21)
@@ -139,9 +139,7 @@ def test_sharded_equals_unsharded_bit_for_bit(group, case):
 
 def test_large_magnitudes_elsewhere_change_no_bit():
     """An entity's sums restart at its first event, so another entity's huge values cannot reach them."""
-    mine = [
-        {**_event(f"m{i}", "user-1", at(i)), "amount": a} for i, a in enumerate([0.1, 0.2, 0.3, 1e-300, 7.77])
-    ]
+    mine = [{**_event(f"m{i}", "user-1", at(i)), "amount": a} for i, a in enumerate([0.1, 0.2, 0.3, 1e-300, 7.77])]
     huge = [{**_event(f"h{i}", "user-2", at(i)), "amount": 1e300 / (i + 1)} for i in range(5)]
     probes = [("user-1", at(s), i) for i, s in enumerate(range(6))]
     alone, among = run_engine(basket, mine, probes), run_engine(basket, huge + mine, probes)
