@@ -106,8 +106,9 @@ def measured(fn: Callable, label: str, args: tuple) -> tuple[object, TaskStats]:
 class Compute:
     """Runs labelled tasks in this process or on the Dask scheduler at ``address``."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, *, connect_timeout: float = 30.0) -> None:
         self.address = address
+        self.connect_timeout = connect_timeout
 
     @property
     def engine(self) -> str:
@@ -121,7 +122,7 @@ class Compute:
         if self.address is None:
             done = [measured(fn, label, args) for label, args in tasks]
         else:
-            client = _client(self.address)
+            client = _client(self.address, self.connect_timeout)
             futures = [
                 client.submit(measured, fn, label, args, key=f"keel-{label}-{os.urandom(6).hex()}", pure=False)
                 for label, args in tasks
@@ -133,14 +134,14 @@ class Compute:
 _clients: dict = {}
 
 
-def _client(address: str):
+def _client(address: str, timeout: float):
     """One client per scheduler per process, connected on first use."""
     from distributed import Client
 
     client = _clients.get(address)
     if client is None or client.status not in ("running", "connecting"):
         try:
-            client = Client(address, set_as_default=False, direct_to_workers=True, timeout=30)
+            client = Client(address, set_as_default=False, direct_to_workers=True, timeout=timeout)
         except OSError as exc:
             raise ComputeError(
                 f"KEEL_COMPUTE={address!r}: no Dask scheduler answers there ({exc}); start one "

@@ -16,10 +16,8 @@ from keel.dsl import FeatureGroup
 from keel.features import shards as shards_module
 from keel.features.materialize import compute_days
 from keel.features.point_in_time import point_in_time
-from keel.features.training_sets import OfflineStore
 from keel.lakehouse.buckets import ENTITY_BUCKETS, bucket_field, entity_hash, shard_of, shard_tasks
-from keel.project import load_project
-from pipelines.generate import generate
+from tests.factories.demo_lake import demo_store
 from tests.factories.orders import amounts, at, micros, quantities, sources_of
 from tests.keel.features.test_point_in_time import basket, basket_no_id, basket_ttl, combined
 
@@ -155,24 +153,12 @@ def _event(eid, user, ts):
 
 
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory):
-    from keel.config import Settings
-
-    home = tmp_path_factory.mktemp("shards")
-    settings = Settings.from_env({"KEEL_HOME": str(home), "KEEL_CODE_VERSION": "test"})
-    store = OfflineStore.from_settings(settings)
-    tables = generate(days=40, users=250, seed=5)
-    for source in load_project("pipelines").sources:
-        name = source.table_name
-        store.lake.ensure_table(
-            name, source.arrow_schema(), day_column=source.timestamp, bucket_column=source.key_columns[0]
-        )
-        store.lake.table(name).append(tables[source.name])
-    return store, tables
+def demo(tmp_path_factory):
+    return demo_store(tmp_path_factory.mktemp("shards"), days=40, users=250)
 
 
-def test_demo_training_set_is_the_same_in_any_number_of_shards(demo_store):
-    store, tables = demo_store
+def test_demo_training_set_is_the_same_in_any_number_of_shards(demo):
+    store, tables = demo
     txn = tables["transactions"]
     spine = pa.table({"user_id": txn.column("user_id"), "event_ts": txn.column("event_ts")}).slice(0, 1500)
     features = [f"{g.name}.{f.name}" for g in store.project.feature_groups for f in g.features]
@@ -185,8 +171,8 @@ def test_demo_training_set_is_the_same_in_any_number_of_shards(demo_store):
     assert one.shards.shards == 1 and one.shards.workers == ["in-process"]
 
 
-def test_demo_days_are_the_same_in_any_number_of_shards(demo_store):
-    store, _ = demo_store
+def test_demo_days_are_the_same_in_any_number_of_shards(demo):
+    store, _ = demo
     days = [dt.date(2026, 1, 20) + dt.timedelta(days=i) for i in range(7)]
     for group in store.project.feature_groups:
         store.shards = 1
@@ -200,8 +186,8 @@ def test_demo_days_are_the_same_in_any_number_of_shards(demo_store):
     store.shards = None
 
 
-def test_a_shard_opens_only_its_buckets_files(demo_store, monkeypatch):
-    store, _ = demo_store
+def test_a_shard_opens_only_its_buckets_files(demo, monkeypatch):
+    store, _ = demo
     table = store.lake.table("raw.transactions")
     assert bucket_field(table)[1:] == ("user_id", ENTITY_BUCKETS)
     opened = []
@@ -220,8 +206,8 @@ def test_a_shard_opens_only_its_buckets_files(demo_store, monkeypatch):
     assert sum(per_shard) <= whole  # no file read twice across the shards with probes
 
 
-def test_shard_count_follows_the_memory_budget(demo_store):
-    store, _ = demo_store
+def test_shard_count_follows_the_memory_budget(demo):
+    store, _ = demo
     reads, _ = store.event_reads(
         [store.project.group("user_transactions")],
         pa.chunked_array([pa.array([at(0).replace(year=2026, month=2)], pa.timestamp("us", tz="UTC"))]),
