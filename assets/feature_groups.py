@@ -9,13 +9,12 @@ source -> group -> downstream groups.
 
 import dagster as dg
 
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, shard_metadata
 from assets.write_audit_publish import RunContext, WapTable, daily_partitions, wap_asset
 from keel.dsl import FeatureGroup
 from keel.features.materialize import GroupDays, GroupWrite
 from keel.features.registry import describe, lineage
 from keel.project import Project
-from keel.store import FeatureStore
 
 
 def feature_key(group: FeatureGroup) -> dg.AssetKey:
@@ -34,7 +33,7 @@ def feature_group_asset(project: Project, group: FeatureGroup, partitions: dg.Pa
     )
 
     def writer(run: RunContext) -> GroupDays:
-        return GroupDays(FeatureStore(run.resources.lakehouse.lakehouse(), project), group, tuple(run.days))
+        return GroupDays(run.resources.lakehouse.feature_store(project), group, tuple(run.days))
 
     def day_figures(write: GroupWrite, day) -> dict:
         return {"entities": write.entities_per_day.get(day, 0)}
@@ -59,6 +58,7 @@ def feature_group_asset(project: Project, group: FeatureGroup, partitions: dg.Pa
             ),
             writer=writer,
             day_metadata=day_figures,
+            run_metadata=lambda write, lake: shard_metadata(write.shards),
             tags={"keel/feature_group": group.name, **group.tags},
             owners=[group.owner] if group.owner and "@" in group.owner else None,
             code_version=f"v{group.version}-{group.fingerprint()}",

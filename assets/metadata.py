@@ -64,3 +64,18 @@ def audit_check_result(report: AuditReport, branch: str) -> dg.AssetCheckResult:
         description=report.summary(),
         metadata=audit_metadata(report, branch),
     )
+
+
+def shard_metadata(report) -> dict:
+    """How a sharded computation (keel.compute.ShardReport) ran: shards, engine, workers, memory, time per shard."""
+    if report is None:
+        return {}
+    rows = [[t.label, t.worker, f"{t.seconds:.2f}", f"{t.peak_rss / 2**20:.0f}"] for t in report.tasks]
+    return {
+        "shards": report.shards,
+        "compute": report.engine,
+        "workers_used": len(report.workers),
+        "peak_memory_mib": round(report.peak_rss / 2**20, 1),
+        "slowest_shard_s": round(max((t.seconds for t in report.tasks), default=0.0), 2),
+        "shard_tasks": dg.MetadataValue.md(markdown_table(["shard", "worker", "seconds", "peak memory (MiB)"], rows)),
+    }

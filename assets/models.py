@@ -18,14 +18,13 @@ from collections.abc import Mapping, Sequence
 
 import dagster as dg
 
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, shard_metadata
 from keel.models import promotion
 from keel.models.gates import describe_gates, metric_floor
 from keel.models.reference import feature_importances
 from keel.models.spec import ModelError, ModelSpec
 from keel.models.training import TrainResult
 from keel.project import Project
-from keel.store import FeatureStore
 from resources import LakehouseResource, MlflowResource
 
 TOP_IMPORTANCES = 15
@@ -109,7 +108,7 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
     def challenger(
         context: dg.AssetExecutionContext, config: TrainConfig, lakehouse: LakehouseResource, mlflow: MlflowResource
     ):
-        store = FeatureStore(lakehouse.lakehouse(), project)
+        store = lakehouse.feature_store(project)
         try:
             trained = promotion.train_challenger(store, mlflow.settings(), spec, floor=floor, now=config.cutoff())
         except ModelError as exc:
@@ -130,6 +129,7 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
             "split_time": result.split_time.isoformat(),
             "snapshot_ids": dg.MetadataValue.json({k: str(v) for k, v in result.training_set.snapshots.items()}),
             "feature_count": len(result.features),
+            **shard_metadata(result.training_set.shards),
         }
         importances = top_importances(result)
         if importances:
@@ -157,7 +157,7 @@ def model_assets(project: Project, spec: ModelSpec, floor: float | None) -> tupl
         **shared,
     )
     def champion(context: dg.AssetExecutionContext, lakehouse: LakehouseResource, mlflow: MlflowResource):
-        store = FeatureStore(lakehouse.lakehouse(), project)
+        store = lakehouse.feature_store(project)
         # In the train job this step runs only after 'gates' passed; run alone, it reads the verdict.
         passed, why = latest_gates(context.instance, spec)
         decision = promotion.promote_challenger(store, mlflow.settings(), spec, gates_passed=passed, gate_reason=why)

@@ -17,7 +17,6 @@ from assets.write_audit_publish import RunContext, WapTable, daily_partitions, w
 from keel.models.batch_predict import ScoredDays, Scoring, predictions_table
 from keel.models.spec import ModelSpec
 from keel.project import Project
-from keel.store import FeatureStore
 
 HOUR_OF_DAY = 3
 BAR = 30  # characters of the longest histogram bar
@@ -36,7 +35,7 @@ def prediction_asset(project: Project, spec: ModelSpec, partitions: dg.Partition
     table = predictions_table(spec)
 
     def writer(run: RunContext) -> Scoring:
-        store = FeatureStore(run.resources.lakehouse.lakehouse(), project)
+        store = run.resources.lakehouse.feature_store(project)
         return Scoring(store, run.resources.mlflow.settings(), spec, tuple(run.days))
 
     def day_figures(scored: ScoredDays, day) -> dict:

@@ -61,12 +61,6 @@ class ShardReport:
             f"peak memory {self.peak_rss / 2**20:.0f} MiB; slowest {slowest.label} {slowest.seconds:.2f} s"
         )
 
-    def markdown(self) -> str:
-        """A table of the tasks, for Dagster metadata."""
-        rows = ["| task | worker | seconds | peak memory (MiB) |", "|---|---|---:|---:|"]
-        rows += [f"| {t.label} | {t.worker} | {t.seconds:.2f} | {t.peak_rss / 2**20:.0f} |" for t in self.tasks]
-        return "\n".join(rows)
-
 
 def machine_memory() -> int:
     """Physical memory of this machine in bytes."""

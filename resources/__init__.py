@@ -7,6 +7,8 @@ import dagster as dg
 from keel.config import VARIABLES, Settings
 from keel.lakehouse.tables import Lakehouse
 from keel.online.store import OnlineStore
+from keel.project import Project
+from keel.store import FeatureStore
 
 
 def _setting(key: str, default: str | None = None) -> str | dg.EnvVar | None:
@@ -43,6 +45,11 @@ class LakehouseResource(dg.ConfigurableResource):
     s3_endpoint: str | None = None
     landing: str | None = None
     code_version: str | None = None
+    # Where entity shards of backfills and training sets run (keel.compute), and how many.
+    compute: str | None = None
+    max_memory: str | None = None
+    shards: str | None = None
+    project: str | None = None
 
     def settings(self) -> Settings:
         values = {
@@ -52,11 +59,19 @@ class LakehouseResource(dg.ConfigurableResource):
             "s3_endpoint": self.s3_endpoint,
             "landing": self.landing,
             "code_version": self.code_version,
+            "compute": self.compute,
+            "max_memory": self.max_memory,
+            "shards": self.shards,
+            "project": self.project,
         }
         return Settings.from_env(_variables(values))
 
     def lakehouse(self) -> Lakehouse:
         return Lakehouse.from_settings(self.settings())
+
+    def feature_store(self, project: Project) -> FeatureStore:
+        """The feature store of ``project`` over this lakehouse, its shards on the configured compute engine."""
+        return FeatureStore(self.lakehouse(), project, settings=self.settings())
 
 
 def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
@@ -70,6 +85,10 @@ def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
             s3_endpoint=s.s3_endpoint,
             landing=str(s.landing),
             code_version=s.code_version,
+            compute=s.compute,
+            max_memory=str(s.max_memory) if s.max_memory else None,
+            shards=str(s.shards) if s.shards else None,
+            project=s.project,
         )
     return LakehouseResource(
         home=_setting("home", str(s.home)),
@@ -79,6 +98,10 @@ def lakehouse_resource(settings: Settings | None = None) -> LakehouseResource:
         s3_endpoint=_setting("s3_endpoint", s.s3_endpoint),
         landing=_setting("landing"),
         code_version=_setting("code_version", s.code_version),
+        compute=_setting("compute"),
+        max_memory=_setting("max_memory"),
+        shards=_setting("shards"),
+        project=_setting("project"),
     )
 
 

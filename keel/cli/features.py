@@ -15,6 +15,7 @@ def add_commands(sub) -> None:
     p.add_argument("group")
     p.add_argument("--start", required=True, type=_date, help="first day, YYYY-MM-DD")
     p.add_argument("--end", required=True, type=_date, help="last day, YYYY-MM-DD")
+    p.add_argument("--shards", type=_shard_count, help=SHARDS_HELP)
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("training-set", help="a point-in-time correct training set for a spine file")
@@ -22,6 +23,7 @@ def add_commands(sub) -> None:
     p.add_argument("--features", required=True, help="comma-separated: group.feature or feature")
     p.add_argument("--out", required=True, type=Path, help="where to write (.parquet or .csv)")
     p.add_argument("--timestamp", default="event_ts", help="the spine's timestamp column (default event_ts)")
+    p.add_argument("--shards", type=_shard_count, help=SHARDS_HELP)
     p.set_defaults(func=cmd_training_set)
 
     p = sub.add_parser("features", help="the feature registry: list, show NAME, lineage NAME")
@@ -36,6 +38,15 @@ def add_commands(sub) -> None:
     q.set_defaults(func=cmd_features_lineage)
 
 
+SHARDS_HELP = "entity shards to compute in, a power of two (default KEEL_SHARDS, else from KEEL_MAX_MEMORY)"
+
+
+def _shard_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 4096 or int(text) & (int(text) - 1):
+        raise argparse.ArgumentTypeError(f"--shards {text!r}: give a power of two from 1 to 4096, e.g. 8")
+    return int(text)
+
+
 def _date(text: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
@@ -43,17 +54,20 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (use YYYY-MM-DD)") from None
 
 
-def _store():
+def _store(shards: int | None = None):
     from keel.store import FeatureStore
 
-    return FeatureStore.from_env()
+    store = FeatureStore.from_env()
+    store.shards = shards or store.shards
+    return store
 
 
 def cmd_backfill(args) -> int:
+    from keel.compute import ComputeError
     from keel.features.materialize import MaterializeError, backfill
     from keel.features.registry import RegistryError
 
-    store = _store()
+    store = _store(args.shards)
     group = store.project.group(args.group)
     t0 = time.perf_counter()
     days = (args.end - args.start).days + 1
@@ -62,13 +76,14 @@ def cmd_backfill(args) -> int:
         write, report, snapshot = backfill(
             store, group, args.start, args.end, run_id=f"cli-backfill-{uuid.uuid4().hex[:8]}"
         )
-    except (MaterializeError, RegistryError) as exc:
+    except (MaterializeError, RegistryError, ComputeError) as exc:
         print(f"keel backfill: {exc}; nothing was published", file=sys.stderr)
         return 1
     rows = sum(write.entities_per_day.values())
     print(
         f"  computed {rows:,} rows ({min(write.entities_per_day.values())}..{max(write.entities_per_day.values())} entities a day)"
     )
+    print(f"  shards: {write.shards.summary()}")
     print(f"  audit: {report.summary()}")
     if snapshot is None:
         print(f"  NOT published: audit failed; branch {write.staged.branch} kept for inspection", file=sys.stderr)
@@ -78,15 +93,19 @@ def cmd_backfill(args) -> int:
 
 
 def cmd_training_set(args) -> int:
+    from keel.compute import ComputeError
     from keel.store import TrainingSetError
 
-    store = _store()
+    store = _store(args.shards)
     t0 = time.perf_counter()
     try:
         result = store.get_training_set(args.spine, args.features, timestamp=args.timestamp)
     except TrainingSetError as exc:
         print(f"keel training-set: {exc}", file=sys.stderr)
         return 2
+    except ComputeError as exc:
+        print(f"keel training-set: {exc}", file=sys.stderr)
+        return 1
     write_table(result.table, args.out)
     print(
         f"{result.table.num_rows:,} rows x {len(result.features)} features -> {args.out} ({time.perf_counter() - t0:.1f}s)"
@@ -94,6 +113,7 @@ def cmd_training_set(args) -> int:
     for name, share in result.coverage().items():
         print(f"  {name:<28} {share:>6.1%} non-null")
     print("read: " + ", ".join(f"{t}@{s}" for t, s in result.snapshots.items()))
+    print(f"shards: {result.shards.summary()}")
     return 0
 
 

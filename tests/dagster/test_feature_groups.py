@@ -67,6 +67,12 @@ def test_a_range_computes_audits_and_publishes_each_group(defs, project, lake, p
         on_day = sum(1 for t in published.column("feature_ts").to_pylist() if t.date() == day)
         assert meta["dagster/row_count"].value == meta["entities"].value == on_day
         assert meta["snapshot_id"].value == str(lake.head("features.spend"))
+    # How the run computed: its shards, where, each shard's time and peak memory (on the audit check).
+    (audit,) = spend_run.get_asset_check_evaluations()
+    shards = audit.metadata
+    assert (shards["shards"].value, shards["compute"].value, shards["workers_used"].value) == (1, "in-process", 1)
+    assert shards["peak_memory_mib"].value > 0
+    assert "| spend shard 1/1 | in-process |" in shards["shard_tasks"].value
     table = lake.read("features.spend_ratio")
     assert table.num_rows == lake.read("features.spend").num_rows
     assert set(table.column("big_spender").to_pylist()) <= {True, False, None}

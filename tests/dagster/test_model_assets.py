@@ -73,6 +73,7 @@ def test_first_version_becomes_champion_and_a_worse_one_is_not_promoted(
     assert (trained["train_rows"], trained["holdout_rows"], trained["feature_count"]) == (6 * 150, 2 * 150, 5)
     assert set(trained["snapshot_ids"]) == {payments.table_name, outcomes.table_name}
     assert trained["split_time"].startswith("2026-04-12")
+    assert (trained["shards"], trained["compute"]) == (1, "in-process") and trained["peak_memory_mib"] > 0
     assert "| feature | importance |" in trained["top_importances"]
     promoted = materialized(first, CHAMPION)
     assert promoted["promoted"] == "yes" and promoted["champion_version"] == 1

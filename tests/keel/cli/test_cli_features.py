@@ -28,6 +28,7 @@ def test_backfill_then_list_show_and_lineage(home, capsys, lake):
     code, out, err = run(capsys, "backfill", "spend", "--start", START.isoformat(), "--end", end)
     assert code == 0, err
     assert "backfilling spend v1 for 10 day(s)" in out
+    assert "  shards: 1 shard(s) on in-process, 1 task(s) on 1 worker(s); peak memory " in out
     assert f"published features.spend snapshot {lake.head('features.spend')}" in out
 
     code, out, _ = run(capsys, "features", "list")
@@ -67,6 +68,13 @@ def test_training_set_writes_the_file_and_reports_coverage(home, capsys, tmp_pat
     assert "6 rows x 2 features" in out
     assert "amount_7d                     50.0% non-null" in out
 
+    sharded = tmp_path / "out" / "sharded.parquet"
+    argv = ["--spine", str(spine), "--features", "n_7d,spend.amount_7d", "--out", str(sharded), "--shards", "4"]
+    code, out, err = run(capsys, "training-set", *argv)
+    assert code == 0, err
+    assert pq.read_table(sharded).equals(table)
+    assert "shards: 4 shard(s) on in-process" in out
+
 
 def test_errors_name_the_group_the_feature_and_the_date(home, capsys, tmp_path):
     code, _, err = run(capsys, "backfill", "nope", "--start", "2026-03-01", "--end", "2026-03-02")
@@ -76,6 +84,9 @@ def test_errors_name_the_group_the_feature_and_the_date(home, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["backfill", "spend", "--start", "March", "--end", "2026-03-01"])
     assert "'March' is not a date" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["backfill", "spend", "--start", "2026-03-01", "--end", "2026-03-02", "--shards", "3"])
+    assert "--shards '3': give a power of two from 1 to 4096" in capsys.readouterr().err
     spine = tmp_path / "s.parquet"
     pq.write_table(SPINE, spine)
     code, _, err = run(
