@@ -67,12 +67,12 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -91,10 +91,10 @@ def measured(fn: Callable, label: str, args: tuple) -> tuple[object, TaskStats]:
         worker = get_worker().address
     except (ImportError, ValueError):
         worker = IN_PROCESS
-    _reset_peak()
+    reset_peak()
     start = time.perf_counter()
     result = fn(*args)
-    return result, TaskStats(label, worker, time.perf_counter() - start, _peak_rss())
+    return result, TaskStats(label, worker, time.perf_counter() - start, peak_rss())
 
 
 class Compute:

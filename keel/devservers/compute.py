@@ -4,7 +4,8 @@
 value for ``KEEL_COMPUTE``); ``DaskWorker(address).start()`` joins it as one process without a
 nanny (so killing it kills the worker, as a lost machine would) and is ready once the scheduler
 has registered it. Workers import Keel and the project from ``pythonpath`` (default: the current
-folder) and read the lakehouse through the settings each task carries.
+folder) and read the lakehouse their environment names (``env``: the ``KEEL_*`` variables, as
+``Settings.as_env()`` gives them), as deployed workers do.
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ class DaskWorker(Server):
     stop_timeout = 10.0
 
     def __init__(
-        self, scheduler: str, *, memory_limit: str = "0", preload: str | None = None, pythonpath: Path | None = None
+        self,
+        scheduler: str,
+        *,
+        env: dict[str, str] | None = None,
+        memory_limit: str = "0",
+        preload: str | None = None,
+        pythonpath: Path | None = None,
     ) -> None:
         super().__init__()
+        self.env = env or {}
         self.scheduler = scheduler
         self.memory_limit = memory_limit
         self.preload = preload
@@ -63,7 +71,7 @@ class DaskWorker(Server):
 
     def _popen_options(self) -> dict:
         path = os.pathsep.join(p for p in (str(self.pythonpath), os.environ.get("PYTHONPATH")) if p)
-        return {"env": {**os.environ, "PYTHONPATH": path}}
+        return {"env": {**os.environ, **self.env, "PYTHONPATH": path}}
 
     def _launch(self, timeout: float) -> bool:
         self._registered = self.log().count("Registered to:")  # a restart keeps the log

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from pyiceberg.expressions import And, BooleanExpression, GreaterThan, LessThanOrEqual
 from pyiceberg.io import load_file_io
 
-from keel.compute import ShardReport, machine_memory
+from keel.compute import ComputeError, ShardReport, machine_memory
+from keel.config import Settings, hide_password
 from keel.dsl import EventSource, FeatureGroup, window_seconds
 from keel.features.point_in_time import point_in_time
 from keel.lakehouse.buckets import plan, read_shard, shard_of
@@ -131,13 +132,27 @@ def shard_count(store, reads: Sequence[EventRead], groups: Sequence[FeatureGroup
     return min(MAX_SHARDS, 1 << max(0, math.ceil(math.log2(max(need / budget, 1)))))
 
 
+def lakehouse_of(settings: Settings) -> tuple[str, str, str]:
+    """What names a lakehouse and a project, with no secret in it: what a task carries to a worker."""
+    return hide_password(settings.catalog_uri), settings.warehouse, settings.project
+
+
 def _store(ref):
-    """The offline store a task runs against: the caller's own in this process; on a worker, one per
-    (store class, settings), made from the settings the caller sent."""
+    """The offline store a task runs against: the caller's own in this process; on a worker, one
+    made from the worker's own environment (``KEEL_*``, as every Keel process is configured), which
+    must name the caller's lakehouse and project. No credential travels with a task."""
     if not isinstance(ref, tuple):
         return ref
     if ref not in _stores:
-        cls, settings = ref
+        cls, wanted = ref
+        settings = Settings.from_env()
+        if lakehouse_of(settings) != wanted:
+            raise ComputeError(
+                f"this Dask worker is configured for catalog {lakehouse_of(settings)[0]!r}, warehouse "
+                f"{settings.warehouse!r}, project {settings.project!r}, but the task reads catalog {wanted[0]!r}, "
+                f"warehouse {wanted[1]!r}, project {wanted[2]!r}; start the workers with the same KEEL_* "
+                "environment as the Dagster runs"
+            )
         _stores[ref] = cls.from_settings(settings)
     return _stores[ref]
 
@@ -147,7 +162,7 @@ _stores: dict = {}
 
 def _run(store, fn, label: str, tasks: list[tuple]) -> tuple[list, ShardReport]:
     """``fn`` for each task's arguments (after the store) on the store's compute engine."""
-    ref = store if store.compute.address is None else (type(store), store.settings)
+    ref = store if store.compute.address is None else (type(store), lakehouse_of(store.settings))
     results, stats = store.compute.map(fn, [(f"{label} {i + 1}/{len(tasks)}", (ref, *a)) for i, a in enumerate(tasks)])
     return results, stats
 

@@ -24,6 +24,7 @@ from keel.ingest import validation
 from keel.ingest.resent import Resent, settle_resent
 from keel.ingest.validation import QUARANTINE_SCHEMA, IngestError, Prepared, group_days, prepare
 from keel.lakehouse import wap
+from keel.lakehouse.buckets import BUCKETED_ROWS_PER_DAY
 from keel.lakehouse.audit import AuditReport, audit_events, combine_reports
 from keel.lakehouse.tables import Lakehouse, day_filter
 
@@ -110,11 +111,18 @@ def stage_prepared(
     """Land the good rows on the run's audit branch (None when there are none); the old copies of
     corrected events leave their days in the same staging."""
     source = prepared.source
-    lake.ensure_table(
-        source.table_name, source.arrow_schema(), day_column=source.timestamp, bucket_column=source.key_columns[0]
-    )
     if prepared.rows_valid == 0:
         return None
+    days = prepared.days()
+    # Days this full are split into entity buckets (keel.lakehouse.buckets): a file per (day,
+    # bucket) still holds thousands of rows, and a shard of entities opens only its buckets' files.
+    busy = max(days.values()) >= BUCKETED_ROWS_PER_DAY
+    lake.ensure_table(
+        source.table_name,
+        source.arrow_schema(),
+        day_column=source.timestamp,
+        bucket_column=source.key_columns[0] if busy else None,
+    )
     resent = resent or Resent()
     return wap.stage(
         lake,
@@ -201,12 +209,7 @@ class FileIngest:
             staging_root=self.staging_root,
             encoding=self.encoding,
         ) as prepared:
-            self.lake.ensure_table(
-                self.source.table_name,
-                self.source.arrow_schema(),
-                day_column=self.source.timestamp,
-                bucket_column=self.source.key_columns[0],
-            )
+            self.lake.ensure_table(self.source.table_name, self.source.arrow_schema(), day_column=self.source.timestamp)
             resent = settle_resent(self.lake, self.source, prepared.con, self.lake.head(self.source.table_name))
             prepared.quarantined = dict(
                 prepared.con.execute("SELECT reason_code, count(*) FROM bad GROUP BY 1 ORDER BY 1").fetchall()

@@ -67,12 +67,7 @@ class StreamWorker:
         self.run_id = f"stream-{config.group_id}-{uuid.uuid4().hex[:8]}"
         self.lake = Lakehouse.from_settings(settings)
         for source in self.sources.values():
-            self.lake.ensure_table(
-                source.table_name,
-                source.arrow_schema(),
-                day_column=source.timestamp,
-                bucket_column=source.key_columns[0],
-            )
+            self.lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
         self.validators = {topic: EventValidator(source) for topic, source in self.sources.items()}
         self.pending = {topic: Pending() for topic in self.sources}
         self.offsets = {topic: {} for topic in self.sources}  # next offset recorded in Iceberg, per partition

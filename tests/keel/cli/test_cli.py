@@ -515,3 +515,19 @@ def test_config_hides_the_alert_webhook_token(home, capsys, monkeypatch):
     code, out, _ = run(capsys, "config")
     assert code == 0
     assert "secret-token" not in out and "KEEL_ALERT_WEBHOOK=https://hooks.slack.com/***" in out
+
+
+def test_an_ingest_of_busy_days_adds_the_entity_bucket_partition(home, capsys, txn_csv, monkeypatch):
+    from keel.ingest import batch
+    from keel.lakehouse.buckets import ENTITY_BUCKETS, bucket_field
+
+    run(capsys, "ingest", txn_csv, "--source", "transactions")
+    lake = Lakehouse.from_env()
+    assert bucket_field(lake.table(TXN)) is None  # a few rows a day: whole days, one file each
+    rows = lake.read(TXN).num_rows
+
+    monkeypatch.setattr(batch, "BUCKETED_ROWS_PER_DAY", 1)
+    assert run(capsys, "ingest", txn_csv, "--source", "transactions")[0] == 0
+    table = lake.table(TXN)
+    assert bucket_field(table)[1:] == ("user_id", ENTITY_BUCKETS)
+    assert lake.read(TXN).num_rows == rows  # the same events again: nothing added, nothing lost

@@ -22,19 +22,26 @@ DAYS = [dt.date(2026, 1, 14) + dt.timedelta(days=i) for i in range(7)]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def lake_home(tmp_path_factory):
+    return demo_store(tmp_path_factory.mktemp("cluster"), days=24, users=150)
+
+
+@pytest.fixture(scope="module")
+def cluster(lake_home):
+    """A scheduler and two workers configured, as deployed ones are, by their KEEL_* environment."""
+    env = lake_home[0].settings.as_env()
     scheduler = DaskScheduler().start()
-    workers = [DaskWorker(scheduler.address).start() for _ in range(2)]
-    yield scheduler, workers
+    workers = [DaskWorker(scheduler.address, env=env).start() for _ in range(2)]
+    yield scheduler, workers, env
     for w in workers:
         w.stop()
     scheduler.stop()
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, cluster):
+def stores(lake_home, cluster):
     """The same lakehouse seen in-process and through the cluster."""
-    local, tables = demo_store(tmp_path_factory.mktemp("cluster"), days=24, users=150)
+    local, tables = lake_home
     remote = OfflineStore.from_settings(
         type(local.settings).from_env({**local.settings.as_env(), "KEEL_COMPUTE": cluster[0].address})
     )
@@ -67,9 +74,9 @@ def test_a_training_set_and_a_backfill_across_two_workers_equal_the_in_process_o
 
 def test_a_worker_killed_mid_job_loses_no_shard(cluster, stores):
     local, remote, spine = stores
-    scheduler, (steady, other) = cluster
+    scheduler, (steady, other), env = cluster
     other.stop()  # the cluster is now the steady worker and one that dies on its first task
-    victim = DaskWorker(scheduler.address, preload=KILLER).start()
+    victim = DaskWorker(scheduler.address, env=env, preload=KILLER).start()
     try:
         want = local.get_training_set(spine, FEATURES, shards=8)
         got = remote.get_training_set(spine, FEATURES, shards=8)
@@ -87,6 +94,18 @@ def test_a_worker_killed_mid_job_loses_no_shard(cluster, stores):
         assert report.workers == [steady.address] and len(report.tasks) == 8
     finally:
         victim.stop()
+
+
+def test_a_worker_configured_for_another_lakehouse_says_so(cluster, stores, tmp_path):
+    _, remote, spine = stores
+    scheduler, (steady, _), env = cluster
+    steady.stop()
+    stray = DaskWorker(scheduler.address, env={**env, "KEEL_HOME": str(tmp_path), "KEEL_CATALOG_URI": ""}).start()
+    try:
+        with pytest.raises(ComputeError, match=r"this Dask worker is configured for catalog 'sqlite:///.*start the workers"):
+            remote.get_training_set(spine, FEATURES, shards=2)
+    finally:
+        stray.stop()
 
 
 def test_no_scheduler_at_the_address_is_a_clear_error():
