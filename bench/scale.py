@@ -34,7 +34,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from keel.compute import peak_rss, reset_peak
+from keel.compute import disconnect, peak_rss, reset_peak
 from keel.config import Settings
 from keel.devservers.compute import DaskScheduler, DaskWorker
 from keel.features import shards as sharding
@@ -144,7 +144,8 @@ def unsharded(home: Path, budget: int, spine: pa.Table, stop_above: bool) -> tup
 def sharded(home: Path, budget: int, spine: pa.Table, workers: int, shards: int | None = None) -> dict:
     """The sharded engine on a cluster of ``workers`` worker processes started here."""
     scheduler = DaskScheduler().start()
-    pool = [DaskWorker(scheduler.address).start() for _ in range(workers)]
+    env = settings_for(home, budget).as_env()
+    pool = [DaskWorker(scheduler.address, env=env).start() for _ in range(workers)]
     try:
         store = FeatureStore.from_settings(settings_for(home, budget, KEEL_COMPUTE=scheduler.address))
         reset_peak()
@@ -156,6 +157,7 @@ def sharded(home: Path, budget: int, spine: pa.Table, workers: int, shards: int 
         return {"seconds": seconds, "shards": report.shards, "driver": peak_rss(), "workers": per_worker,
                 "rows": result.table.num_rows, "slowest": max(t.seconds for t in report.tasks)}  # fmt: skip
     finally:
+        disconnect(scheduler.address)
         for w in pool:
             w.stop()
         scheduler.stop()

@@ -145,5 +145,12 @@ def _client(address: str, timeout: float):
     return client
 
 
+def disconnect(address: str) -> None:
+    """Close this process's client of the scheduler at ``address`` (before the scheduler stops)."""
+    client = _clients.pop(address, None)
+    if client is not None:
+        client.close()
+
+
 class ComputeError(RuntimeError):
     """The configured compute engine cannot be reached; the message says what to do."""

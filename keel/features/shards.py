@@ -9,7 +9,8 @@ so a shard's scan opens only the files of its buckets. Each shard is one task of
 
 The number of shards is explicit (``KEEL_SHARDS``, ``--shards``) or the smallest power of two
 that fits the estimated memory (the events the scans would read, at ``EVENT_BYTES`` each, plus
-the probes) into ``KEEL_MAX_MEMORY`` (default: half the machine's memory).
+the probes) into ``KEEL_MAX_MEMORY`` (default: half the machine's memory) less what the process
+holds before any data (``PROCESS_BYTES``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from keel.lakehouse.tables import Lakehouse
 EVENT_BYTES = 96
 FEATURE_BYTES = 40
 MAX_SHARDS = 4096
+# What a Keel process holds before any data (interpreter, Arrow, DuckDB, pyiceberg): not a shard's to use.
+PROCESS_BYTES = 512 << 20
+MIN_SHARD_BYTES = 32 << 20
 
 
 def lookback(group: FeatureGroup) -> dt.timedelta | None:
@@ -129,6 +133,7 @@ def shard_count(store, reads: Sequence[EventRead], groups: Sequence[FeatureGroup
     need = sum(r.rows(store.lake) for r in reads) * (EVENT_BYTES + FEATURE_BYTES * features)
     need += probes * (EVENT_BYTES + 2 * FEATURE_BYTES * features)
     budget = store.max_memory or machine_memory() // 2
+    budget = max(budget - PROCESS_BYTES, MIN_SHARD_BYTES)
     return min(MAX_SHARDS, 1 << max(0, math.ceil(math.log2(max(need / budget, 1)))))
 
 

@@ -24,8 +24,8 @@ from keel.ingest import validation
 from keel.ingest.resent import Resent, settle_resent
 from keel.ingest.validation import QUARANTINE_SCHEMA, IngestError, Prepared, group_days, prepare
 from keel.lakehouse import wap
-from keel.lakehouse.buckets import BUCKETED_ROWS_PER_DAY
 from keel.lakehouse.audit import AuditReport, audit_events, combine_reports
+from keel.lakehouse.buckets import BUCKETED_ROWS_PER_DAY
 from keel.lakehouse.tables import Lakehouse, day_filter
 
 __all__ = [

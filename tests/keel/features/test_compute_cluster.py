@@ -102,7 +102,9 @@ def test_a_worker_configured_for_another_lakehouse_says_so(cluster, stores, tmp_
     steady.stop()
     stray = DaskWorker(scheduler.address, env={**env, "KEEL_HOME": str(tmp_path), "KEEL_CATALOG_URI": ""}).start()
     try:
-        with pytest.raises(ComputeError, match=r"this Dask worker is configured for catalog 'sqlite:///.*start the workers"):
+        with pytest.raises(
+            ComputeError, match=r"this Dask worker is configured for catalog 'sqlite:///.*start the workers"
+        ):
             remote.get_training_set(spine, FEATURES, shards=2)
     finally:
         stray.stop()

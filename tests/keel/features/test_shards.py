@@ -206,8 +206,9 @@ def test_a_shard_opens_only_its_buckets_files(demo, monkeypatch):
     assert sum(per_shard) <= whole  # no file read twice across the shards with probes
 
 
-def test_shard_count_follows_the_memory_budget(demo):
+def test_shard_count_follows_the_memory_budget(demo, monkeypatch):
     store, _ = demo
+    monkeypatch.setattr(shards_module, "MIN_SHARD_BYTES", 1)
     reads, _ = store.event_reads(
         [store.project.group("user_transactions")],
         pa.chunked_array([pa.array([at(0).replace(year=2026, month=2)], pa.timestamp("us", tz="UTC"))]),
@@ -216,9 +217,9 @@ def test_shard_count_follows_the_memory_budget(demo):
     group = [store.project.group("user_transactions")]
     rows = sum(r.rows(store.lake) for r in reads)
     need = rows * (shards_module.EVENT_BYTES + shards_module.FEATURE_BYTES * len(group[0].features))
-    store.max_memory = need * 10
+    store.max_memory = need * 10 + shards_module.PROCESS_BYTES
     assert shards_module.shard_count(store, reads, group, 0) == 1
-    store.max_memory = need // 3
+    store.max_memory = need // 3 + shards_module.PROCESS_BYTES
     assert shards_module.shard_count(store, reads, group, 0) == 4
     store.max_memory, store.shards = None, 2
     assert shards_module.shard_count(store, reads, group, 0) == 2
