@@ -173,19 +173,8 @@ def show(label: str, run: dict, budget: int) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=50_000_000)
-    parser.add_argument("--entities", type=int, default=5_000_000)
-    parser.add_argument("--spine", type=int, default=5_000_000)
-    parser.add_argument("--days", type=int, default=90)
-    parser.add_argument("--budget", default="4GB", help="memory budget of every process, e.g. 4GB")
-    parser.add_argument("--fit-events", type=int, help="size of run 3 (default: one shard's worth at the budget)")
-    parser.add_argument("--home", type=Path, default=Path("/tmp/keel-bench-scale"))
-    args = parser.parse_args()
-    budget = settings_for(args.home, 1 << 30, KEEL_MAX_MEMORY=args.budget).max_memory
-
-    shutil.rmtree(args.home, ignore_errors=True)
+def big(args, budget: int) -> dict:
+    """Runs 1 and 2: all the events, unsharded (stopped past the budget), then sharded on 1 and 2 workers."""
     print(f"generating {args.events:,} events of {args.entities:,} users over {args.days} days ...", flush=True)
     seconds = generate(args.home / "big", args.events, args.entities, args.days)
     spine = make_spine(args.spine, args.entities, args.days)
@@ -201,15 +190,40 @@ def main() -> None:
     two = sharded(args.home / "big", budget, spine, workers=2)
     show("2 sharded, 2 workers", two, budget)
     print(f"  speed-up from 1 to 2 workers: {one['seconds'] / two['seconds']:.2f}x")
+    return one
 
-    per_event = sharding.EVENT_BYTES + sharding.FEATURE_BYTES * len(user_transactions.features)
-    fit = args.fit_events or int(budget / per_event)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=50_000_000)
+    parser.add_argument("--entities", type=int, default=5_000_000)
+    parser.add_argument("--spine", type=int, default=5_000_000)
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--budget", default="4GB", help="memory budget of every process, e.g. 4GB")
+    parser.add_argument("--fit-events", type=int, help="size of run 3 (default: one shard's worth at the budget)")
+    parser.add_argument("--home", type=Path, default=Path("/tmp/keel-bench-scale"))
+    parser.add_argument("--only-fit", action="store_true", help="run 3 alone")
+    parser.add_argument("--fit-shards", type=int, default=16, help="run 3's shards when run alone (else run 2's)")
+    args = parser.parse_args()
+    budget = settings_for(args.home, 1 << 30, KEEL_MAX_MEMORY=args.budget).max_memory
+
+    shutil.rmtree(args.home, ignore_errors=True)
+    shards = args.fit_shards
+    if not args.only_fit:
+        one = big(args, budget)
+        shards = one["shards"]
+
+    # The size the shard planner puts in one shard (its estimate is on the safe side of the measured).
+    features = len(user_transactions.features)
+    per_event = sharding.EVENT_BYTES + sharding.FEATURE_BYTES * features
+    per_probe = (sharding.EVENT_BYTES + 2 * sharding.FEATURE_BYTES * features) * args.spine / args.events
+    fit = args.fit_events or int((budget - sharding.PROCESS_BYTES) / (per_event + per_probe))
     ratio = fit / args.events
     fit_entities, fit_spine = max(1, int(args.entities * ratio)), max(1, int(args.spine * ratio))
     generate(args.home / "fit", fit, fit_entities, args.days)
     small = make_spine(fit_spine, fit_entities, args.days)
     took, peak, stopped = unsharded(args.home / "fit", budget, small, stop_above=False)
-    again = sharded(args.home / "fit", budget, small, workers=1, shards=one["shards"])
+    again = sharded(args.home / "fit", budget, small, workers=1, shards=shards)
     print(
         f"3 {fit:,} events, {fit_spine:,} spine rows: unsharded {took:.1f}s (peak {peak / GB:.2f} GB, "
         f"{'ABOVE' if peak > budget else 'within'} the budget); sharded in {again['shards']} on 1 worker "

@@ -46,7 +46,11 @@ VARIABLES = {
         "S3-compatible object storage for an s3:// warehouse, http(s)://host:port (default: AWS_ENDPOINT_URL_S3 "
         "or AWS_ENDPOINT_URL when set, else AWS S3); credentials and region come from the usual AWS variables",
     ),
-    "redis_url": Variable("KEEL_REDIS_URL", "online store: redis://host:port/db; unset uses a SQLite file"),
+    "redis_url": Variable(
+        "KEEL_REDIS_URL",
+        "online store: redis://host:port/db, or a Redis Cluster as redis+cluster://host:port[,host:port...]/0; "
+        "unset uses a SQLite file",
+    ),
     "kafka_bootstrap": Variable(
         "KEEL_KAFKA_BOOTSTRAP", "Kafka bootstrap servers host:port[,host:port]; unset uses a landing folder"
     ),
@@ -142,8 +146,18 @@ class Settings:
             _fail("s3_endpoint", s3_endpoint, "use the object store's http(s) address, e.g. http://127.0.0.1:9000")
 
         redis_url = get("redis_url")
-        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
-            _fail("redis_url", redis_url, "use redis://host:6379/0, rediss://... or unix:///path.sock")
+        cluster = r"rediss?\+cluster://([^@/]*@)?([^@/,]+:\d+)(,[^@/,]+:\d+)*/?0?"
+        if (
+            redis_url
+            and urlparse(redis_url).scheme not in ("redis", "rediss", "unix")
+            and not re.fullmatch(cluster, redis_url)
+        ):
+            _fail(
+                "redis_url",
+                redis_url,
+                "use redis://host:6379/0, rediss://..., unix:///path.sock, or for a Redis Cluster "
+                "redis+cluster://host:6379[,host:6379...]/0 (rediss+cluster:// for TLS; database 0 only)",
+            )
 
         kafka = get("kafka_bootstrap")
         if kafka:

@@ -6,6 +6,10 @@ them empty use ``clean_redis_url`` (db 0 flushed first) and ``kafka_topics`` (to
 deleted and created again). Consumers in tests join groups fast with
 ``keel.devservers.FAST_GROUP_JOIN`` (see that module for the measured join times).
 
+``redis_cluster`` is a Redis Cluster of three masters (``keel.devservers.redis_cluster``),
+started once per session on first use; ``redis_cluster_url`` is its
+``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/0``.
+
 ``mlflow_server`` is a real ``mlflow server`` (SQLite backend, artifacts served from its
 scratch folder), started once per session on first use; ``clean_mlflow_uri`` is its URL with
 every registered model deleted first.
@@ -21,6 +25,7 @@ import pytest
 
 from keel.config import Settings
 from keel.devservers import DevServerError, KafkaBroker, RedisServer
+from keel.devservers.redis_cluster import RedisCluster
 from keel.devservers.storage import MlflowServer, PostgresServer, S3Server
 
 
@@ -48,6 +53,21 @@ def clean_redis_url(redis_url) -> str:
     client.flushdb()
     client.close()
     return redis_url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    try:
+        cluster = RedisCluster(masters=3).start()
+    except DevServerError as exc:
+        pytest.fail(str(exc))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster) -> str:
+    return redis_cluster.url
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pyiceberg.expressions import And, BooleanExpression, GreaterThan, LessThanOrEqual
 from pyiceberg.io import load_file_io
 
-from keel.compute import ComputeError, ShardReport, machine_memory
+from keel.compute import ComputeError, ShardReport, TaskStats, machine_memory
 from keel.config import Settings, hide_password
 from keel.dsl import EventSource, FeatureGroup, window_seconds
 from keel.features.point_in_time import point_in_time
@@ -165,7 +165,7 @@ def _store(ref):
 _stores: dict = {}
 
 
-def _run(store, fn, label: str, tasks: list[tuple]) -> tuple[list, ShardReport]:
+def _run(store, fn, label: str, tasks: list[tuple]) -> tuple[list, list[TaskStats]]:
     """``fn`` for each task's arguments (after the store) on the store's compute engine."""
     ref = store if store.compute.address is None else (type(store), lakehouse_of(store.settings))
     results, stats = store.compute.map(fn, [(f"{label} {i + 1}/{len(tasks)}", (ref, *a)) for i, a in enumerate(tasks)])

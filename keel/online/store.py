@@ -3,9 +3,10 @@
 One record per (feature group, group version, entity) holds the group's features and the
 value's timestamp ``feature_ts``: the moment the values are as of (a day's end for a synced
 table row, the event time for a value the stream worker wrote). Two backends, one contract:
-Redis (``keel.online.redis_backend``, production) and SQLite (``keel.online.sqlite_backend``,
-the embedded default). Either way an older value never overwrites a newer one, whoever writes
-(the sync, stream workers, both at once), and a read of many groups and entities is one round trip.
+Redis (``keel.online.redis_backend``, production: one server or a Redis Cluster) and SQLite
+(``keel.online.sqlite_backend``, the embedded default). Either way an older value never
+overwrites a newer one, whoever writes (the sync, stream workers, both at once), and a read of
+many groups and entities is one round trip (on a cluster, one per node, all sent at once).
 
 A value is *expired* once ``feature_ts + ttl`` (the group's TTL) has passed: it is read as
 NULL with the status ``expired`` and its age. The record itself is dropped ``retention``
@@ -158,7 +159,8 @@ class OnlineStore(ABC):
     @staticmethod
     def from_settings(settings: Settings, **kwargs) -> OnlineStore:
         if settings.redis_url:
-            return BACKENDS["redis"](settings.redis_url, **kwargs)
+            cluster = settings.redis_url.split("://", 1)[0].lower().endswith("+cluster")
+            return BACKENDS["redis-cluster" if cluster else "redis"](settings.redis_url, **kwargs)
         return BACKENDS["sqlite"](settings.home / "online.db", **kwargs)
 
     @property

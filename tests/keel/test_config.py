@@ -167,6 +167,30 @@ def test_bad_value_names_the_variable_the_value_and_the_fix(tmp_path, variable, 
     assert message.endswith(f"({help_text})")
 
 
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("redis+cluster://cache-0:7000,cache-1:7000,cache-2:7000/0", True),
+        ("rediss+cluster://:secret@cache-0:7000", True),
+        ("redis+cluster://[::1]:7000,10.0.0.2:7000/", True),
+        ("redis+cluster://:secret@cache-0:7000/1", False),
+        ("redis+cluster://cache-0,cache-1:7000/0", False),
+        ("redis+cluster://cache-0:7000/0?ssl=true", False),
+    ],
+)
+def test_a_redis_cluster_url_is_taken_with_database_0_only(tmp_path, url, accepted):
+    env = {"KEEL_HOME": str(tmp_path), "KEEL_REDIS_URL": url}
+    if accepted:
+        assert Settings.from_env(env).redis_url == url
+        return
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    message = str(caught.value)
+    assert message.startswith(f"KEEL_REDIS_URL={hide_password(url)!r} is not usable: ")
+    assert "redis+cluster://host:6379[,host:6379...]/0" in message and "database 0 only" in message
+    assert "secret" not in message
+
+
 def test_the_s3_endpoint_falls_back_to_the_aws_variables(tmp_path):
     base = {"KEEL_HOME": str(tmp_path), "KEEL_WAREHOUSE": "s3://bucket/prefix"}
     assert Settings.from_env(base).s3_endpoint is None

@@ -1,4 +1,5 @@
-"""The online store on both backends (a real Redis server and SQLite), the sync and consistency."""
+"""The online store on every backend (SQLite, a real Redis server and a real Redis Cluster), the
+sync and consistency."""
 
 import dataclasses
 import datetime as dt
@@ -11,7 +12,7 @@ import redis
 from keel.dsl import Derived, Feature, FeatureGroup
 from keel.features.materialize import backfill
 from keel.online.consistency import check_consistency
-from keel.online.redis_backend import RedisOnlineStore
+from keel.online.redis_backend import RedisClusterOnlineStore, RedisOnlineStore
 from keel.online.sqlite_backend import SqliteOnlineStore
 from keel.online.store import (
     EXPIRED,
@@ -48,13 +49,15 @@ def typed_group(payments) -> FeatureGroup:
     )
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def online(request, tmp_path):
     if request.param == "sqlite":
         store = SqliteOnlineStore(tmp_path / "online.db")
+    elif request.param == "redis":
+        store = RedisOnlineStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}")
     else:
-        url = request.getfixturevalue("redis_url")
-        store = RedisOnlineStore(url, prefix=f"t{uuid.uuid4().hex[:8]}")
+        url = request.getfixturevalue("redis_cluster_url")
+        store = RedisClusterOnlineStore(url, prefix=f"t{uuid.uuid4().hex[:8]}")
     yield store
     store.close()
 
@@ -149,6 +152,25 @@ def test_expired_values_read_as_none_with_their_status_and_are_dropped_after_ret
     assert found.values["n"] == [3, None, None]
     assert found.status["n"] == [PRESENT, EXPIRED, MISSING]
     assert found.age_s["n"][1] == 3 * 86400
+
+
+def test_clear_removes_one_groups_records_and_watermark_and_sample_draws_from_the_stored(online, payments):
+    typed = typed_group(payments)
+    other = dataclasses.replace(typed, name="other")
+    users = [f"u{i:03d}" for i in range(40)]
+    online.write(typed, rows(typed, [typed_row(u, NOW - dt.timedelta(hours=1)) for u in users]), now=NOW)
+    online.write(other, rows(other, [typed_row("ann", NOW)]), now=NOW)
+    online.set_sync_state(typed, 42)
+
+    drawn = online.sample(typed, 10, seed=3)
+    assert len(set(drawn)) == 10 and set(drawn) <= set(users) and drawn == online.sample(typed, 10, seed=3)
+    assert sorted(online.sample(typed, 100)) == users  # every record, the watermark not among them
+    assert online.sync_state(typed)["snapshot_id"] == 42
+
+    assert online.clear(typed) == 40
+    assert online.sample(typed, 100) == [] and online.sync_state(typed) is None
+    assert online.read([(typed, ["n"])], users[:2]) == [[None, None]]
+    assert online.sample(other, 5) == ["ann"]
 
 
 def test_redis_keeps_one_hash_per_group_and_entity_with_an_expiry(redis_url, payments):
