@@ -15,7 +15,10 @@ one ``keel stream`` worker runs as its own process on the demo project (micro-ba
 Floor, measured in the same run on the same messages: a bare kafka-python consumer reading
 them (no parsing), in messages/s; the ratio is floor / worker.
 
-    .venv/bin/python bench/stream.py [--rate 5000] [--seconds 20] [--backlog 50000]
+With ``--workers N`` the workers share one consumer group: the capacity phase prints their
+rate together and each worker's own (its events over its own first-to-last consumed span).
+
+    .venv/bin/python bench/stream.py [--rate 5000] [--seconds 20] [--backlog 50000] [--workers 2]
 """
 
 import argparse
@@ -90,6 +93,23 @@ class Worker:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
+
+
+class _Group:
+    """The workers of one consumer group, read and stopped together."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+
+    def samples(self) -> list:
+        return [s for w in self.workers for s in w.samples()]
+
+    def consumed(self) -> float:
+        return sum(w.consumed() for w in self.workers)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
 
 
 def histogram_quantiles(samples: list, name: str, since: list, qs=(0.5, 0.99)) -> list[float]:
@@ -195,6 +215,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5000)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--backlog", type=int, default=50_000)
+    parser.add_argument("--workers", type=int, default=1, help="keel stream processes in the one consumer group")
     args = parser.parse_args()
 
     topics = sorted(s.kafka_topic for s in project.sources if s.kafka_topic)
@@ -217,18 +238,24 @@ def main() -> None:
         producer.producer.flush()
         print(f"backlog: {args.backlog:,} events produced in {time.perf_counter() - t0:.1f}s", flush=True)
 
-        worker = Worker(env, Path(home) / "worker.log")
-        first = None
+        workers = [Worker(env, Path(home) / f"worker-{i}.log") for i in range(args.workers)]
+        spans = [None] * len(workers)  # per worker: (first time it consumed, its count then, last time, count)
         while True:
-            consumed = worker.consumed()
+            counts = [w.consumed() for w in workers]
             now = time.perf_counter()
-            if consumed and first is None:
-                first = (now, consumed)
-            if consumed >= args.backlog:
+            for i, n in enumerate(counts):
+                if n and spans[i] is None:
+                    spans[i] = (now, n, now, n)
+                elif spans[i] is not None and n > spans[i][3]:
+                    spans[i] = (spans[i][0], spans[i][1], now, n)
+            if sum(counts) >= args.backlog:
                 break
             time.sleep(0.02)
-        capacity = (consumed - first[1]) / max(now - first[0], 1e-9)
-        print(f"worker caught up in {now - first[0]:.1f}s", flush=True)
+        rates = [(n - n0) / max(t - t0_, 1e-9) for t0_, n0, t, n in (sp for sp in spans if sp)]
+        first_start = min(sp[0] for sp in spans if sp)
+        capacity = (sum(counts) - sum(sp[1] for sp in spans if sp)) / max(now - first_start, 1e-9)
+        print(f"{len(workers)} worker(s) caught up in {now - first_start:.1f}s", flush=True)
+        worker = _Group(workers)
 
         stop = threading.Event()
         prober = Prober(producer, settings, stop)
@@ -257,8 +284,13 @@ def main() -> None:
     )
     print(f"{'':<44}{'events/s':>12}{'x floor':>10}")
     print(f"{'floor: bare kafka-python consume':<44}{floor:>12,.0f}{1.0:>10.1f}")
-    print(f"{'keel stream, one worker, catching up':<44}{capacity:>12,.0f}{floor / capacity:>10.1f}")
-    print(f"{'keel stream, one worker, live':<44}{worker_live:>12,.0f}")
+    if len(rates) == 1:
+        print(f"{'keel stream, one worker, catching up':<44}{capacity:>12,.0f}{floor / capacity:>10.1f}")
+    else:
+        print(f"{f'keel stream, {len(rates)} workers, catching up':<44}{capacity:>12,.0f}{floor / capacity:>10.1f}")
+        for i, rate in enumerate(rates):
+            print(f"{f'  worker {i + 1}, its own events/s':<44}{rate:>12,.0f}{floor / rate:>10.1f}")
+    print(f"{'keel stream, live (all workers)':<44}{worker_live:>12,.0f}")
     print(f"produce -> servable, tracer reads ({len(lat)} samples, {prober.lost} lost):")
     print(f"  p50 {np.percentile(lat, 50):7.1f} ms   p99 {np.percentile(lat, 99):7.1f} ms   max {lat.max():7.1f} ms")
     print(f"event -> online write, worker histogram: p50 ~{p50_hist * 1000:.0f} ms   p99 ~{p99_hist * 1000:.0f} ms")

@@ -219,3 +219,53 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(stream_env
     assert len(spots) == len(set(spots)) == sum(1 for items in messages.values() for m in items) - expected
     assert committed_offsets(bootstrap, group) == ends_of(messages)
     assert_online_matches_offline(settings, lake)
+
+
+def assigned(worker: Worker) -> list[int]:
+    """How many partitions each assignment gave the worker, from its log, in order."""
+    return [int(line.split("assigned ")[1].split()[0]) for line in worker.log().splitlines() if "assigned " in line]
+
+
+def test_two_workers_share_the_partitions_and_survive_a_kill_and_a_rejoin(stream_env, start_worker):
+    """One consumer group, two ``keel stream`` processes: the partitions split between them; one is
+    SIGKILLed mid-stream and the other takes its partitions over; a new one joins and they split
+    again. Every event lands once, nothing is lost at either rebalance, and online equals offline."""
+    bootstrap = stream_env
+    settings = Settings.from_env()
+    lake = Lakehouse.from_settings(settings)
+    partitions = sum(TOPICS.values())
+    producer = EventProducer(bootstrap, project.sources, users=60, seed=13, bad_every=50)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (producer.run(rate=300, seconds=10), done.set()), daemon=True)
+    thread.start()
+    group = f"pair-{time.monotonic_ns()}"
+    a, b = start_worker(group, batch_seconds=1), start_worker(group, batch_seconds=1)
+
+    def split() -> bool:
+        got_a, got_b = assigned(a), assigned(b)
+        return bool(got_a and got_b) and got_a[-1] + got_b[-1] == partitions and min(got_a[-1], got_b[-1]) > 0
+
+    wait_for(split, what=f"the {partitions} partitions to split between the two workers")
+    wait_for(lambda: a.consumed() > 0 and b.metric("keel_stream_rows_written_total") > 0, what="both to work")
+    assert b.signal(signal.SIGKILL) == -signal.SIGKILL
+    wait_for(lambda: assigned(a)[-1] == partitions, timeout=30, what="the survivor to take every partition")
+    before = a.consumed()
+    wait_for(lambda: a.consumed() > before, what="the survivor to consume the killed worker's partitions")
+
+    c = start_worker(group, batch_seconds=1)
+    wait_for(lambda: assigned(c) and assigned(c)[-1] > 0 and assigned(a)[-1] < partitions, timeout=30, what="a rejoin")
+    assert done.wait(30)
+    producer.close()
+    messages = produced(bootstrap)
+    expected = sum(len(ids) for ids in valid_messages(messages).values())
+    wait_for(
+        lambda: sum(lake.read(s.table_name).num_rows for s in SOURCES.values()) >= expected,
+        timeout=30,
+        what="every event appended",
+    )
+    assert a.signal(signal.SIGTERM) == 0, a.log()
+    assert c.signal(signal.SIGTERM) == 0, c.log()
+
+    assert_exactly_once(lake, messages)
+    assert committed_offsets(bootstrap, group) == ends_of(messages)
+    assert_online_matches_offline(settings, lake)
