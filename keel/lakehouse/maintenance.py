@@ -58,7 +58,7 @@ def maintain(
         column = day_column(lake.table(name))
         if column:
             result.compacted_days = lake.compact(name, day_column=column, run_id=run_id, min_files=compact_min_files)
-        result.removed_branches = lake.remove_branches(name, BRANCH_PREFIX, branch_max_age)
+        result.removed_branches = remove_branches(lake, name, BRANCH_PREFIX, branch_max_age)
         result.expired_snapshots = len(lake.expire_snapshots(name, expire_after))
         result.files_after = _file_count(lake, name)
         out.append(result)
@@ -71,3 +71,20 @@ def _file_count(lake: Lakehouse, name: str) -> int:
     if head is None or not head.manifests(table.io):  # no data files yet, which inspect.files cannot read
         return 0
     return table.inspect.files(snapshot_id=head.snapshot_id).num_rows
+
+
+def remove_branches(lake: Lakehouse, name: str, prefix: str, older_than: dt.timedelta) -> list[str]:
+    """Delete the table's branches named ``prefix*`` whose head is older than ``older_than``."""
+    table = lake.table(name)
+    cutoff_ms = (dt.datetime.now(dt.UTC) - older_than).timestamp() * 1000
+    stale = []
+    for ref_name, ref in table.refs().items():
+        snap = table.snapshot_by_id(ref.snapshot_id)
+        if ref_name.startswith(prefix) and snap is not None and snap.timestamp_ms < cutoff_ms:
+            stale.append(ref_name)
+    if stale:
+        manage = table.manage_snapshots()
+        for ref_name in stale:
+            manage = manage.remove_branch(ref_name)
+        manage.commit()
+    return stale

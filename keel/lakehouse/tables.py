@@ -20,7 +20,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
-from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+    ValidationException,
+)
 from pyiceberg.expressions import AlwaysFalse, And, BooleanExpression, GreaterThanOrEqual, LessThan, Or
 from pyiceberg.table import Table
 from pyiceberg.table.refs import SnapshotRefType
@@ -139,17 +145,19 @@ class Lakehouse:
         properties: dict[str, str] | None = None,
     ) -> Table:
         """Create the table, or evolve an existing one by adding the columns (and bucket partition) it lacks.
-
-        ``month_column`` partitions by month instead of day, for tables with few rows a day
-        (monitoring results), where a file per day would be mostly overhead. ``bucket_column``
-        adds ``bucket(entity key)`` (``keel.lakehouse.buckets``), so a shard of entities reads its files only."""
+        ``month_column`` partitions by month (tables with few rows a day); ``bucket_column`` adds
+        ``bucket(entity key)`` (``keel.lakehouse.buckets``), so a shard of entities reads its files only."""
         namespace = name.split(".")[0]
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(namespace)
         try:
             table = self.catalog.load_table(name)
         except NoSuchTableError:
-            table = self.catalog.create_table(name, schema=schema, properties=properties or {})
+            try:
+                table = self.catalog.create_table(name, schema=schema, properties=properties or {})
+            except TableAlreadyExistsError:  # another process (a second stream worker) created it first
+                parts = {"day_column": day_column, "identity_column": identity_column, "month_column": month_column}
+                return self.ensure_table(name, schema, **parts, bucket_column=bucket_column, properties=properties)
             with table.update_spec() as spec:
                 if day_column:
                     spec.add_field(day_column, DayTransform(), f"{day_column}_day")
@@ -204,7 +212,7 @@ class Lakehouse:
             try:
                 replace_rows(self.table(name), data, where, properties)
                 return
-            except CommitFailedException:
+            except (CommitFailedException, ValidationException):  # pyiceberg's own retry may find "conflicts"
                 if attempt == COMMIT_ATTEMPTS:
                     raise
                 time.sleep(min(0.05 * attempt, 0.5))
@@ -391,22 +399,6 @@ class Lakehouse:
         props = self.snapshot_properties("compaction", list(targets), run_id)
         replace_rows(table, data, expr, props)
         return dict(sorted(targets.items()))
-
-    def remove_branches(self, name: str, prefix: str, older_than: dt.timedelta) -> list[str]:
-        """Delete branches named ``prefix*`` whose head is older than ``older_than``."""
-        table = self.table(name)
-        cutoff_ms = (dt.datetime.now(dt.UTC) - older_than).timestamp() * 1000
-        stale = []
-        for ref_name, ref in table.refs().items():
-            snap = table.snapshot_by_id(ref.snapshot_id)
-            if ref_name.startswith(prefix) and snap is not None and snap.timestamp_ms < cutoff_ms:
-                stale.append(ref_name)
-        if stale:
-            manage = table.manage_snapshots()
-            for ref_name in stale:
-                manage = manage.remove_branch(ref_name)
-            manage.commit()
-        return stale
 
 
 # What a SQL catalog's server raises when it is down or restarting (the connection refused or

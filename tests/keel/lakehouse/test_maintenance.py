@@ -16,7 +16,7 @@ import pytest
 
 from keel.ingest.staging import OWNER_FILE, STAGING_PREFIX, clean_staging, process_start
 from keel.lakehouse import wap
-from keel.lakehouse.maintenance import TableMaintenance, day_column, maintain
+from keel.lakehouse.maintenance import TableMaintenance, day_column, maintain, remove_branches
 from keel.lakehouse.tables import PROP_PARTITION, PROP_RUN_ID, PROP_SOURCE, Lakehouse, LakehouseError, day_filter
 from tests.factories.payments import as_table, payment_rows
 
@@ -266,8 +266,8 @@ def test_stale_audit_branches_are_removed_and_others_kept(lake, table, payments)
         )
     lake.table(TABLE).manage_snapshots().create_branch(lake.head(TABLE), "experiment").commit()
 
-    assert lake.remove_branches(TABLE, wap.BRANCH_PREFIX, HOUR) == []
-    removed = lake.remove_branches(TABLE, wap.BRANCH_PREFIX, NOW)
+    assert remove_branches(lake, TABLE, wap.BRANCH_PREFIX, HOUR) == []
+    removed = remove_branches(lake, TABLE, wap.BRANCH_PREFIX, NOW)
 
     assert sorted(removed) == ["audit_run-a", "audit_run-b"]
     assert sorted(lake.table(TABLE).refs()) == ["experiment", "main"]
