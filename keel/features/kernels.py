@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 _SPLIT = 134217729.0  # 2**27 + 1, Dekker's splitter for exact float64 products
+_LONG_BLOCK = 512
 
 
 # Sorting ----------------------------------------------------------------------------------
@@ -184,59 +185,81 @@ def dd_add(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> tu
 # (a shard of entities gets the very bits the whole set gets).
 
 
-def block_cumsum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Inclusive running sums that restart at every block start, each block summed left to right.
+class Blocks:
+    """Consecutive blocks of an array (one entity's events each, from ``starts``), laid out once for
+    ``cumsum``: the running sums that restart at every block, each block summed left to right.
 
-    Blocks go into padded matrices by size class (widths of powers of two, so padding at most
-    doubles the memory) and are summed along rows: one cumsum per class, never a loop per block.
+    Short blocks go into padded matrices by size class (widths of powers of two, so padding at
+    most doubles the memory), summed along rows, one cumsum per class; a long block (at most
+    n / 512 of them) is summed where it lies. The gather and scatter positions are computed once
+    and serve every column summed over the same events.
     """
-    n = len(x)
-    out = np.empty_like(x)
-    if not n:
+
+    def __init__(self, starts: np.ndarray, n: int) -> None:
+        self.starts, self.n = starts, n
+        sizes = np.diff(np.append(starts, n)) if n else np.zeros(0, np.int64)
+        long_ = sizes >= _LONG_BLOCK
+        self.long = [(int(a), int(a + z)) for a, z in zip(starts[long_], sizes[long_], strict=True)]
+        width_class = np.frexp((sizes - 1).astype(np.float64))[1]  # ceil(log2(size))
+        self.classes = []
+        for k in np.unique(width_class[~long_]):
+            blocks = np.flatnonzero((width_class == k) & ~long_)
+            cols = np.arange(1 << int(k))
+            idx = starts[blocks, None] + cols
+            valid = cols < sizes[blocks, None]
+            gather = np.where(valid, idx, n).ravel()  # position n: a 0 appended to the values
+            keep = np.flatnonzero(valid.ravel())
+            self.classes.append((1 << int(k), gather, keep, gather[keep]))
+
+    def cumsum(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty_like(x) if out is None else out
+        for a, b in self.long:
+            np.cumsum(x[a:b], out=out[a:b])
+        padded = np.append(x, np.zeros(1, x.dtype))
+        for width, gather, keep, dest in self.classes:
+            matrix = padded[gather].reshape(-1, width)
+            np.cumsum(matrix, axis=1, out=matrix)
+            out[dest] = matrix.ravel()[keep]
         return out
-    sizes = np.diff(np.append(starts, n))
-    width_class = np.frexp((sizes - 1).astype(np.float64))[1]  # ceil(log2(size))
-    for k in np.unique(width_class):
-        blocks = np.flatnonzero(width_class == k)
-        cols = np.arange(1 << int(k))
-        idx = starts[blocks, None] + cols
-        valid = cols < sizes[blocks, None]
-        matrix = np.where(valid, x[np.where(valid, idx, 0)], np.zeros(1, x.dtype))
-        np.cumsum(matrix, axis=1, out=matrix)
-        out[idx[valid]] = matrix[valid]
-    return out
 
 
-def dd_block_prefix(x: np.ndarray, starts: np.ndarray, extra_err: np.ndarray | None = None):
-    """``block_cumsum`` of x, with every addition's exact rounding error (plus ``extra_err`` per
+def dd_block_prefix(x: np.ndarray, blocks: Blocks, extra_err: np.ndarray | None = None):
+    """``Blocks.cumsum`` of x, with every addition's exact rounding error (plus ``extra_err`` per
     element) summed the same way, as four arrays of n + 1: for the sums and for the errors,
     ``through[i]``, the sum of element i-1's block up to and including it (0 at i = 0), and
     ``before[i]``, the sum of element i's block before it (0 at a block start and at i = n)."""
-    c = block_cumsum(x, starts)
-    prev = np.empty_like(c)
-    prev[1:] = c[:-1]
-    prev[starts] = 0.0
-    bb = c - prev
-    err = (prev - (c - bb)) + (x - bb)  # TwoSum of (prev, x), their sum c known
+    n = len(x)
+    s_through, s_before = _through_before(x, blocks.starts, lambda out: blocks.cumsum(x, out))
+    c, prev = s_through[1:], s_before[:n]
+    # TwoSum of (prev, x), their sum c known, in place: err = (prev - (c - bb)) + (x - bb), bb = c - prev.
+    bb = np.subtract(c, prev)
+    err = np.subtract(c, bb)
+    np.subtract(prev, err, out=err)
+    np.subtract(x, bb, out=bb)
+    np.add(err, bb, out=err)
+    del bb
     if extra_err is not None:
         err += extra_err
-    e = block_cumsum(err, starts)
-    e_prev = np.empty_like(e)
-    e_prev[1:] = e[:-1]
-    e_prev[starts] = 0.0
-    zero = np.zeros(1)
-    return (
-        np.concatenate([zero, c]),
-        np.concatenate([prev, zero]),
-        np.concatenate([zero, e]),
-        np.concatenate([e_prev, zero]),
-    )
+    e_through, e_before = _through_before(err, blocks.starts, lambda out: blocks.cumsum(err, out))
+    return s_through, s_before, e_through, e_before
 
 
-def dd_block_prefix_squares(y: np.ndarray, starts: np.ndarray):
+def _through_before(x: np.ndarray, starts: np.ndarray, fill) -> tuple[np.ndarray, np.ndarray]:
+    n = len(x)
+    through = np.empty(n + 1)
+    through[0] = 0.0
+    fill(through[1:])
+    before = np.empty(n + 1)
+    before[0] = before[n] = 0.0
+    before[1:n] = through[1:n]
+    before[starts] = 0.0
+    return through, before
+
+
+def dd_block_prefix_squares(y: np.ndarray, blocks: Blocks):
     """``dd_block_prefix`` of the exact squares of y: each square's rounding error joins the error sums."""
     p, err = two_product(y, y)
-    return dd_block_prefix(p, starts, err)
+    return dd_block_prefix(p, blocks, err)
 
 
 def dd_block_window(prefix, lo: np.ndarray, up: np.ndarray):

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from keel.dsl import COLUMN_TYPES, Feature, window_seconds
 from keel.features.encoding import Axis, PointInTimeError, combine_codes, entity_codes, filled_numpy, sortable
 from keel.features.kernels import (
+    Blocks,
     dd_block_prefix,
     dd_block_prefix_squares,
     dd_block_window,
@@ -78,6 +79,11 @@ class SortedEvents:
             ("lower", window_us),
             lambda: np.searchsorted(self.composite, self.axis.compose(self.probe_codes, self.t - window_us), "right"),
         )
+
+    @property
+    def blocks(self) -> Blocks:
+        """The entities' blocks of events, laid out once for every per-entity sum."""
+        return self._cached("blocks", lambda: Blocks(self.block_starts, self.n))
 
     def alive(self, ttl: str | None) -> np.ndarray | None:
         """Per probe: the entity's latest event at or before t is within the TTL (None: no TTL)."""
@@ -178,11 +184,11 @@ class SortedEvents:
             return prefix[up] - prefix[lo]
         finite = np.isfinite(x)
         if finite.all():
-            dd = self._cached(("dd", column, where), lambda: dd_block_prefix(x, self.block_starts))
+            dd = self._cached(("dd", column, where), lambda: dd_block_prefix(x, self.blocks))
             hi, lo_part = dd_block_window(dd, lo, up)
             return hi + lo_part
         # IEEE semantics for inf and NaN, from counts of each; the finite rest as above.
-        dd = self._cached(("dd", column, where), lambda: dd_block_prefix(np.where(finite, x, 0.0), self.block_starts))
+        dd = self._cached(("dd", column, where), lambda: dd_block_prefix(np.where(finite, x, 0.0), self.blocks))
         hi, lo_part = dd_block_window(dd, lo, up)
         within = []
         for kind in (np.isnan, np.isposinf, np.isneginf):
@@ -226,7 +232,7 @@ class SortedEvents:
         largest = np.maximum.reduceat(np.abs(x), self.block_starts) if self.n else np.zeros(1)
         exponents = np.frexp(largest)[1].astype(np.int64)
         y = np.ldexp(x, np.repeat(-exponents[: len(sizes)], sizes))
-        squares = dd_block_prefix_squares(y, self.block_starts)
+        squares = dd_block_prefix_squares(y, self.blocks)
         # Changes of value between consecutive seen events (a new entity counts as a change).
         at = None if seen is None else np.flatnonzero(seen)
         xs, cs = (x, self.codes) if at is None else (x[at], self.codes[at])
@@ -238,7 +244,7 @@ class SortedEvents:
             change[at[1:]] = moved
         changes = prefix_sums(change)
         nxt = np.arange(self.n + 1) if seen is None else next_seen(seen)
-        return dd_block_prefix(y, self.block_starts), squares, exponents, changes, nxt, nonfinite
+        return dd_block_prefix(y, self.blocks), squares, exponents, changes, nxt, nonfinite
 
     def extreme(self, column: str, where: str | None, w: int | None, n, agg: str, typ: str) -> pa.Array:
         ranks, decode = self._cached(("ordered", column), lambda: sortable(self.ev.column(column), typ))

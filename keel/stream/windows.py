@@ -27,6 +27,7 @@ from keel.dsl import COLUMN_TYPES, Feature
 
 # One set of kernels for both engines, so offline and online round alike.
 from keel.features.kernels import (
+    Blocks,
     dd_block_prefix,
     dd_block_prefix_squares,
     dd_block_window,
@@ -208,8 +209,8 @@ class FloatSums:
         largest = window_reduce(np.abs(self.x), runs.start, runs.end, np.maximum, 0.0)
         self.exps = np.frexp(largest)[1].astype(np.int64)
         self.y = np.ldexp(self.x, -self.exps[runs.run])
-        self.starts = np.unique(runs.start[runs.end > runs.start])
-        self.s1 = dd_block_prefix(self.y, self.starts)
+        self.blocks = Blocks(np.unique(runs.start[runs.end > runs.start]), len(self.y))
+        self.s1 = dd_block_prefix(self.y, self.blocks)
         self._s2 = None
         bad = ~finite if seen is None else seen & ~finite
         self.nonfinite = None
@@ -230,7 +231,7 @@ class FloatSums:
     def moments(self, lo: np.ndarray) -> tuple[np.ndarray, ...]:
         """Scaled double-double sums of y and y^2 over the window: (h1, l1, h2, l2)."""
         if self._s2 is None:
-            self._s2 = dd_block_prefix_squares(self.y, self.starts)
+            self._s2 = dd_block_prefix_squares(self.y, self.blocks)
         end = self.runs.end
         h1, l1 = fast_two_sum(*dd_block_window(self.s1, lo, end))
         h2, l2 = fast_two_sum(*dd_block_window(self._s2, lo, end))
