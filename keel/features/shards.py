@@ -109,7 +109,16 @@ class EventRead:
         return read_shard(table, scan, self.row_filter(), self.key, shard, shards)
 
     def rows(self, lake: Lakehouse) -> int:
+        """The rows the scan would read (its files' record counts, from the manifests)."""
         return 0 if self.snapshot is None else plan(self.scan(lake)[1]).rows
+
+    def total_rows(self, lake: Lakehouse) -> int:
+        """All the table's rows at the snapshot, from its summary: no manifest read."""
+        if self.snapshot is None:
+            return 0
+        snap = lake.table(self.table).snapshot_by_id(self.snapshot)
+        summary = snap.summary.additional_properties if snap is not None and snap.summary else {}
+        return int(summary.get("total-records", 1 << 62))
 
 
 def event_read(source: EventSource, snapshot: int | None, lower, upper) -> EventRead:
@@ -130,11 +139,19 @@ def shard_count(store, reads: Sequence[EventRead], groups: Sequence[FeatureGroup
     if store.shards:
         return store.shards
     features = sum(len(g.features) for g in groups)
-    need = sum(r.rows(store.lake) for r in reads) * (EVENT_BYTES + FEATURE_BYTES * features)
-    need += probes * (EVENT_BYTES + 2 * FEATURE_BYTES * features)
     budget = store.max_memory or machine_memory() // 2
     budget = max(budget - PROCESS_BYTES, MIN_SHARD_BYTES)
-    return min(MAX_SHARDS, 1 << max(0, math.ceil(math.log2(max(need / budget, 1)))))
+
+    def need(rows: int) -> float:
+        return rows * (EVENT_BYTES + FEATURE_BYTES * features) + probes * (EVENT_BYTES + 2 * FEATURE_BYTES * features)
+
+    # The tables' whole row counts (in their snapshots' summaries) bound what the scans read: when
+    # those fit, no manifest is read to count more closely.
+    if need(sum(r.total_rows(store.lake) for r in reads)) <= budget:
+        return 1
+    return min(
+        MAX_SHARDS, 1 << max(0, math.ceil(math.log2(max(need(sum(r.rows(store.lake) for r in reads)) / budget, 1))))
+    )
 
 
 def lakehouse_of(settings: Settings) -> tuple[str, str, str]:
