@@ -36,6 +36,22 @@ quantities = st.one_of(st.none(), st.integers(-5, 5), st.sampled_from([2**40, -(
 micros = st.sampled_from([0, 0, 0, 1, 999_999])
 
 
+def order_row(users, times) -> st.SearchStrategy:
+    """One order event of a user drawn from ``users`` at a time drawn from ``times``, every column random."""
+    return st.fixed_dictionaries(
+        {
+            "user_id": st.sampled_from(users),
+            "event_ts": times,
+            "amount": amounts,
+            "qty": quantities,
+            "cat": st.one_of(st.none(), st.sampled_from(["x", "y", "zz", ""])),
+            "flag": st.one_of(st.none(), st.booleans()),
+            "paid_at": st.one_of(st.none(), st.builds(at, st.integers(0, 30))),
+            "day": st.one_of(st.none(), st.dates(dt.date(2023, 12, 25), dt.date(2024, 1, 5))),
+        }
+    )
+
+
 def order(eid, user, s, amount=None, qty=None, cat=None, flag=None, micros=0):
     return {
         "event_id": eid,

@@ -19,13 +19,12 @@ from keel.features.point_in_time import point_in_time
 from tests.factories.orders import (
     T0,
     USERS,
-    amounts,
     at,
     micros,
     order,
+    order_row,
     orders,
     orders_no_id,
-    quantities,
     shopper,
     small_group,
     sources_of,
@@ -217,18 +216,7 @@ def assert_matches(group: FeatureGroup, got: list[dict], want: list[dict], event
 # Random event streams ------------------------------------------------------------------------
 
 event_rows = st.lists(
-    st.fixed_dictionaries(
-        {
-            "user_id": st.sampled_from(USERS),
-            "event_ts": st.builds(at, st.integers(0, 10), micros),
-            "amount": amounts,
-            "qty": quantities,
-            "cat": st.one_of(st.none(), st.sampled_from(["x", "y", "zz", ""])),
-            "flag": st.one_of(st.none(), st.booleans()),
-            "paid_at": st.one_of(st.none(), st.builds(at, st.integers(0, 30))),
-            "day": st.one_of(st.none(), st.dates(dt.date(2023, 12, 25), dt.date(2024, 1, 5))),
-        }
-    ),
+    order_row(USERS, st.builds(at, st.integers(0, 10), micros)),
     min_size=2,
     max_size=30,
 )

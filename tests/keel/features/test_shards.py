@@ -18,7 +18,7 @@ from keel.features.materialize import compute_days
 from keel.features.point_in_time import point_in_time
 from keel.lakehouse.buckets import ENTITY_BUCKETS, bucket_field, entity_hash, shard_of, shard_tasks
 from tests.factories.demo_lake import demo_store
-from tests.factories.orders import amounts, at, micros, quantities, sources_of
+from tests.factories.orders import at, micros, order_row, sources_of
 from tests.keel.features.test_point_in_time import basket, basket_no_id, basket_ttl, combined
 
 USERS = tuple(f"user-{i}" for i in range(12)) + ("", "ü-ß", "a" * 21)
@@ -63,18 +63,7 @@ def test_null_keys_have_no_shard():
 
 
 event_rows = st.lists(
-    st.fixed_dictionaries(
-        {
-            "user_id": st.sampled_from(USERS),
-            "event_ts": st.builds(at, st.integers(0, 10), micros),
-            "amount": amounts,
-            "qty": quantities,
-            "cat": st.one_of(st.none(), st.sampled_from(["x", "y", "zz", ""])),
-            "flag": st.one_of(st.none(), st.booleans()),
-            "paid_at": st.one_of(st.none(), st.builds(at, st.integers(0, 30))),
-            "day": st.one_of(st.none(), st.dates(dt.date(2023, 12, 25), dt.date(2024, 1, 5))),
-        }
-    ),
+    order_row(USERS, st.builds(at, st.integers(0, 10), micros)),
     min_size=1,
     max_size=60,
 )

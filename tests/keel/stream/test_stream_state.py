@@ -17,13 +17,12 @@ from keel.stream.state import StreamFeatures
 from pipelines.features import user_clicks, user_engagement, user_profile, user_transactions
 from tests.factories.orders import (
     USERS,
-    amounts,
     at,
     micros,
     order,
+    order_row,
     orders,
     orders_no_id,
-    quantities,
     shopper,
     sources_of,
 )
@@ -165,18 +164,7 @@ times = st.builds(at, st.integers(0, 30), micros)
 OFFSETS = [dt.timedelta(seconds=s, microseconds=u) for s in (0, 5, -5, 6, 7, 10, -10, 12) for u in (0, 0, 1, -1)]
 # Arrival delays (at most LATENESS) that put the eviction horizon on an event or a microsecond off.
 DELAYS = [0, 1, 999_999, 1_000_000, 2_000_000, 2_999_999, 3_000_000]
-order_rows = st.fixed_dictionaries(
-    {
-        "user_id": st.sampled_from(USERS),
-        "event_ts": times,
-        "amount": amounts,
-        "qty": quantities,
-        "cat": st.one_of(st.none(), st.sampled_from(["x", "y", "zz", ""])),
-        "flag": st.one_of(st.none(), st.booleans()),
-        "paid_at": st.one_of(st.none(), st.builds(at, st.integers(0, 30))),
-        "day": st.one_of(st.none(), st.dates(dt.date(2023, 12, 25), dt.date(2024, 1, 5))),
-    }
-)
+order_rows = order_row(USERS, times)
 visit_rows = st.fixed_dictionaries(
     {
         "user_id": st.sampled_from(USERS),
