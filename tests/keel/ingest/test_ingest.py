@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -676,7 +677,9 @@ def test_prepare_removes_its_staging_folder_when_done_or_failing(payments, tmp_p
     assert not workdir.exists()
 
     (tmp_path / "bad.csv").write_text("event_id\n")
-    before = set(Path(workdir).parent.glob("keel-ingest-payments-*"))
+    # This process's folders only: other test processes stage in the same temporary folder.
+    mine = f"keel-ingest-payments-{os.getpid()}-*"
+    before = set(Path(workdir).parent.glob(mine))
     with pytest.raises(FileFormatError):
         prepare(payments, [path, tmp_path / "bad.csv"], now=NOW)
-    assert set(Path(workdir).parent.glob("keel-ingest-payments-*")) == before
+    assert set(Path(workdir).parent.glob(mine)) == before
