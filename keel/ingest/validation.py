@@ -252,23 +252,29 @@ def _convert(col: Column, raw: str, batch_type: pa.DataType) -> str:
     return f"TRY_CAST({text} AS {DUCKDB_TYPES[col.type]})"
 
 
-def check_select(source: EventSource, batch_schema: pa.Schema, now: dt.datetime) -> str:
-    """The select list that types a batch's columns and gives each row ``_code``, ``_reason`` and ``_record``.
+def check_query(source: EventSource, batch_schema: pa.Schema, relation: str, now: dt.datetime | None) -> str:
+    """A query over ``relation`` typing a batch's columns and giving each row ``_code``, ``_reason`` and ``_record``.
 
     ``_code`` is NULL for a good row; otherwise the first reason code that applies, with every
-    problem in ``_reason`` and the row as JSON text in ``_record``. ``_row`` passes through.
+    problem in ``_reason`` and the row as JSON text in ``_record`` (NULL on good rows). ``_row``
+    passes through. Each column is trimmed and converted once, in an inner select the checks
+    read: the statement stays small to plan, as a stream worker plans it on every poll.
+
+    With ``now`` None the ingest time is the statement's parameter ``$1`` (TIMESTAMPTZ) and its
+    ISO text ``$2``, so one prepared statement serves every batch.
     """
     keys = set(source.key_columns) | {source.timestamp} | ({source.event_id} if source.event_id else set())
-    converted, codes, messages, raw_json = [], [], [], []
+    inner, converted, codes, messages, raw_json = ["*"], [], [], [], []
     if "_malformed" in batch_schema.names:
         codes.append("CASE WHEN _malformed THEN 'malformed_record' END")
-    for col in source.all_columns():
-        raw = f'"{col.name}"'
-        if col.name in keys and col.type == "string":
-            raw = f"NULLIF(trim({raw}), '')"
-        conv = _convert(col, raw, batch_schema.field(col.name).type)
+    for i, col in enumerate(source.all_columns()):
+        raw, conv = f"_in{i}", f"_as{i}"
+        given = f'"{col.name}"'
+        value = f"NULLIF(trim({given}), '')" if col.name in keys and col.type == "string" else given
+        inner.append(f"{value} AS {raw}")
+        inner.append(f"{_convert(col, value, batch_schema.field(col.name).type)} AS {conv}")
         converted.append(f'{conv} AS "{col.name}"')
-        raw_json.append(f'"{col.name}" := CAST("{col.name}" AS VARCHAR)')
+        raw_json.append(f"{given} := CAST({given} AS VARCHAR)")
         if not col.nullable:
             code = "missing_key" if col.name in keys else "missing_value"
             codes.append(f"CASE WHEN {raw} IS NULL THEN '{code}' END")
@@ -281,26 +287,30 @@ def check_select(source: EventSource, batch_schema: pa.Schema, now: dt.datetime)
         for code, when, message in _value_checks(source, col, conv, shown):
             codes.append(f"CASE WHEN {when} THEN '{code}' END")
             messages.append(f"CASE WHEN {when} THEN {message} END")
-    limit = now + dt.timedelta(seconds=source.max_future_skew_s)
-    ts = _convert(source.column(source.timestamp), f'"{source.timestamp}"', batch_schema.field(source.timestamp).type)
-    future = f"(isfinite({ts}) AND {ts} > TIMESTAMPTZ '{limit.isoformat()}')"
+    if now is None:
+        limit, limit_text = f"($1 + INTERVAL {source.max_future_skew_s} SECOND)", "$2"
+    else:
+        at = now + dt.timedelta(seconds=source.max_future_skew_s)
+        limit, limit_text = f"TIMESTAMPTZ '{at.isoformat()}'", f"'{at.isoformat()}'"
+    ts = f"_as{source.all_columns().index(source.column(source.timestamp))}"
+    future = f"(isfinite({ts}) AND {ts} > {limit})"
     codes.append(f"CASE WHEN {future} THEN 'future_timestamp' END")
     messages.append(
         f"CASE WHEN {future} THEN '{source.timestamp}: ' || CAST({ts} AS VARCHAR) || "
-        f"' is after the ingest time plus {source.max_future_skew_s}s ({limit.isoformat()})' END"
+        f"' is after the ingest time plus {source.max_future_skew_s}s (' || {limit_text} || ')' END"
     )
     # VARCHAR, not JSON: coalesced with a malformed line's text, JSON would make DuckDB parse that text.
     record = "CAST(to_json(struct_pack(" + ", ".join(raw_json) + ")) AS VARCHAR)"
+    if "_raw" in batch_schema.names:
+        record = f"coalesce(_raw, {record})"
     reason = f"concat_ws('; ', {', '.join(messages)})"
     if "_malformed" in batch_schema.names:
         # A line that is no object has no fields: every column's "missing" would only repeat that.
         reason = f"CASE WHEN _malformed THEN 'line is not a JSON object' ELSE {reason} END"
     return (
-        "_row, "
-        + ", ".join(converted)
-        + f", coalesce({', '.join(codes)}) AS _code, {reason} AS _reason, "
-        + (f"coalesce(_raw, {record})" if "_raw" in batch_schema.names else record)
-        + " AS _record"
+        f"SELECT _row, {', '.join(converted)}, _code, CASE WHEN _code IS NOT NULL THEN {reason} END AS _reason, "
+        f"CASE WHEN _code IS NOT NULL THEN {record} END AS _record "
+        f"FROM (SELECT *, coalesce({', '.join(codes)}) AS _code FROM (SELECT {', '.join(inner)} FROM {relation}))"
     )
 
 
@@ -346,10 +356,9 @@ def _value_checks(source: EventSource, col: Column, conv: str, shown: str) -> li
 def _validate_into(
     con: duckdb.DuckDBPyConnection, source: EventSource, batch: pa.Table, file_idx: int, now: dt.datetime
 ) -> None:
-    select = check_select(source, batch.schema, now)
     con.register("batch", batch)
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE checked AS SELECT {select} FROM batch")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE checked AS {check_query(source, batch.schema, 'batch', now)}")
     finally:
         con.unregister("batch")
     names = ", ".join(f'"{c.name}"' for c in source.all_columns())

@@ -14,12 +14,13 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import EventSource
-from keel.stream.kafka_io import OFFSET, PARTITION, location, quarantine_rows
+from keel.stream.kafka_io import OFFSET, PARTITION, digest_sql, location, quarantine_rows
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,14 @@ class Settled:
     corrections: dict[str, int] = field(default_factory=dict)  # event id -> replaced copy's timestamp (us)
 
 
-def row_digests(source: EventSource, events: pa.Table) -> list[int]:
-    """A digest of each event's declared columns: equal digests, the same event sent again."""
-    parts = [pc.fill_null(pc.cast(events[c.name], pa.string()), "\x00") for c in source.all_columns()]
-    joined = pc.binary_join_element_wise(*parts, "\x1f")
-    return [hash(text) for text in joined.to_pylist()]
+def row_digests(source: EventSource, events: pa.Table) -> np.ndarray:
+    """Each event's ``digest_sql``, as the stream's validation computes it for the events it checks."""
+    con = duckdb.connect()
+    try:
+        con.register("events", events.select([c.name for c in source.all_columns()]))
+        return con.sql(f"SELECT {digest_sql(source)} AS d FROM events").to_arrow_table()["d"].to_numpy()
+    finally:
+        con.close()
 
 
 def utc_day(ts_us: int) -> str:
@@ -46,11 +50,17 @@ def utc_day(ts_us: int) -> str:
 
 @dataclass(frozen=True)
 class Seen:
-    """Where an event id came from, its timestamp (us) and a digest of its values."""
+    """Where an event id came from (a table, or a Kafka partition and the row's offset), its
+    timestamp (us) and a digest of its values."""
 
-    where: str
+    origin: str
+    row: int | None
     ts_us: int
     digest: int
+
+    @property
+    def where(self) -> str:
+        return self.origin if self.row is None else f"{self.origin} row {self.row}"
 
 
 class RecentIds:
@@ -64,8 +74,8 @@ class RecentIds:
     def add(self, source: EventSource, events: pa.Table, where: str) -> None:
         ids = events[source.event_id].to_pylist()
         ts = pc.cast(events[source.timestamp], pa.int64()).to_pylist()
-        for event_id, t, digest in zip(ids, ts, row_digests(source, events), strict=True):
-            self.seen[event_id] = Seen(where, t, digest)
+        for event_id, t, digest in zip(ids, ts, row_digests(source, events).tolist(), strict=True):
+            self.seen[event_id] = Seen(where, None, t, digest)
         self.trim()
 
     def trim(self) -> None:
@@ -75,7 +85,7 @@ class RecentIds:
     def __contains__(self, event_id: str) -> bool:
         return event_id in self.seen
 
-    def settle(self, source: EventSource, good: pa.Table, run_id: str) -> Settled:
+    def settle(self, source: EventSource, good: pa.Table, digests: np.ndarray, run_id: str) -> Settled:
         """Settle events whose id came earlier (in this poll, an earlier one, or the raw table's
         recent history) as a batch ingest settles them against the table (keel.ingest.resent): arriving
         unchanged they are dropped and counted; with other values they are corrections
@@ -84,15 +94,15 @@ class RecentIds:
             return Settled(good)
         ids = good[source.event_id].to_pylist()
         ts = pc.cast(good[source.timestamp], pa.int64()).to_pylist()
-        digests = row_digests(source, good)
         topic = source.kafka_topic
         partitions, offsets = good[PARTITION].to_pylist(), good[OFFSET].to_pylist()
+        origins = {p: location(topic, p) for p in set(partitions)}
         seen = self.seen
         keep = np.ones(len(ids), bool)
         unchanged, corrections, refused_at = 0, {}, {}
-        for k, (event_id, t, digest) in enumerate(zip(ids, ts, digests, strict=True)):
+        for k, (event_id, t, digest) in enumerate(zip(ids, ts, digests.tolist(), strict=True)):
             before = seen.get(event_id)
-            here = Seen(f"{location(topic, partitions[k])} row {offsets[k]}", t, digest)
+            here = Seen(origins[partitions[k]], offsets[k], t, digest)
             if before is None:
                 seen[event_id] = here
             elif before.digest == digest and before.ts_us == t:

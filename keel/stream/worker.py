@@ -256,9 +256,9 @@ class StreamWorker:
         )
         for topic, records in by_topic.items():
             source = self.sources[topic]
-            good, bad = checked[topic]
+            good, bad, digests = checked[topic]
             pending = self.pending[topic]
-            resent = self.recent.settle(source, good, self.run_id)
+            resent = self.recent.settle(source, good, digests, self.run_id)
             good = resent.fresh
             if resent.refused is not None:
                 bad = pa.concat_tables([bad, resent.refused]).sort_by(

@@ -23,7 +23,7 @@ class StreamConfig:
     sources: tuple[str, ...] = ()
     log_every: float = 10.0
     poll_ms: int = 100
-    max_poll_records: int = 5000
+    max_poll_records: int = 20000
     # Event ids remembered to refuse a repeated one (beyond one poll, where validation catches it).
     dedup_events: int = 200_000
     online: bool = True

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -16,8 +17,16 @@ from keel.config import ConfigError, Settings
 from keel.ingest.batch import QUARANTINE_TABLE
 from keel.lakehouse.tables import Lakehouse
 from keel.online.store import OnlineStore, Record
-from keel.stream.kafka_io import OFFSET, OFFSETS_PROPERTY, PARTITION, append_exactly_once, recorded_offsets
-from keel.stream.producer import EventProducer
+from keel.stream.kafka_io import (
+    OFFSET,
+    OFFSETS_PROPERTY,
+    PARTITION,
+    EventValidator,
+    append_exactly_once,
+    recorded_offsets,
+)
+from keel.stream.producer import EventMaker, EventProducer
+from keel.stream.resent import row_digests
 from keel.stream.worker import StreamWorker
 from keel.stream.worker_config import StreamConfig, StreamError
 from pipelines import project
@@ -258,6 +267,32 @@ def test_appends_skip_what_the_table_already_records_and_survive_compaction(lake
     table = lake.table(source.table_name)
     assert OFFSETS_PROPERTY not in table.current_snapshot().summary.additional_properties
     assert recorded_offsets(table, source.kafka_topic) == {0: 8, 1: 2}
+
+
+@pytest.mark.parametrize("topic", sorted(SOURCES))
+def test_the_digests_checked_in_a_poll_equal_those_of_the_same_events_read_back_from_iceberg(lake, topic):
+    """A re-sent event is told from its landed copy (after a restart) by equal digests: the
+    validator computes them on the text it parsed, the worker's warm-up on the table's rows."""
+    source = SOURCES[topic]
+    now = dt.datetime.now(dt.UTC)
+    events = EventMaker(source, 50, np.random.default_rng(3), "digest").batch(200, now - dt.timedelta(hours=1))
+    lines = [json.dumps(event) for _, event in events]
+    validator = EventValidator(source)
+    good, bad, digests = validator.validate({0: (list(range(len(lines))), lines)}, now, "run")
+    validator.close()
+    assert bad.num_rows == 0 and len(set(digests.tolist())) == len(lines)
+    lake.ensure_table(source.table_name, source.arrow_schema(), day_column=source.timestamp)
+    append_exactly_once(lake, source, good, {0: len(lines)}, "run")
+    landed = lake.read(source.table_name)
+    by_id = dict(zip(landed[source.event_id].to_pylist(), row_digests(source, landed).tolist(), strict=True))
+    assert [by_id[event_id] for event_id in good[source.event_id].to_pylist()] == digests.tolist()
+    # One changed value changes the digest.
+    changed = good.slice(0, 1).set_column(
+        good.schema.get_field_index(source.timestamp),
+        source.timestamp,
+        pc.add(good.slice(0, 1)[source.timestamp], pa.scalar(dt.timedelta(microseconds=1))),
+    )
+    assert row_digests(source, changed).tolist() != digests[:1].tolist()
 
 
 def test_a_concurrent_writer_of_the_same_offsets_wins_and_the_retry_skips_its_rows(lake, monkeypatch):
