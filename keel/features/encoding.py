@@ -25,14 +25,14 @@ class Axis:
     """(entity code, time) as one int64 that sorts like the pair and keeps every comparison made.
 
     Time is microseconds from a base when (entities x 2^bits) fits; otherwise it is the rank
-    of the time among every time the engine will compare (events, probe bounds, interval ends).
+    of the time among every time the engine will compare (events and probe bounds).
     """
 
-    def __init__(self, ts: np.ndarray, t: np.ndarray, back: list[int], forward: list[int], n_codes: int):
+    def __init__(self, ts: np.ndarray, t: np.ndarray, back: list[int], n_codes: int):
         lows, highs = [], []
         if len(ts):
             lows.append(int(ts.min()))
-            highs.append(int(ts.max()) + max(forward, default=0))
+            highs.append(int(ts.max()))
         if len(t):
             lows.append(int(t.min()) - back[-1])
             highs.append(int(t.max()))
@@ -41,7 +41,7 @@ class Axis:
         self.bits = max(hi - self.lo, 1).bit_length()
         self.ranks = None
         if n_codes << self.bits >= COMPOSITE_LIMIT:
-            times = [ts, *(ts + f for f in forward), *(t - b for b in back)]
+            times = [ts, *(t - b for b in back)]
             self.ranks = np.unique(np.concatenate(times))
             self.width = len(self.ranks) + 1
             if n_codes * self.width >= 1 << 63:

@@ -4,13 +4,15 @@ One implementation of each, so offline and online values sort, sum and round ali
 
 - sorting: a stable argsort of int64 keys (LSD radix passes of np.sort, split across threads);
 - prefix sums, and positions: the next seen position, the first / last seen one in a range;
-- range reductions: a sparse table (``range_extreme``) and one ``reduceat`` (``window_reduce``);
+- window reductions: min / max and distinct counts over windows of sorted probes (one pass
+  each, compiled: ``keel.features.loops``) and one ``reduceat`` (``window_reduce``);
 - compensated arithmetic: TwoSum, FastTwoSum, Dekker's exact product, double-double addition,
-  double-double prefix sums (of values and of their exact squares) and window differences of
-  them, a sample standard deviation from double-double moments, and IEEE totals from counts
-  of NaN and infinities.
+  double-double prefix sums of values and of their exact squares (compiled, the same operations
+  in the same order) and window differences of them, a sample standard deviation from
+  double-double moments, and IEEE totals from counts of NaN and infinities.
 
-Every function works on whole arrays, never a Python loop per element, and holds no state.
+Every function works on whole arrays and holds no state; the few single passes NumPy cannot
+express as array operations run as compiled loops (``keel.features.loops``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 _SPLIT = 134217729.0  # 2**27 + 1, Dekker's splitter for exact float64 products
-_LONG_BLOCK = 512
 
 
 # Sorting ----------------------------------------------------------------------------------
@@ -112,29 +113,23 @@ def extreme_identity(dtype, agg: str):
     return info.max if agg == "min" else info.min
 
 
-def range_extreme(x: np.ndarray, lo: np.ndarray, up: np.ndarray, fn) -> np.ndarray:
-    """fn-reduction of x[lo:up] for every non-empty range, by a sparse table built level by level.
+def sorted_window_extreme(x: np.ndarray, lo: np.ndarray, up: np.ndarray, agg: str) -> np.ndarray:
+    """``agg`` ("min" or "max") of x[lo:up] per window, for bounds that never move back (probes
+    in sorted order): one pass with a monotone deque. Empty windows give 0."""
+    from keel.features import loops
 
-    O(n log n) work, O(n) memory: each level is built from the one before, then dropped.
-    """
-    length = up - lo
-    out = np.zeros(len(lo), x.dtype)
-    todo = np.flatnonzero(length > 0)
-    if not len(todo):
-        return out
-    level = np.frexp(length[todo].astype(np.float64))[1] - 1  # floor(log2(length)), exact
-    by_level = np.argsort(level, kind="stable")
-    todo, level = todo[by_level], level[by_level]
-    edges = np.searchsorted(level, np.arange(int(level[-1]) + 2))
-    table = x
-    for j in range(int(level[-1]) + 1):
-        if j:
-            half = 1 << (j - 1)
-            table = fn(table[:-half], table[half:])
-        q = todo[edges[j] : edges[j + 1]]
-        if len(q):
-            out[q] = fn(table[lo[q]], table[up[q] - (1 << j)])
+    out, queue = np.zeros(len(lo), x.dtype), np.empty(len(x), np.int64)
+    loops.sliding_extreme(x, lo, up, agg == "max", out, queue)
     return out
+
+
+def sorted_window_distinct(codes: np.ndarray, seen: np.ndarray | None, lo: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """How many distinct ``codes`` (0 .. max) the seen events (None: all) of [lo, up) hold, per
+    window, for bounds that never move back: each event enters and leaves a count once."""
+    from keel.features import loops
+
+    seen = np.ones(len(codes), bool) if seen is None else seen
+    return loops.sliding_distinct(codes, seen, lo, up, int(codes.max(initial=0)) + 1)
 
 
 def window_reduce(x: np.ndarray, lo: np.ndarray, end: np.ndarray, fn, identity) -> np.ndarray:
@@ -186,87 +181,58 @@ def dd_add(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> tu
 
 
 class Blocks:
-    """Consecutive blocks of an array (one entity's events each, from ``starts``), laid out once for
-    ``cumsum``: the running sums that restart at every block, each block summed left to right.
-
-    Short blocks go into padded matrices by size class (widths of powers of two, so padding at
-    most doubles the memory), summed along rows, one cumsum per class; a long block (at most
-    n / 512 of them) is summed where it lies. The gather and scatter positions are computed once
-    and serve every column summed over the same events.
-    """
+    """Consecutive blocks of an array (one entity's events each, from ``starts``) for the running
+    sums that restart at every block, each block summed left to right (``dd_block_prefix``)."""
 
     def __init__(self, starts: np.ndarray, n: int) -> None:
         self.starts, self.n = starts, n
-        sizes = np.diff(np.append(starts, n)) if n else np.zeros(0, np.int64)
-        long_ = sizes >= _LONG_BLOCK
-        self.long = [(int(a), int(a + z)) for a, z in zip(starts[long_], sizes[long_], strict=True)]
-        width_class = np.frexp((sizes - 1).astype(np.float64))[1]  # ceil(log2(size))
-        self.classes = []
-        for k in np.unique(width_class[~long_]):
-            blocks = np.flatnonzero((width_class == k) & ~long_)
-            cols = np.arange(1 << int(k))
-            idx = starts[blocks, None] + cols
-            valid = cols < sizes[blocks, None]
-            gather = np.where(valid, idx, n).ravel()  # position n: a 0 appended to the values
-            keep = np.flatnonzero(valid.ravel())
-            self.classes.append((1 << int(k), gather, keep, gather[keep]))
-
-    def cumsum(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty_like(x) if out is None else out
-        for a, b in self.long:
-            np.cumsum(x[a:b], out=out[a:b])
-        padded = np.append(x, np.zeros(1, x.dtype))
-        for width, gather, keep, dest in self.classes:
-            matrix = padded[gather].reshape(-1, width)
-            np.cumsum(matrix, axis=1, out=matrix)
-            out[dest] = matrix.ravel()[keep]
-        return out
+        # Where a block's sum before the element is 0: block starts, and one past the end.
+        self.fresh = np.zeros(n + 1, bool)
+        self.fresh[starts[starts < n]] = True
+        self.fresh[n] = True
 
 
-def dd_block_prefix(x: np.ndarray, blocks: Blocks, extra_err: np.ndarray | None = None):
-    """``Blocks.cumsum`` of x, with every addition's exact rounding error (plus ``extra_err`` per
-    element) summed the same way, as four arrays of n + 1: for the sums and for the errors,
-    ``through[i]``, the sum of element i-1's block up to and including it (0 at i = 0), and
-    ``before[i]``, the sum of element i's block before it (0 at a block start and at i = n)."""
-    n = len(x)
-    s_through, s_before = _through_before(x, blocks.starts, lambda out: blocks.cumsum(x, out))
-    c, prev = s_through[1:], s_before[:n]
-    # TwoSum of (prev, x), their sum c known, in place: err = (prev - (c - bb)) + (x - bb), bb = c - prev.
-    bb = np.subtract(c, prev)
-    err = np.subtract(c, bb)
-    np.subtract(prev, err, out=err)
-    np.subtract(x, bb, out=bb)
-    np.add(err, bb, out=err)
-    del bb
-    if extra_err is not None:
-        err += extra_err
-    e_through, e_before = _through_before(err, blocks.starts, lambda out: blocks.cumsum(err, out))
-    return s_through, s_before, e_through, e_before
+def dd_block_prefix(x: np.ndarray, blocks: Blocks, *, squares: bool = False):
+    """Running sums of x (of its exact squares) restarting at every block, each addition's exact
+    rounding error summed the same way: one compiled pass (``keel.features.loops.dd_prefix``).
+    ``through[i]`` is the sum of element i-1's block up to and including it; the sum of element
+    i's block before it is ``through[i]``, or 0 where ``blocks.fresh``."""
+    from keel.features import loops
 
-
-def _through_before(x: np.ndarray, starts: np.ndarray, fill) -> tuple[np.ndarray, np.ndarray]:
-    n = len(x)
-    through = np.empty(n + 1)
-    through[0] = 0.0
-    fill(through[1:])
-    before = np.empty(n + 1)
-    before[0] = before[n] = 0.0
-    before[1:n] = through[1:n]
-    before[starts] = 0.0
-    return through, before
+    s_through, e_through = np.empty(len(x) + 1), np.empty(len(x) + 1)
+    loops.dd_prefix(np.asarray(x, np.float64), blocks.fresh, squares, s_through, e_through)
+    return s_through, e_through, blocks.fresh
 
 
 def dd_block_prefix_squares(y: np.ndarray, blocks: Blocks):
     """``dd_block_prefix`` of the exact squares of y: each square's rounding error joins the error sums."""
-    p, err = two_product(y, y)
-    return dd_block_prefix(p, blocks, err)
+    return dd_block_prefix(y, blocks, squares=True)
+
+
+def dd_block_moments(x: np.ndarray, codes: np.ndarray, blocks: Blocks, seen: np.ndarray | None):
+    """What a standard deviation over windows needs, in one compiled pass (``loops.scaled_moments``):
+    each block's exponent e and the ``dd_block_prefix`` of y = x * 2**-e and of y^2 (a block's
+    windows keep their precision whatever other blocks' magnitudes); the prefix count of changes
+    of value between consecutive seen events; each position's next seen one."""
+    from keel.features import loops
+
+    all_seen = seen is None
+    seen = np.zeros(0, bool) if all_seen else seen
+    n = len(x)
+    s1, e1, s2, e2 = (np.empty(n + 1) for _ in range(4))
+    changes, nxt = np.empty(n + 1, np.int64), np.empty(n + 1, np.int64)
+    exponents = loops.scaled_moments(
+        np.asarray(x, np.float64), codes, blocks.fresh, seen, all_seen, s1, e1, s2, e2, changes, nxt
+    )
+    return (s1, e1, blocks.fresh), (s2, e2, blocks.fresh), exponents, changes, nxt
 
 
 def dd_block_window(prefix, lo: np.ndarray, up: np.ndarray):
     """The sum over [lo, up) (one block's positions) from ``dd_block_prefix``, as a double-double."""
-    s_through, s_before, e_through, e_before = prefix
-    hi, err = two_sum(s_through[up], -s_before[lo])
-    return hi, err + (e_through[up] - e_before[lo])
+    s_through, e_through, fresh = prefix
+    at_start = fresh[lo]
+    hi, err = two_sum(s_through[up], -np.where(at_start, 0.0, s_through[lo]))
+    return hi, err + (e_through[up] - np.where(at_start, 0.0, e_through[lo]))
 
 
 def sample_stddev(n: np.ndarray, h1, l1, h2, l2, exps: np.ndarray) -> np.ndarray:

@@ -11,21 +11,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keel.dsl import COLUMN_TYPES, Feature, window_seconds
-from keel.features.encoding import Axis, PointInTimeError, combine_codes, entity_codes, filled_numpy, sortable
+from keel.features.encoding import Axis, PointInTimeError, entity_codes, filled_numpy, sortable
 from keel.features.kernels import (
     Blocks,
+    dd_block_moments,
     dd_block_prefix,
-    dd_block_prefix_squares,
     dd_block_window,
     extreme_identity,
     fast_two_sum,
     first_position,
     float_total,
     last_position,
-    next_seen,
     prefix_sums,
-    range_extreme,
     sample_stddev,
+    sorted_window_distinct,
+    sorted_window_extreme,
     stable_argsort,
 )
 
@@ -49,8 +49,7 @@ class SortedEvents:
         ok = (pr_codes >= 0) & pr.column("_t").is_valid().to_numpy(zero_copy_only=False)
         t = filled_numpy(pr.column("_t"), fill=int(ts.min()) if self.n else 0)
         back = {f.window_s * _US for f in feats if f.window_s is not None}
-        forward = {f.window_s * _US for f in feats if f.window_s is not None and f.agg == "count_distinct"}
-        self.axis = Axis(ts, t, sorted(back | {0}), sorted(forward), n_codes)
+        self.axis = Axis(ts, t, sorted(back | {0}), n_codes)
         composite = self.axis.compose(ev_codes, ts)
         self.order = stable_argsort(composite, threads)
         self.composite = composite[self.order]
@@ -228,23 +227,8 @@ class SortedEvents:
             nonfinite = prefix_sums(~finite)
             seen = finite if seen is None else seen & finite
             x = np.where(finite, x, 0.0)
-        sizes = np.diff(np.append(self.block_starts, self.n))
-        largest = np.maximum.reduceat(np.abs(x), self.block_starts) if self.n else np.zeros(1)
-        exponents = np.frexp(largest)[1].astype(np.int64)
-        y = np.ldexp(x, np.repeat(-exponents[: len(sizes)], sizes))
-        squares = dd_block_prefix_squares(y, self.blocks)
-        # Changes of value between consecutive seen events (a new entity counts as a change).
-        at = None if seen is None else np.flatnonzero(seen)
-        xs, cs = (x, self.codes) if at is None else (x[at], self.codes[at])
-        change = np.zeros(self.n, np.int64)
-        moved = (xs[1:] != xs[:-1]) | (cs[1:] != cs[:-1])
-        if at is None:
-            change[1:] = moved
-        else:
-            change[at[1:]] = moved
-        changes = prefix_sums(change)
-        nxt = np.arange(self.n + 1) if seen is None else next_seen(seen)
-        return dd_block_prefix(y, self.blocks), squares, exponents, changes, nxt, nonfinite
+        sums, squares, exponents, changes, nxt = dd_block_moments(x, self.codes, self.blocks, seen)
+        return sums, squares, exponents, changes, nxt, nonfinite
 
     def extreme(self, column: str, where: str | None, w: int | None, n, agg: str, typ: str) -> pa.Array:
         ranks, decode = self._cached(("ordered", column), lambda: sortable(self.ev.column(column), typ))
@@ -252,7 +236,7 @@ class SortedEvents:
         m = self.mask(column, where)
         if m is not None:
             x = np.where(m, x, extreme_identity(x.dtype, agg))
-        found = range_extreme(x, self.lower(w), self.upper, np.minimum if agg == "min" else np.maximum)
+        found = sorted_window_extreme(x, self.lower(w), self.upper, agg)
         return decode(found, n == 0)
 
     def first_last(self, column: str, where: str | None, w: int | None, agg: str) -> pa.Array:
@@ -286,35 +270,13 @@ class SortedEvents:
         return self._cached(("ties", by), compute)
 
     def count_distinct(self, column: str, where: str | None, w: int | None) -> np.ndarray:
-        seen, by_value, first = self._cached(("distinct", column, where), lambda: self._occurrences(column, where))
-        if w is None:
-            flags = np.zeros(self.n, bool)
-            flags[by_value[first]] = True
-            prefix = self.prefix(("first seen", column, where), lambda: flags)
-            return prefix[self.upper] - prefix[self.start]
-        # Event i is the earliest of its value in (t - w, t] exactly for t in [begin_i, end_i),
-        # begin_i = max(ts_i, previous occurrence + w), end_i = ts_i + w.
-        ts = self.ts[by_value]
-        begin = np.maximum(ts, np.concatenate([[0], ts[:-1]]) + w)
-        begin[first] = ts[first]
-        starts = np.sort(self.axis.compose(self.codes[by_value], begin))
-        ends = self.axis.compose(self.codes[seen], self.ts[seen] + w)  # already in order
-        probe = self.axis.compose(self.probe_codes, self.t)
-        return np.searchsorted(starts, probe, "right") - np.searchsorted(ends, probe, "right")
+        codes = self._cached(("value codes", column), lambda: self._value_codes(column))
+        return sorted_window_distinct(codes, self.mask(column, where), self.lower(w), self.upper)
 
-    def _occurrences(self, column: str, where: str | None):
-        """Positions seen; the same, ordered by (entity, value, time); which of those start a value."""
-        m = self.mask(column, where)
+    def _value_codes(self, column: str) -> np.ndarray:
+        """The column's values as dense codes (one per distinct value), in sorted order."""
         values = self.ev.column(column)
         if pa.types.is_floating(values.type):
             values = pc.add(values, 0.0)  # -0.0 and 0.0 are one value
         enc = values.combine_chunks().dictionary_encode()
-        codes = filled_numpy(enc.indices, fill=0).astype(np.int64)[self.order]
-        seen = np.arange(self.n) if m is None else np.flatnonzero(m)
-        n_values = max(len(enc.dictionary), 1)
-        pair, _ = combine_codes(self.codes[seen], int(self.codes.max(initial=0)) + 1, codes[seen], n_values)
-        by_pair = stable_argsort(pair, self.threads)  # stable: keeps time order within a pair
-        pair = pair[by_pair]
-        first = np.ones(len(pair), bool)
-        first[1:] = pair[1:] != pair[:-1]
-        return seen, seen[by_pair], first
+        return filled_numpy(enc.indices, fill=0).astype(np.int64)[self.order]
