@@ -250,7 +250,9 @@ def main() -> None:
                     spans[i] = (spans[i][0], spans[i][1], now, n)
             if sum(counts) >= args.backlog:
                 break
-            time.sleep(0.1)  # a scrape renders every metric: often enough to time the span, rarely enough not to slow it
+            time.sleep(
+                0.1
+            )  # a scrape renders every metric: often enough to time the span, rarely enough not to slow it
         rates = [(n - n0) / max(t - t0_, 1e-9) for t0_, n0, t, n in (sp for sp in spans if sp)]
         first_start = min(sp[0] for sp in spans if sp)
         capacity = (sum(counts) - sum(sp[1] for sp in spans if sp)) / max(now - first_start, 1e-9)
