@@ -128,8 +128,9 @@ def sorted_window_distinct(codes: np.ndarray, seen: np.ndarray | None, lo: np.nd
     window, for bounds that never move back: each event enters and leaves a count once."""
     from keel.features import loops
 
-    seen = np.ones(len(codes), bool) if seen is None else seen
-    return loops.sliding_distinct(codes, seen, lo, up, int(codes.max(initial=0)) + 1)
+    all_seen = seen is None
+    seen = np.zeros(0, bool) if all_seen else seen
+    return loops.sliding_distinct(codes, seen, all_seen, lo, up, int(codes.max(initial=0)) + 1)
 
 
 def window_reduce(x: np.ndarray, lo: np.ndarray, end: np.ndarray, fn, identity) -> np.ndarray:
@@ -221,8 +222,9 @@ def dd_block_moments(x: np.ndarray, codes: np.ndarray, blocks: Blocks, seen: np.
     n = len(x)
     s1, e1, s2, e2 = (np.empty(n + 1) for _ in range(4))
     changes, nxt = np.empty(n + 1, np.int64), np.empty(n + 1, np.int64)
-    exponents = loops.scaled_moments(
-        np.asarray(x, np.float64), codes, blocks.fresh, seen, all_seen, s1, e1, s2, e2, changes, nxt
+    exponents = np.zeros(max(len(blocks.starts), 1), np.int64)
+    loops.scaled_moments(
+        np.asarray(x, np.float64), codes, blocks.fresh, seen, all_seen, exponents, s1, e1, s2, e2, changes, nxt
     )
     return (s1, e1, blocks.fresh), (s2, e2, blocks.fresh), exponents, changes, nxt
 

@@ -89,7 +89,7 @@ def sliding_extreme(x, lo, up, largest, out, queue):
 
 
 @_jit
-def sliding_distinct(codes, seen, lo, up, n_values):
+def sliding_distinct(codes, seen, all_seen, lo, up, n_values):
     """How many distinct codes the seen events of x[lo[j]:up[j]] hold, for windows whose
     bounds never move back: each event enters and leaves a count once."""
     m = len(lo)
@@ -105,14 +105,14 @@ def sliding_distinct(codes, seen, lo, up, n_values):
                 counts[codes[i]] = 0
             distinct, a0, b0 = 0, a, a
         while b0 < b:
-            if seen[b0]:
+            if all_seen or seen[b0]:
                 c = codes[b0]
                 if counts[c] == 0:
                     distinct += 1
                 counts[c] += 1
             b0 += 1
         while a0 < a:
-            if seen[a0]:
+            if all_seen or seen[a0]:
                 c = codes[a0]
                 counts[c] -= 1
                 if counts[c] == 0:
@@ -123,19 +123,14 @@ def sliding_distinct(codes, seen, lo, up, n_values):
 
 
 @_jit
-def scaled_moments(x, codes, fresh, seen, all_seen, s1, e1, s2, e2, changes, nxt):
+def scaled_moments(x, codes, fresh, seen, all_seen, exponents, s1, e1, s2, e2, changes, nxt):
     """For a standard deviation over windows of x (one block per entity, starting where ``fresh``;
     unseen values 0): each block's scale exponent (of its largest magnitude), and of y, x scaled
     by it (exactly, a power of two), the ``dd_prefix`` of y and of y^2; the prefix count of
     changes of value between consecutive seen events (a new entity counts as one); and each
-    position's next seen one (n where none is). All but the exponents go into the arrays given
-    (n + 1 each)."""
+    position's next seen one (n where none is); into the arrays given (``exponents`` one per
+    block, the others n + 1 each)."""
     n = len(x)
-    n_blocks = 0
-    for i in range(n):
-        if fresh[i]:
-            n_blocks += 1
-    exponents = np.zeros(max(n_blocks, 1), np.int64)
     b, largest = -1, 0.0
     for i in range(n):
         if fresh[i]:
@@ -167,4 +162,3 @@ def scaled_moments(x, codes, fresh, seen, all_seen, s1, e1, s2, e2, changes, nxt
     nxt[n] = n
     for i in range(n - 1, -1, -1):
         nxt[i] = i if (all_seen or seen[i]) else nxt[i + 1]
-    return exponents

@@ -260,8 +260,9 @@ def check_query(source: EventSource, batch_schema: pa.Schema, relation: str, now
     passes through. Each column is trimmed and converted once, in an inner select the checks
     read: the statement stays small to plan, as a stream worker plans it on every poll.
 
-    With ``now`` None the ingest time is the statement's parameter ``$1`` (TIMESTAMPTZ) and its
-    ISO text ``$2``, so one prepared statement serves every batch.
+    With ``now`` None the latest event time accepted (``future_limit``) is the statement's
+    parameter ``$1`` (TIMESTAMPTZ) and its ISO text ``$2``, so one prepared statement serves
+    every batch.
     """
     keys = set(source.key_columns) | {source.timestamp} | ({source.event_id} if source.event_id else set())
     inner, converted, codes, messages, raw_json = ["*"], [], [], [], []
@@ -288,10 +289,10 @@ def check_query(source: EventSource, batch_schema: pa.Schema, relation: str, now
             codes.append(f"CASE WHEN {when} THEN '{code}' END")
             messages.append(f"CASE WHEN {when} THEN {message} END")
     if now is None:
-        limit, limit_text = f"($1 + INTERVAL {source.max_future_skew_s} SECOND)", "$2"
+        limit, limit_text = "$1", "$2"
     else:
-        at = now + dt.timedelta(seconds=source.max_future_skew_s)
-        limit, limit_text = f"TIMESTAMPTZ '{at.isoformat()}'", f"'{at.isoformat()}'"
+        at = future_limit(source, now).isoformat()
+        limit, limit_text = f"TIMESTAMPTZ '{at}'", f"'{at}'"
     ts = f"_as{source.all_columns().index(source.column(source.timestamp))}"
     future = f"(isfinite({ts}) AND {ts} > {limit})"
     codes.append(f"CASE WHEN {future} THEN 'future_timestamp' END")
@@ -312,6 +313,11 @@ def check_query(source: EventSource, batch_schema: pa.Schema, relation: str, now
         f"CASE WHEN _code IS NOT NULL THEN {record} END AS _record "
         f"FROM (SELECT *, coalesce({', '.join(codes)}) AS _code FROM (SELECT {', '.join(inner)} FROM {relation}))"
     )
+
+
+def future_limit(source: EventSource, now: dt.datetime) -> dt.datetime:
+    """The latest event time an ingest at ``now`` accepts (``EventSource.max_future_skew_s`` ahead)."""
+    return now + dt.timedelta(seconds=source.max_future_skew_s)
 
 
 def _value_checks(source: EventSource, col: Column, conv: str, shown: str) -> list[tuple[str, str, str]]:

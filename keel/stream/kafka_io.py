@@ -111,9 +111,8 @@ class EventValidator:
             self.con.execute("INSERT INTO polled SELECT line, _row FROM lines")
         finally:
             self.con.unregister("lines")
-        checked = self.con.sql(
-            f"EXECUTE checks(TIMESTAMPTZ '{now.isoformat()}', '{_limit(self.source, now)}')"
-        ).to_arrow_table()
+        limit = validation.future_limit(self.source, now).isoformat()
+        checked = self.con.sql(f"EXECUTE checks(TIMESTAMPTZ '{limit}', '{limit}')").to_arrow_table()
         ok = pc.is_null(checked["_code"])
         schema = self.source.arrow_schema()
         good = checked.filter(ok)
@@ -145,10 +144,6 @@ class EventValidator:
 def digest_sql(source: EventSource) -> str:
     """SQL hashing an event's declared columns, typed: equal digests, the same event sent again."""
     return "hash(" + ", ".join(f'"{c.name}"' for c in source.all_columns()) + ")"
-
-
-def _limit(source: EventSource, now: dt.datetime) -> str:
-    return (now + dt.timedelta(seconds=source.max_future_skew_s)).isoformat()
 
 
 def quarantine_rows(source: str, bad: pa.Table, run_id: str, now: dt.datetime) -> pa.Table:
